@@ -1,0 +1,273 @@
+"""Run directories, atomic writes, checkpoints and JSONL logs.
+
+Layout of a run directory (every job writes into one)::
+
+    RUN/
+      config.json            the resolved config of the job
+      model.safetensors      weights (+ model_config.json)
+      tokenizer.json         the tokenizer
+      metrics.jsonl          one JSON object per log step
+      checkpoints/step_N/    model, optimizer, scheduler, RNG, data position (see save_checkpoint)
+      report.md, report.html, *.png
+
+Every write goes to a temporary file in the same folder, is fsync'ed, then renamed over the target, so a
+crash never leaves a half-written file behind: readers see the old version or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmstack.errors import DataError
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
+
+    Use it for writers that want a filename (``safetensors.torch.save_file``, ``torch.save``)::
+
+        with atomic_path(run / "model.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing or corrupt file is a user error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place when complete.
+
+    An existing directory at ``path`` is replaced only after the new one is fully written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoints/step_N/{model.safetensors, optimizer.pt, state.json}
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep: tuple[Path, ...] = ()) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never deleting those in ``keep`` (e.g. best)."""
+    ckpts = list_checkpoints(run_dir)
+    keep_set = {Path(p).resolve() for p in keep}
+    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if p.resolve() not in keep_set:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logs and progress
+
+
+class JsonlLogger:
+    """Append one JSON object per line to ``metrics.jsonl`` (flushed per record, so a crash loses nothing)."""
+
+    def __init__(self, path: str | os.PathLike, truncate: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w" if truncate else "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> JsonlLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """A progress line for long work: done/total, rate, ETA and any metrics you pass (loss, tok/s...).
+
+    Renders with tqdm on a terminal; when stderr is not a terminal (CI, logs) it prints a plain line
+    every ``print_every`` seconds instead, so logs stay readable.
+    """
+
+    def __init__(self, total: float | None, desc: str = "", unit: str = "it", print_every: float = 10.0,
+                 disable: bool = False):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = 0.0
+        self.start = time.perf_counter()
+        self._last_print = self.start
+        self.print_every = print_every
+        self.disable = disable
+        self._bar = None
+        if not disable and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta(self) -> float:
+        if not self.total or self.done <= 0:
+            return float("nan")
+        return self.elapsed / self.done * (self.total - self.done)
+
+    def update(self, n: float = 1, **metrics: Any) -> None:
+        self.done += n
+        if self.disable:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            if metrics:
+                self._bar.set_postfix({k: _fmt(v) for k, v in metrics.items()}, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self._last_print >= self.print_every or (self.total and self.done >= self.total):
+            self._last_print = now
+            rate = self.done / max(self.elapsed, 1e-9)
+            total = f"/{self.total:g}" if self.total else ""
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            print(f"{self.desc} {self.done:g}{total} {self.unit} | {rate:.1f} {self.unit}/s | "
+                  f"eta {format_duration(self.eta())} {extra}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
