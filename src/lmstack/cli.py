@@ -17,11 +17,6 @@ from lmstack.errors import LmstackError
 
 # Subcommand groups, in data-flow order. Each module has register(subparsers).
 LAYER_CLIS = [
-    "lmstack.tokenizer.cli",
-    "lmstack.data.cli",
-    "lmstack.model.cli",
-    "lmstack.train.cli",
-    "lmstack.infer.cli",
     "lmstack.speedrun",
 ]
 
@@ -48,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # lmstack never reaches for a hub
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -55,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "accepts_overrides", False):
-        args.overrides = extra
+        kept, overrides = split_overrides(argv, {e.split("=", 1)[0] for e in extra if e.startswith("--")})
+        args = parser.parse_args(kept)  # again, so an override's value is never taken for a positional
+        args.overrides = overrides
     try:
         return int(args.func(args) or 0)
     except LmstackError as e:
@@ -64,6 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def split_overrides(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
+    """Separate config overrides (``--key value`` / ``--key=value`` for keys argparse does not know)."""
+    kept: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.split("=", 1)[0] in names:
+            if "=" in token or i + 1 >= len(argv):
+                overrides.append(token)
+                i += 1
+            else:
+                overrides += [token, argv[i + 1]]
+                i += 2
+        else:
+            kept.append(token)
+            i += 1
+    return kept, overrides
 
 
 def entrypoint() -> None:

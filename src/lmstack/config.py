@@ -118,8 +118,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; known fields: {', '.join(fields)}"
-            raise ConfigError(f"unknown config field {prefix}{key!r}{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known fields: {', '.join(fields)}"
+            raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)

@@ -1,0 +1,128 @@
+"""Reading text from the user's files: ``.txt``, ``.md``, ``.jsonl``/``.json``, ``.parquet``, ``.html``,
+folders and globs of them, streamed one document at a time so corpora larger than memory work.
+
+What counts as one document:
+- ``.txt`` / ``.md`` / ``.html``: the whole file;
+- ``.jsonl``: one row, its ``text_field`` (default ``text``);
+- ``.json``: a list of rows (or ``{"data": [...]}``), each row's ``text_field``;
+- ``.parquet``: one row of the ``text_field`` column, read in record batches.
+
+Bad input is a :class:`~lmstack.errors.DataError` naming the file (missing, not UTF-8, no text field, empty).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lmstack.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".text")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet")
+
+
+def expand_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """Files named directly, found in folders (recursively, by known suffix) and matched by globs, sorted."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in paths:
+        s = str(p)
+        if any(ch in s for ch in "*?["):
+            matches = sorted(glob.glob(s, recursive=True))
+            if not matches:
+                raise DataError(f"{s}: the pattern matches no file")
+            for m in matches:
+                if Path(m).is_file():
+                    files.append(Path(m))
+            continue
+        path = Path(s)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+            if not found:
+                raise DataError(f"{path}: the folder holds no {'/'.join(SUFFIXES)} file")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); convert it, e.g. iconv -t UTF-8") from None
+
+
+def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one file (see the module docstring for what a document is)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                yield _field(row, text_field, f"{path}:{lineno}")
+    elif suffix == ".json":
+        try:
+            data = json.loads(read_text_file(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        rows = data.get("data", data) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a list of rows with a {text_field!r} field")
+        for i, row in enumerate(rows):
+            yield _field(row, text_field, f"{path}[{i}]")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: cannot read parquet ({e})") from None
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                            f"set the text field")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if value is not None:
+                    yield str(value)
+    else:
+        yield read_text_file(path)
+
+
+def _field(row: object, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        raise DataError(f"{where}: row has no {text_field!r} field")
+    value = row[text_field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def iter_documents(paths: Iterable[str | os.PathLike] | str | os.PathLike, text_field: str = "text",
+                   skip_empty: bool = True) -> Iterator[str]:
+    """Stream documents from all files under ``paths``; raise DataError if nothing but empty text is found."""
+    files = expand_paths(paths)
+    any_text = False
+    for path in files:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
+        for doc in iter_file_documents(path, text_field):
+            if skip_empty and not doc.strip():
+                continue
+            any_text = True
+            yield doc
+    if not any_text:
+        raise DataError(f"{', '.join(map(str, files))}: no text found")

@@ -1,0 +1,241 @@
+"""``lmstack speedrun``: the main job. Raw text to a trained, evaluated model in one run directory.
+
+The job is a sequence of stages. Each stage calls one layer's public API, writes its outputs into the
+run directory, and records ``stages/<name>.json`` (results, seconds, a hash of the config it ran with)
+and ``stages/<name>.md`` (its section of the report). Re-running the job skips stages that are done
+with the same config, so an interrupted run resumes where it stopped; a stage whose config changed
+runs again, and so do all stages after it. ``report.md`` and ``report.html`` are rebuilt from the run
+directory alone at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmstack.config import load_config, to_dict
+from lmstack.data.corpus import CorpusConfig
+from lmstack.errors import ConfigError
+from lmstack.runs import atomic_write_json, atomic_write_text, read_json
+from lmstack.runtime import seed_everything
+
+
+@dataclass
+class TokenizerStageConfig:
+    vocab_size: int = 4096
+    pattern: str = "gpt4"
+
+
+@dataclass
+class SpeedrunConfig:
+    run_dir: str = "runs/speedrun"
+    seed: int = 1337
+    device: str = "auto"
+    inputs: list[str] = field(default_factory=list)  # user files/folders/globs; empty = the built-in corpus
+    text_field: str = "text"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerStageConfig = field(default_factory=TokenizerStageConfig)
+
+
+@dataclass
+class StageResult:
+    results: dict[str, Any]
+    report: str  # this stage's markdown section
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[SpeedrunConfig, Path], StageResult]
+    config_keys: tuple[str, ...]  # the config sections this stage depends on (for resume)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_corpus(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.data.corpus import build_default_corpus
+
+    out = run / "corpus"
+    if cfg.inputs:
+        from lmstack.sources import iter_documents
+
+        from lmstack.runs import atomic_path
+
+        docs = 0
+        nbytes = 0
+        out.mkdir(parents=True, exist_ok=True)
+        valid_every = max(2, int(1 / max(cfg.corpus.valid_fraction, 1e-6)))
+        with atomic_path(out / "train.jsonl") as t_tmp, atomic_path(out / "valid.jsonl") as v_tmp:
+            with open(t_tmp, "w", encoding="utf-8") as tf, open(v_tmp, "w", encoding="utf-8") as vf:
+                for i, text in enumerate(iter_documents(cfg.inputs, cfg.text_field)):
+                    line = json.dumps({"text": text, "source": "user"}, ensure_ascii=False) + "\n"
+                    (vf if i % valid_every == valid_every - 1 else tf).write(line)
+                    docs += 1
+                    nbytes += len(text.encode("utf-8"))
+        stats = {"documents": docs, "bytes": nbytes, "sources": {"user": {"documents": docs, "bytes": nbytes}}}
+        atomic_write_json(out / "stats.json", stats)
+    else:
+        stats = build_default_corpus(out, cfg.corpus)
+    rows = "\n".join(f"| {name} | {s['documents']:,} | {s['bytes'] / 1e6:.2f} |" for name, s in stats["sources"].items())
+    removed = stats.get("removed", {})
+    report = (
+        f"Documents: **{stats['documents']:,}**, {stats['bytes'] / 1e6:.2f} MB of text"
+        + (f" (removed: {removed.get('short', 0):,} too short, {removed.get('duplicate', 0):,} duplicates)" if removed else "")
+        + ".\n\n| source | documents | MB |\n|---|---:|---:|\n" + rows + "\n"
+    )
+    return StageResult(stats, report)
+
+
+def stage_tokenizer(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.tokenizer import train_bpe
+    from lmstack.tokenizer.stats import tokenizer_stats
+
+    t0 = time.perf_counter()
+    tok = train_bpe([run / "corpus" / "train.jsonl"], cfg.tokenizer.vocab_size, pattern=cfg.tokenizer.pattern)
+    seconds = time.perf_counter() - t0
+    tok.save(run)
+    from lmstack.sources import iter_documents
+
+    valid_texts = list(iter_documents([run / "corpus" / "valid.jsonl"]))
+    stats = tokenizer_stats(tok, valid_texts)
+    stats["train_seconds"] = round(seconds, 2)
+    longest = ", ".join(f"`{t!r}`" for t in stats.get("longest_tokens", [])[:8])
+    report = (
+        f"Byte-level BPE, vocab {tok.vocab_size:,}, pattern `{cfg.tokenizer.pattern}`, trained in {seconds:.1f} s.\n\n"
+        f"| held-out metric | value |\n|---|---:|\n"
+        f"| bytes / token | {stats['bytes_per_token']:.3f} |\n"
+        f"| chars / token | {stats['chars_per_token']:.3f} |\n"
+        f"| vocab used | {stats['vocab_used_fraction'] * 100:.1f}% |\n\n"
+        f"Longest tokens: {longest}\n"
+    )
+    return StageResult(stats, report)
+
+
+STAGES: list[Stage] = [
+    Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
+    Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runner
+
+
+def _stage_hash(cfg: SpeedrunConfig, stage: Stage, upstream: str) -> str:
+    data = to_dict(cfg)
+    blob = json.dumps({k: data[k] for k in stage.config_keys} | {"seed": cfg.seed, "upstream": upstream},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_speedrun(cfg: SpeedrunConfig, only: list[str] | None = None, fresh: bool = False) -> Path:
+    """Run (or resume) every stage, then write the report. Returns the run directory."""
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "stages").mkdir(exist_ok=True)
+    atomic_write_json(run / "config.json", to_dict(cfg))
+    names = [s.name for s in STAGES]
+    for name in only or []:
+        if name not in names:
+            raise ConfigError(f"--stages: unknown stage {name!r}; stages are {', '.join(names)}")
+    upstream = ""
+    for stage in STAGES:
+        marker = run / "stages" / f"{stage.name}.json"
+        h = _stage_hash(cfg, stage, upstream)
+        upstream = h
+        if only and stage.name not in only:
+            continue
+        if not fresh and marker.is_file() and read_json(marker).get("config_hash") == h:
+            print(f"[speedrun] {stage.name}: done, skipping (resume)", file=sys.stderr)
+            continue
+        print(f"[speedrun] {stage.name}: running", file=sys.stderr)
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        result = stage.run(cfg, run)
+        seconds = time.perf_counter() - t0
+        atomic_write_text(run / "stages" / f"{stage.name}.md", result.report)
+        atomic_write_json(marker, {"stage": stage.name, "config_hash": h, "seconds": round(seconds, 2),
+                                   "results": result.results})
+        print(f"[speedrun] {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
+    write_report(run)
+    return run
+
+
+def write_report(run: str | Path) -> Path:
+    """Render ``report.md`` and ``report.html`` from the run directory alone."""
+    import markdown
+
+    run = Path(run)
+    parts = [f"# lmstack speedrun report\n\nRun directory: `{run}`\n"]
+    summary = ["| stage | seconds |", "|---|---:|"]
+    sections = []
+    for stage in STAGES:
+        marker = run / "stages" / f"{stage.name}.json"
+        if not marker.is_file():
+            continue
+        info = read_json(marker)
+        summary.append(f"| {stage.title} | {info['seconds']:.1f} |")
+        body = (run / "stages" / f"{stage.name}.md").read_text(encoding="utf-8")
+        sections.append(f"## {stage.title}\n\n{body}")
+    parts.append("\n".join(summary) + "\n")
+    parts.extend(sections)
+    md = "\n".join(parts)
+    atomic_write_text(run / "report.md", md)
+    html_body = markdown.markdown(md, extensions=["tables", "fenced_code"])
+    html = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>lmstack speedrun</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .6rem}"
+        "pre{background:#f6f6f6;padding:.6rem;overflow:auto}img{max-width:100%}"
+        "</style></head><body>" + html_body + "</body></html>\n"
+    )
+    atomic_write_text(run / "report.html", html)
+    return run / "report.md"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lmstack.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "speedrun",
+        help="the main job: corpus -> tokenizer -> ... -> report, resumable",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+               "  lmstack speedrun                                # built-in corpus, runs/speedrun\n"
+               "  lmstack speedrun --run-dir runs/mine --tokenizer.vocab_size 8192\n"
+               "  lmstack speedrun configs/speedrun_tiny.toml --inputs 'data/*.txt'\n"
+               "  lmstack speedrun --stages tokenizer --fresh     # redo one stage\n",
+    )
+    p.add_argument("config", nargs="?", help="TOML/YAML/JSON config (optional; defaults are the tiny CPU run)")
+    p.add_argument("--run-dir", help="where everything is written (default runs/speedrun)")
+    p.add_argument("--stages", help="comma-separated subset of stages to run: " + ",".join(s.name for s in STAGES))
+    p.add_argument("--fresh", action="store_true", help="rerun stages even if they are done")
+    p.set_defaults(func=_cli_speedrun, accepts_overrides=True)
+
+
+def _cli_speedrun(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides or [])
+    if args.run_dir:
+        overrides += ["--run_dir", args.run_dir]
+    cfg = load_config(SpeedrunConfig, args.config, overrides)
+    only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    run = run_speedrun(cfg, only=only, fresh=args.fresh)
+    print(f"report: {run / 'report.md'} and {run / 'report.html'}")
+    return 0
+
+
