@@ -154,11 +154,10 @@ class ModelConfig:
 
     def active_matmul_params(self) -> int:
         """Weights one token multiplies through (see :meth:`flops_per_token`)."""
-        d, hd = self.d_model, self.head_dim
+        d = self.d_model
         attn = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d
         ffn_one = d * self.d_ff * (3 if self.ffn == "swiglu" else 2)
         ffn = ffn_one * self.moe_top_k + d * self.n_experts if self.n_experts else ffn_one
-        del hd
         n_enc = self.n_encoder_layer or self.n_layer
         if self.arch == "encoder-decoder":
             cross = d * self.q_dim + d * 2 * self.kv_dim + self.q_dim * d

@@ -1,0 +1,84 @@
+"""lmstack.model: the transformer family (decoder, encoder, encoder-decoder), its KV cache and HF interop.
+
+    from lmstack.model import ModelConfig, build_model, preset
+    model = build_model(preset("tiny"))
+    logits, loss = model(input_ids, targets=targets)
+
+Our own checkpoint format is a folder with ``model.safetensors`` and ``model_config.json``
+(:func:`save` / :func:`load`); Hugging Face folders go through :mod:`lmstack.model.hf`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmstack.config import from_dict, to_dict
+from lmstack.errors import ConfigError
+from lmstack.model.cache import KVCache
+from lmstack.model.config import PRESETS, ModelConfig, preset
+from lmstack.model.layers import init_weights
+
+__all__ = ["ModelConfig", "KVCache", "PRESETS", "preset", "build_model", "init_weights", "save", "load",
+           "sentence_embeddings", "hf"]
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model for ``config.arch``, freshly initialised (see :func:`init_weights`), config on ``model.config``."""
+    if config.arch == "decoder":
+        from lmstack.model.decoder import Decoder
+        return Decoder(config)
+    if config.arch == "encoder":
+        from lmstack.model.encoder import Encoder
+        return Encoder(config)
+    if config.arch == "encoder-decoder":
+        from lmstack.model.seq2seq import Seq2Seq
+        return Seq2Seq(config)
+    raise ConfigError(f"model config field 'arch': unknown architecture {config.arch!r}")
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``model_config.json`` into the folder ``path`` (atomically)."""
+    from safetensors.torch import save_model
+
+    from lmstack.runs import atomic_path, atomic_write_json
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_model(model, str(tmp))  # handles tied weights (stored once)
+    atomic_write_json(path / "model_config.json", to_dict(model.config))
+    return path
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder written by :func:`save` (or a ``model.safetensors`` path next to its ``model_config.json``)."""
+    from safetensors.torch import load_model
+
+    from lmstack.runs import read_json
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    if not (folder / "model_config.json").is_file():
+        raise ConfigError(f"{folder}: no model_config.json (is this an lmstack model folder? "
+                          f"Hugging Face folders load with lmstack.model.hf.load)")
+    cfg = from_dict(ModelConfig, read_json(folder / "model_config.json"))
+    model = build_model(cfg)
+    load_model(model, str(folder / "model.safetensors"), device=str(device))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device)
+
+
+def __getattr__(name: str):
+    # hf and sentence_embeddings pull in more code; load them on first use
+    if name == "hf":
+        import importlib
+        return importlib.import_module("lmstack.model.hf")
+    if name == "sentence_embeddings":
+        from lmstack.model.encoder import sentence_embeddings
+        return sentence_embeddings
+    raise AttributeError(f"module 'lmstack.model' has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""The KV cache: preallocated keys and values per layer, and the padding mask of the positions so far.
+
+A small plain object. The model writes into it and advances it; the caller only creates, resets and
+(optionally) reads it::
+
+    cache = KVCache.for_model(model, batch_size=2, max_len=128)
+    logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache)   # prefill: writes T slots
+    for _ in range(n):
+        logits = model(next_ids, kv_cache=cache)                            # decode: one slot per step
+    cache.reset()                                                            # reuse for the next batch
+
+Layout: ``k[layer]`` and ``v[layer]`` are (B, n_kv_head, max_len, head_dim) — KV heads, not query
+heads, so GQA/MQA models cache ``n_head / n_kv_head`` times less. ``pos`` is the number of slots filled
+(the same for every row: ragged prompts are left-padded). ``mask`` (B, max_len) marks real tokens;
+the model derives the attention mask and the position ids (index among the real tokens) from it.
+
+Attention masks passed with a cache may cover all slots so far plus the new ones, (B, pos + T), as
+in Hugging Face, or only the new tokens, (B, T); without one the new tokens count as real.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmstack.errors import ConfigError
+
+
+class KVCache:
+    """Static-shape K/V buffers for ``n_layer`` layers, plus cross-attention K/V for encoder-decoder models."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.pos = 0                 # slots filled so far
+        self.padded = False          # some real row has padding: the model must build explicit masks
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> encoder K, V (B, G, S, D)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int, max_len: int | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KVCache":
+        """A cache sized for ``model`` (its config; its parameters' dtype and device unless given)."""
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
+                   dtype or param.dtype, device or param.device)
+
+    @property
+    def bytes(self) -> int:
+        """Memory held by the K and V buffers."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self) -> None:
+        """Forget every position (buffers are kept and overwritten)."""
+        self.pos = 0
+        self.padded = False
+        self.mask.fill_(True)
+        self.cross.clear()
+
+    def key_mask(self, attention_mask: torch.Tensor | None, t: int) -> torch.Tensor | None:
+        """Record the padding of ``t`` new tokens; return the mask of all slots (B, pos + t), or None if unpadded."""
+        end = self.pos + t
+        if end > self.max_len:
+            raise ConfigError(f"KV cache is full: {self.pos} + {t} positions > max_len={self.max_len}")
+        if attention_mask is not None:
+            if attention_mask.shape[1] == end:
+                new = attention_mask[:, self.pos:]
+            elif attention_mask.shape[1] == t:
+                new = attention_mask
+            else:
+                raise ConfigError(f"attention_mask has {attention_mask.shape[1]} positions; with a KV cache "
+                                  f"holding {self.pos} it must have {end} (all) or {t} (the new tokens)")
+            self.mask[:, self.pos:end] = new.bool()
+            if not bool(new.bool().all()):
+                self.padded = True
+        else:
+            self.mask[:, self.pos:end] = True
+        return self.mask[:, :end] if self.padded else None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new k, v (B, G, T, D) of ``layer`` at slots [pos, pos + T); return all filled slots (B, G, S, D)."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        """Called by the model once all layers have written ``t`` new slots."""
+        self.pos += t

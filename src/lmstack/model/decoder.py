@@ -1,0 +1,108 @@
+"""Decoder-only language model (GPT-2, Llama, Mistral, Qwen2 and our presets): embeddings -> causal blocks -> LM head.
+
+One forward for training, evaluation and decoding::
+
+    logits = model(input_ids)                                  # (B, T, vocab)
+    logits, loss = model(input_ids, targets=targets)           # cross-entropy, ignore_index=-100 (+ MoE aux)
+    logits = model(next_ids, kv_cache=cache)                   # incremental decoding (see cache.py)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.model.cache import KVCache
+from lmstack.model.config import ModelConfig
+from lmstack.model.layers import (AttnInputs, Block, Embeddings, MoE, SizesMixin, alibi_bias, build_mask,
+                                  init_weights, make_norm, positions_from_mask, rope_cos_sin)
+
+
+def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Mean over the MoE layers of the last forward's load-balancing and z losses (empty for dense models)."""
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.aux]
+    if not moes:
+        return {}
+    return {key: torch.stack([m.aux[key] for m in moes]).mean() for key in ("load_balance", "z", "dropped")}
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32; targets equal to -100 are ignored."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+class Decoder(SizesMixin, nn.Module):
+    """Causal transformer LM. ``aux_losses`` holds the MoE losses of the last forward (see :meth:`forward`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = Embeddings(config)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config) if config.final_norm else None
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.lm_head_bias else None
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.tok.weight
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        init_weights(self)
+
+    def attn_inputs(self, t: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                    kv_cache: KVCache | None, device: torch.device) -> tuple[AttnInputs, torch.Tensor]:
+        """The mask, RoPE angles and position ids shared by all layers for T new tokens."""
+        cfg = self.config
+        past = kv_cache.pos if kv_cache is not None else 0
+        if kv_cache is not None:
+            key_mask = kv_cache.key_mask(attention_mask, t)                     # (B, S) or None
+        else:
+            key_mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        if position_ids is None:
+            position_ids = positions_from_mask(key_mask, past, t, device)       # (B|1, T)
+        s = past + t
+        inp = AttnInputs(kv_cache=kv_cache)
+        if cfg.pos == "alibi":
+            bias = alibi_bias(cfg.n_head, t, s, True, device)                   # (1, H, T, S)
+            mask = build_mask(key_mask, t, s, True, device)
+            inp.mask = bias.masked_fill(~mask, float("-inf"))
+        elif key_mask is None and t == s:
+            inp.is_causal = True                                                # the fast causal kernel
+        elif key_mask is None and t == 1:
+            inp.mask = None                                                     # one new token sees everything
+        else:
+            inp.mask = build_mask(key_mask, t, s, True, device)                 # (B|1, 1, T, S)
+        if cfg.pos == "rope":
+            inp.rope = rope_cos_sin(cfg, position_ids)
+        return inp, position_ids
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
+        """input_ids (B, T) -> logits (B, T, vocab); with ``targets`` (B, T) -> (logits, loss).
+
+        ``attention_mask`` (B, T), or (B, cached + T) with a cache: 1 for real tokens, 0 for padding
+        (pad on the left for generation). Position ids default to each token's index among the real
+        tokens of its row. The loss is the token cross-entropy plus, for MoE models,
+        ``moe_aux_loss_coef * load_balance + moe_z_loss_coef * z``; those terms (means over layers) and
+        the fraction of dropped assignments are in ``self.aux_losses`` after every forward.
+        """
+        b, t = input_ids.shape
+        inp, position_ids = self.attn_inputs(t, attention_mask, position_ids, kv_cache, input_ids.device)
+        x = self.embed(input_ids, position_ids)                                 # (B, T, C)
+        for block in self.blocks:
+            x = block(x, inp)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        logits = self.lm_head(x)                                                # (B, T, vocab)
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias
+        self.aux_losses = moe_aux_losses(self) if self.config.n_experts else {}
+        if targets is None:
+            return logits
+        loss = lm_loss(logits, targets)
+        if self.aux_losses:
+            loss = (loss + self.config.moe_aux_loss_coef * self.aux_losses["load_balance"]
+                    + self.config.moe_z_loss_coef * self.aux_losses["z"])
+        return logits, loss

@@ -1,0 +1,482 @@
+"""Building blocks, bottom-up: norms, positions, attention, FFN, mixture of experts, the residual block.
+
+Shapes: B batch, T query length, S key length (cached + new), H query heads, G KV heads, D head dim,
+C model width. Attention masks are boolean (True = may attend) or, for ALiBi, additive floats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lmstack.model.cache import KVCache
+
+
+# ----------------------------------------------------------------------------------------------------
+# norms
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (as Llama does) and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# positions: all computed from position ids at forward time (no tables to resize or to cast to bf16)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), (D/2,). NTK scaling raises the base instead of squeezing positions:
+    theta' = theta * factor^(D / (D - 2)), which stretches the low frequencies by ~``factor`` and keeps the
+    high ones (the "NTK-aware" rule). Linear scaling divides positions by ``factor`` (see :func:`rope_cos_sin`)."""
+    d = cfg.head_dim
+    theta = cfg.rope_theta
+    if cfg.rope_scaling == "ntk":
+        theta = theta * cfg.rope_scaling_factor ** (d / (d - 2))
+    return 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+
+
+def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (B, 1, T, D) in fp32, for :func:`apply_rope`."""
+    pos = position_ids.float()                                          # (B, T)
+    if cfg.rope_scaling == "linear":
+        pos = pos / cfg.rope_scaling_factor
+    freqs = pos[..., None] * rope_inv_freq(cfg, position_ids.device)    # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]                    # (B, 1, T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by the position angle (the "rotate half" layout of GPT-NeoX/Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def sinusoidal_embedding(position_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention is all you need", (B, T, C): first half sin, second half cos."""
+    inv = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim)
+    angles = position_ids.float()[..., None] * inv                       # (B, T, C/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head slopes 2^(-8h/H) (Press et al. 2022); for H not a power of two, the paper's interleaving."""
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        slopes = power_of_2(n_head)
+    else:
+        closest = 2 ** math.floor(math.log2(n_head))
+        slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(n_head: int, q_len: int, k_len: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """ALiBi additive bias (1, H, T, S): -slope * distance. Queries are the last T of the S slots."""
+    q_slot = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_slot = torch.arange(k_len, device=device)[None, :]
+    dist = (q_slot - k_slot).float()
+    dist = dist.clamp(min=0) if causal else dist.abs()                 # masked slots get -inf anyway
+    return (-alibi_slopes(n_head).to(device)[:, None, None] * dist)[None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# masks
+
+
+def build_mask(key_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
+               device: torch.device) -> torch.Tensor | None:
+    """Boolean attention mask (B or 1, 1, T, S), True = may attend; None when nothing is masked.
+
+    ``key_mask`` (B, S) marks real tokens (1) and padding (0). Queries are the last T of the S slots
+    (a KV cache holds the first S - T). A query may always see itself, so that padding queries have
+    a finite softmax; their outputs are never used.
+    """
+    if key_mask is None and not causal:
+        return None
+    q_slot = torch.arange(k_len - q_len, k_len, device=device)[:, None]     # (T, 1)
+    k_slot = torch.arange(k_len, device=device)[None, :]                     # (1, S)
+    mask = (k_slot <= q_slot) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    mask = mask[None, None]                                                   # (1, 1, T, S)
+    if key_mask is not None:
+        mask = mask & key_mask.bool()[:, None, None, :]                       # (B, 1, T, S)
+    if q_len <= k_len:
+        mask = mask | (k_slot == q_slot)[None, None]
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                        is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(D) + mask) V, written out. q (B, H, T, D); k, v (B, G, S, D) -> (B, H, T, D)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:                                                   # GQA: each KV head serves `rep` query heads
+        k = k.repeat_interleave(rep, dim=1)                       # (B, H, S, D)
+        v = v.repeat_interleave(rep, dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)             # softmax in at least fp32
+    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) / math.sqrt(q.shape[-1])   # (B, H, T, S)
+    if is_causal:
+        t, s = scores.shape[-2:]
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()      # top-left, as SDPA
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v.to(acc)).to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention through SDPA (flash / memory-efficient kernels) or the reference path."""
+    if impl == "reference":
+        return attention_reference(q, k, v, mask, is_causal, dropout_p)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          enable_gqa=gqa)
+
+
+@dataclass
+class AttnInputs:
+    """What every layer's attention needs from one forward: computed once by the model, shared by the layers."""
+
+    mask: torch.Tensor | None = None                          # (B|1, 1|H, T, S) bool or float, or None
+    is_causal: bool = False                                   # use SDPA's causal kernel (T == S, no mask)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None     # cos, sin (B, 1, T, D)
+    kv_cache: "KVCache | None" = None
+    memory: torch.Tensor | None = None                        # cross-attention: encoder output (B, S, C)
+    memory_mask: torch.Tensor | None = None                   # (B, 1, 1, S) bool or None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (MHA, GQA, MQA).
+
+    Self-attention projects Q, K and V with one fused linear ``qkv``; cross-attention projects Q from
+    the decoder stream (``q``) and K, V from the encoder output (``kv``). Both end in ``o``.
+    """
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False, layer_idx: int = 0):
+        super().__init__()
+        self.cfg, self.cross, self.layer_idx = cfg, cross, layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        if cross:
+            self.q = nn.Linear(cfg.d_model, cfg.q_dim, bias=cfg.attn_qkv_bias)
+            self.kv = nn.Linear(cfg.d_model, 2 * cfg.kv_dim, bias=cfg.attn_qkv_bias)
+        else:
+            self.qkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_qkv_bias)
+        self.o = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
+        self.impl = cfg.attn_impl
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.head_dim).transpose(1, 2)              # (B, n, T, D)
+
+    def forward(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
+        b, t, _ = x.shape                                                   # x (B, T, C)
+        cache = inp.kv_cache
+        if self.cross:
+            q = self._heads(self.q(x), self.n_head)                         # (B, H, T, D)
+            if cache is not None and self.layer_idx in cache.cross:
+                k, v = cache.cross[self.layer_idx]                          # encoder K, V computed at prefill
+            else:
+                k, v = self.kv(inp.memory).split(self.cfg.kv_dim, dim=-1)   # (B, S, G*D) each
+                k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+                if cache is not None:
+                    cache.cross[self.layer_idx] = (k, v)
+            mask, is_causal = inp.memory_mask, False
+        else:
+            q, k, v = self.qkv(x).split([self.cfg.q_dim, self.cfg.kv_dim, self.cfg.kv_dim], dim=-1)
+            q = self._heads(q, self.n_head)                                 # (B, H, T, D)
+            k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)   # (B, G, T, D)
+            if inp.rope is not None:
+                q, k = apply_rope(q, *inp.rope), apply_rope(k, *inp.rope)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)                   # (B, G, S, D), S = cached + T
+            mask, is_causal = inp.mask, inp.is_causal
+        dropout_p = self.cfg.dropout if self.training else 0.0
+        y = attention(q, k, v, mask, is_causal, dropout_p, self.impl)       # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, self.cfg.q_dim)                 # (B, T, H*D)
+        return self.o(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# feed-forward
+
+
+ACT = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
+class MLP(nn.Module):
+    """up -> activation -> down (GPT-2, BERT, BART)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = ACT[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)) (Llama); gate and up are one fused linear ``gate_up``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = ACT[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)                          # (B, T, F) each
+        return self.down(self.act(gate) * up)
+
+
+def make_ffn(cfg: ModelConfig) -> nn.Module:
+    return SwiGLU(cfg) if cfg.ffn == "swiglu" else MLP(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixture of experts
+
+
+def route(logits: torch.Tensor, top_k: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing with an expert capacity. logits (N, E) -> weights (N, k), experts (N, k), keep (N, k).
+
+    Weights are the softmax probabilities of the chosen experts, renormalised over the k choices when
+    k > 1 (Mixtral); with k = 1 the raw probability scales the output so the router gets a gradient
+    (Switch). Each expert takes at most ``capacity`` assignments: first choices of all tokens are
+    served before second choices, in token order (GShard); the overflow is dropped (``keep`` False)
+    and that token's FFN contribution from that expert is zero (the residual still carries it).
+    """
+    probs = logits.float().softmax(dim=-1)                                  # (N, E)
+    weights, experts = probs.topk(top_k, dim=-1)                            # (N, k)
+    if top_k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if capacity is None:
+        return weights, experts, torch.ones_like(experts, dtype=torch.bool)
+    onehot = F.one_hot(experts, logits.shape[-1])                           # (N, k, E)
+    by_choice = onehot.transpose(0, 1).reshape(-1, logits.shape[-1])        # (k*N, E), choice-major
+    slot = (by_choice.cumsum(dim=0) - 1) * by_choice                         # place in the expert's queue
+    keep = ((slot < capacity) & (by_choice > 0)).any(dim=-1)                # (k*N,)
+    keep = keep.view(top_k, -1).transpose(0, 1)                             # (N, k)
+    return weights, experts, keep
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer auxiliary loss E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4).
+
+    f_e is the fraction of the N*k routing assignments that picked expert e (before capacity drops),
+    P_e the mean router probability of e. It equals 1 for perfectly uniform routing and grows as the
+    routing concentrates (up to E).
+    """
+    n_exp = probs.shape[-1]
+    f = F.one_hot(experts, n_exp).float().mean(dim=(0, 1))                   # (E,)
+    p = probs.float().mean(dim=0)                                            # (E,)
+    return n_exp * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean squared log-sum-exp of the router logits (Zoph et al. 2022), keeps logits small."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+class MoE(nn.Module):
+    """A mixture of ``n_experts`` FFNs with a linear top-k router; stores its auxiliary losses in ``aux``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(make_ffn(cfg) for _ in range(cfg.n_experts))
+        self.aux: dict[str, torch.Tensor] = {}
+
+    def capacity(self, n_tokens: int) -> int | None:
+        if self.cfg.moe_capacity_factor <= 0:
+            return None
+        return max(1, math.ceil(self.cfg.moe_capacity_factor * n_tokens * self.cfg.moe_top_k / self.cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                                     # (N, C)
+        logits = self.router(flat)                                          # (N, E)
+        weights, experts, keep = route(logits, self.cfg.moe_top_k, self.capacity(flat.shape[0]))
+        self.aux = {"load_balance": load_balancing_loss(logits.float().softmax(-1), experts),
+                    "z": router_z_loss(logits),
+                    "dropped": 1.0 - keep.float().mean()}
+        out = torch.zeros_like(flat)
+        weights = (weights * keep).to(x.dtype)                              # dropped assignments weigh 0
+        for e, expert in enumerate(self.experts):
+            token, choice = torch.where((experts == e) & keep)              # assignments served by e
+            if token.numel() == 0:
+                continue
+            y = expert(flat[token]) * weights[token, choice, None]          # (n_e, C)
+            out.index_add_(0, token, y)
+        return out.view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the residual block
+
+
+class Block(nn.Module):
+    """Self-attention (+ cross-attention) + FFN, each in a residual branch, pre- or post-norm.
+
+    pre-norm:  x = x + f(norm(x))      (GPT-2, Llama)
+    post-norm: x = norm(x + f(x))      (BERT, BART)
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, cross: bool = False):
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.attn = Attention(cfg, layer_idx=layer_idx)
+        self.norm_attn = make_norm(cfg)
+        self.cross = Attention(cfg, cross=True, layer_idx=layer_idx) if cross else None
+        self.norm_cross = make_norm(cfg) if cross else None
+        self.ffn = MoE(cfg) if cfg.n_experts else make_ffn(cfg)
+        self.norm_ffn = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, f, *args) -> torch.Tensor:
+        if self.pre:
+            return x + self.drop(f(norm(x), *args))
+        return norm(x + self.drop(f(x, *args)))
+
+    def forward(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
+        x = self._residual(x, self.norm_attn, self.attn, inp)
+        if self.cross is not None:
+            x = self._residual(x, self.norm_cross, self.cross, inp)
+        return self._residual(x, self.norm_ffn, self.ffn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# embeddings
+
+
+class Embeddings(nn.Module):
+    """Token (+ learned/sinusoidal position) (+ token type) embeddings, optional scale, norm and dropout."""
+
+    def __init__(self, cfg: ModelConfig, tok: nn.Embedding | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = tok if tok is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.d_model) if cfg.pos == "learned" else None
+        self.type = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok(input_ids)                                             # (B, T, C)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.pos is not None:
+            x = x + self.pos(position_ids + self.cfg.pos_offset)
+        elif self.cfg.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(position_ids, self.cfg.d_model).to(x.dtype)
+        if self.type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.type(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)
+
+
+def positions_from_mask(key_mask: torch.Tensor | None, past: int, t: int, device: torch.device) -> torch.Tensor:
+    """Position ids (B or 1, T) of the T newest tokens: their index among the real (unpadded) tokens.
+
+    With left padding a row's first real token gets position 0, so a padded batch gives the same
+    logits as each sequence alone.
+    """
+    if key_mask is None:
+        return torch.arange(past, past + t, device=device)[None]
+    return (key_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, past:past + t]
+
+
+# ----------------------------------------------------------------------------------------------------
+# weight init and the sizes every model reports
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module) -> None:
+    """Initialise every weight of an lmstack model in place. The rules (GPT-2 / nanoGPT):
+
+    - linear and embedding weights ~ N(0, init_std) (0.02 by default), biases 0;
+    - the last linear of each residual branch (attention ``o``, FFN ``down``, every expert's ``down``)
+      ~ N(0, init_std / sqrt(2 * L)), L the number of blocks, so the residual stream's variance stays
+      about constant with depth (each block adds two branches);
+    - LayerNorm / RMSNorm weights 1, biases 0; a tied output head shares the embedding's init.
+    """
+    cfg = model.config
+    n_blocks = cfg.n_layer + (cfg.n_encoder_layer or cfg.n_layer if cfg.arch == "encoder-decoder" else 0)
+    residual_std = cfg.init_std / math.sqrt(2 * n_blocks)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_out = name.endswith(".o") or name.endswith(".down")
+            nn.init.normal_(module.weight, 0.0, residual_std if is_out else cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, cfg.init_std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("lm_head_bias"):
+            nn.init.zeros_(p)
+
+
+class SizesMixin:
+    """``num_parameters``, ``flops_per_token``, ``kv_cache_bytes_per_token`` for any model with ``config``."""
+
+    config: ModelConfig
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without token/position embedding tables."""
+        params = {id(p): p for p in self.parameters()}  # type: ignore[attr-defined]
+        if exclude_embeddings:
+            for m in self.modules():  # type: ignore[attr-defined]
+                if isinstance(m, nn.Embedding):
+                    params.pop(id(m.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, see :meth:`ModelConfig.flops_per_token`."""
+        return self.config.flops_per_token(seq_len)
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return self.config.kv_cache_bytes_per_token(dtype)
