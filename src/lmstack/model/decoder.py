@@ -35,11 +35,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Decoder(SizesMixin, nn.Module):
     """Causal transformer LM. ``aux_losses`` holds the MoE losses of the last forward (see :meth:`forward`)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tok: nn.Embedding | None = None, cross: bool = False):
         super().__init__()
         self.config = config
-        self.embed = Embeddings(config)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.embed = Embeddings(config, tok)            # ``tok``: an embedding shared with an encoder
+        self.blocks = nn.ModuleList(Block(config, i, cross=cross) for i in range(config.n_layer))
         self.norm_f = make_norm(config) if config.final_norm else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.lm_head_bias else None
@@ -77,7 +77,8 @@ class Decoder(SizesMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None):
+                kv_cache: KVCache | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None):
         """input_ids (B, T) -> logits (B, T, vocab); with ``targets`` (B, T) -> (logits, loss).
 
         ``attention_mask`` (B, T), or (B, cached + T) with a cache: 1 for real tokens, 0 for padding
@@ -85,9 +86,14 @@ class Decoder(SizesMixin, nn.Module):
         tokens of its row. The loss is the token cross-entropy plus, for MoE models,
         ``moe_aux_loss_coef * load_balance + moe_z_loss_coef * z``; those terms (means over layers) and
         the fraction of dropped assignments are in ``self.aux_losses`` after every forward.
+        ``memory`` (B, S, C) and ``memory_mask`` (B, S) are the encoder output and its padding mask,
+        for the cross-attention of an encoder-decoder model's decoder.
         """
         b, t = input_ids.shape
         inp, position_ids = self.attn_inputs(t, attention_mask, position_ids, kv_cache, input_ids.device)
+        inp.memory = memory
+        if memory_mask is not None and not bool(memory_mask.all()):
+            inp.memory_mask = memory_mask.bool()[:, None, None, :]                # (B, 1, 1, S)
         x = self.embed(input_ids, position_ids)                                 # (B, T, C)
         for block in self.blocks:
             x = block(x, inp)

@@ -392,7 +392,7 @@ class Embeddings(nn.Module):
         self.cfg = cfg
         self.tok = tok if tok is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.d_model) if cfg.pos == "learned" else None
-        self.type = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.segment = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
@@ -406,10 +406,10 @@ class Embeddings(nn.Module):
             x = x + self.pos(position_ids + self.cfg.pos_offset)
         elif self.cfg.pos == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, self.cfg.d_model).to(x.dtype)
-        if self.type is not None:
+        if self.segment is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
-            x = x + self.type(token_type_ids)
+            x = x + self.segment(token_type_ids)
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x)
