@@ -125,11 +125,22 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
 
 
 def _token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Ids from an lmstack tokenizer, a HF ``tokenizers.Tokenizer`` or anything with ``encode_batch``."""
+    """Ids with the model's special tokens, from a HF ``tokenizers.Tokenizer`` or an lmstack tokenizer.
+
+    A HF ``Tokenizer`` applies its own template ([CLS] .. [SEP]) and padding, which is stripped here via
+    its attention mask. An lmstack tokenizer returns bare ids; they are wrapped in ``[CLS]`` .. ``[SEP]``
+    (or ``<s>`` .. ``</s>``) when its ``special_tokens`` has them, as BERT-family encoders expect.
+    """
     if not hasattr(tokenizer, "encode_batch"):
         raise ConfigError("tokenizer: expected an object with encode_batch (lmstack or HF tokenizers)")
     out = tokenizer.encode_batch(list(texts))
-    return [list(e.ids) if hasattr(e, "ids") else list(e) for e in out]
+    if out and hasattr(out[0], "ids"):
+        return [[i for i, m in zip(e.ids, e.attention_mask) if m] for e in out]
+    special = getattr(tokenizer, "special_tokens", None) or {}
+    for first, last in (("[CLS]", "[SEP]"), ("<s>", "</s>")):
+        if first in special and last in special:
+            return [[special[first], *seq, special[last]] for seq in out]
+    return [list(seq) for seq in out]
 
 
 @torch.no_grad()

@@ -323,7 +323,9 @@ class MoE(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}
 
     def capacity(self, n_tokens: int) -> int | None:
-        if self.cfg.moe_capacity_factor <= 0:
+        """Assignments one expert takes: ceil(factor * N * k / E) in training; unlimited in eval mode, so
+        that inference does not depend on what else is in the batch (and KV-cache decoding is exact)."""
+        if self.cfg.moe_capacity_factor <= 0 or not self.training:
             return None
         return max(1, math.ceil(self.cfg.moe_capacity_factor * n_tokens * self.cfg.moe_top_k / self.cfg.n_experts))
 
