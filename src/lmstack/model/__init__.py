@@ -66,10 +66,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         raise ConfigError(f"{folder}: no model_config.json (is this an lmstack model folder? "
                           f"Hugging Face folders load with lmstack.model.hf.load)")
     cfg = from_dict(ModelConfig, read_json(folder / "model_config.json"))
-    model = build_model(cfg)
+    if dtype is None:  # keep the stored dtype
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            dtype = f.get_slice(keys[0]).get_dtype() if keys else "F32"
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    model = build_model(cfg).to(dtype)
     load_model(model, str(folder / "model.safetensors"), device=str(device))
-    if dtype is not None:
-        model = model.to(dtype)
     return model.to(device)
 
 
