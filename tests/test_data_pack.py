@@ -223,3 +223,20 @@ def test_mix_by_token_shares():
     assert rows["a"].mixed_tokens == 1000 and abs(rows["b"].mixed_tokens - 1000) <= 30
     with pytest.raises(ConfigError):
         plan_mix(["a"], [np.ones(3)], [-1.0])
+
+
+def test_packing_with_a_trained_bpe_round_trips(tmp_path):
+    from lmstack.tokenizer import load_tokenizer, train_bpe
+
+    corpus = [f"The {w} crossed the river at dawn, and the {w} rested on the far bank." for w in
+              ("fox", "heron", "otter", "deer", "badger", "swan")] * 5
+    tok = train_bpe(corpus, vocab_size=320, workers=1)
+    tok.save(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    parallel = list(tokenize_stream(corpus, tok, workers=2, chunk_docs=4))
+    assert [p.tolist() for p in parallel] == [tok.encode(t) for t in corpus]
+    index = pack_texts(corpus, tok, tmp_path / "set", shard_tokens=200, workers=2)
+    assert index["vocab_size"] == tok.vocab_size and index["eos_id"] == tok.eos_id and index["dtype"] == "uint16"
+    stream = np.concatenate([np.asarray(a) for a in open_shards(tmp_path / "set").arrays])
+    docs = np.split(stream, np.nonzero(stream == tok.eos_id)[0] + 1)[:-1]
+    assert [tok.decode(d[:-1].tolist()) for d in docs] == corpus
