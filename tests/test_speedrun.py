@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -39,11 +40,18 @@ def test_speedrun_bad_config_is_one_line_exit_2(tmp_path, capsys):
 def test_every_subcommand_has_help_with_examples(capsys):
     from lmstack.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert sub.choices
-    for name, p in sub.choices.items():
-        assert "example" in (p.epilog or ""), f"lmstack {name} --help has no examples"
+    def leaves(parser, path):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from leaves(child, f"{path} {name}")
+
+    found = list(leaves(build_parser(), "lmstack"))
+    assert len(found) >= 1
+    for path, p in found:
+        assert "example" in (p.epilog or ""), f"{path} --help has no examples"
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0

@@ -17,6 +17,9 @@ from lmstack.errors import LmstackError
 
 # Subcommand groups, in data-flow order. Each module has register(subparsers).
 LAYER_CLIS = [
+    "lmstack.tokenizer.cli",
+    "lmstack.data.cli",
+    "lmstack.model.cli",
     "lmstack.speedrun",
 ]
 

@@ -98,26 +98,16 @@ def stage_corpus(cfg: SpeedrunConfig, run: Path) -> StageResult:
 
 def stage_tokenizer(cfg: SpeedrunConfig, run: Path) -> StageResult:
     from lmstack.tokenizer import train_bpe
-    from lmstack.tokenizer.stats import tokenizer_stats
+    from lmstack.tokenizer.stats import format_stats, tokenizer_stats
 
     t0 = time.perf_counter()
     tok = train_bpe([run / "corpus" / "train.jsonl"], cfg.tokenizer.vocab_size, pattern=cfg.tokenizer.pattern)
     seconds = time.perf_counter() - t0
     tok.save(run)
-    from lmstack.sources import iter_documents
-
-    valid_texts = list(iter_documents([run / "corpus" / "valid.jsonl"]))
-    stats = tokenizer_stats(tok, valid_texts)
+    stats = tokenizer_stats(tok, [run / "corpus" / "valid.jsonl"])
     stats["train_seconds"] = round(seconds, 2)
-    longest = ", ".join(f"`{t!r}`" for t in stats.get("longest_tokens", [])[:8])
-    report = (
-        f"Byte-level BPE, vocab {tok.vocab_size:,}, pattern `{cfg.tokenizer.pattern}`, trained in {seconds:.1f} s.\n\n"
-        f"| held-out metric | value |\n|---|---:|\n"
-        f"| bytes / token | {stats['bytes_per_token']:.3f} |\n"
-        f"| chars / token | {stats['chars_per_token']:.3f} |\n"
-        f"| vocab used | {stats['vocab_used_fraction'] * 100:.1f}% |\n\n"
-        f"Longest tokens: {longest}\n"
-    )
+    report = (f"Byte-level BPE, vocab {tok.vocab_size:,}, pattern `{cfg.tokenizer.pattern}`, trained on the "
+              f"training split in {seconds:.1f} s; measured on the held-out split:\n\n" + format_stats(stats))
     return StageResult(stats, report)
 
 

@@ -39,7 +39,7 @@ class CorpusConfig:
     sources: tuple[Literal["docstrings", "topics", "code"], ...] = ("docstrings", "topics")
     min_chars: int = 80               # shorter texts carry little prose
     max_doctest_fraction: float = 0.5  # drop docstrings that are mostly ">>> " examples
-    valid_fraction: float = 0.02
+    valid_fraction: float = 0.05
     max_code_bytes: int = 4_000_000
 
     def __post_init__(self) -> None:
