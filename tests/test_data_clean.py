@@ -18,6 +18,7 @@ from lmstack.data.clean import (
     apply_steps,
     build_steps,
     dehyphenate,
+    identify_language,
     repetition_stats,
     strip_license_header,
 )
@@ -88,6 +89,11 @@ def test_boilerplate_lines_c4_rules():
             "Read our Privacy Policy and Terms of Use.")
     assert step(text) == "A real sentence about rivers.\nAnother sentence about lakes."
     assert step("Enable javascript.\nWe use cookies.") == Reject("only_boilerplate")
+    for notice in ("By continuing you accept all cookies.", "Manage cookie preferences",
+                   "Our site uses cookies to personalise content.", "Read about our use of cookies here."):
+        assert step(notice) == Reject("only_boilerplate"), notice
+    story = "Lily wanted to use the cookies for the party.\nMom said the cookies were hot."
+    assert step(story) == story
     assert BoilerplateLines(javascript=False)("Enable javascript.") == "Enable javascript."
 
 
@@ -150,6 +156,19 @@ def test_language_filter():
     assert LanguageFilter(languages=("en", "de"))(german) == german
     assert step(PROSE.upper()) == PROSE.upper()  # all-caps English is still English
     assert step("Too short to judge.") == "Too short to judge."  # under min_chars: left to the quality step
+
+
+def test_language_id_matches_langid():
+    from langid.langid import LanguageIdentifier, model
+
+    reference = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    samples = [PROSE, PROSE2, "Die Küstenseeschwalbe fliegt jedes Jahr von der Arktis in die Antarktis.",
+               "La sterne arctique parcourt chaque année la plus longue distance.", "def f(x): return x + 1",
+               "Hola, ¿cómo estás? Muy bien, gracias.", "短い日本語の文章です。", "ok"]
+    for text in samples:
+        lang, prob = identify_language(text)
+        ref_lang, ref_prob = reference.classify(text)
+        assert lang == ref_lang and prob == pytest.approx(ref_prob, abs=1e-9), text
 
 
 def test_pii_masking():
