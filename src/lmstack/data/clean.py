@@ -583,7 +583,7 @@ class CleanConfig:
     code: CodeCleanup = field(default_factory=CodeCleanup)
 
 
-STEP_NAMES = ("html", "unicode", "boilerplate", "book", "code", "quality", "language", "pii")
+STEP_NAMES = ("html", "unicode", "boilerplate", "book", "code", "language", "quality", "pii")
 # language runs before quality because Gopher's stop-word rule is English: a German page should go as
 # "language:de", not as "stop_words"
 DEFAULT_CHAINS: dict[str, tuple[str, ...]] = {

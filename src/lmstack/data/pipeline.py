@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmstack.config import to_dict
-from lmstack.data.clean import DEFAULT_CHAINS, CleanConfig, StepStats, apply_steps, build_steps
+from lmstack.data.clean import DEFAULT_CHAINS, STEP_NAMES, CleanConfig, StepStats, apply_steps, build_steps
 from lmstack.data.dedup import DedupConfig
 from lmstack.data.mix import MixConfig, plan_mix
 from lmstack.data.pack import ShardWriter, token_dtype, tokenize_stream
@@ -231,7 +231,7 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
         "config": to_dict(config),
         "seconds": round(time.perf_counter() - t0, 2),
         "sources": per_source,
-        "steps": [st.to_dict() for st in stats.values()],
+        "steps": [stats[n].to_dict() for n in sorted(stats, key=_step_order)],
         "dedup": dedup,
         "mix": {"table": plan.table(), "rows": [dataclasses.asdict(r) for r in plan.rows]},
         "shards": {"train": _shard_summary(tw.index), "val": _shard_summary(vw.index)},
@@ -241,6 +241,11 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "data_report.md", render_report(report))
     return report
+
+
+def _step_order(name: str) -> int:
+    order = list(STEP_NAMES) + ["exact_dedup", "near_dedup"]
+    return order.index(name) if name in order else len(order)
 
 
 def _read_jsonl_texts(path: Path) -> Iterator[str]:
