@@ -91,3 +91,33 @@ class KVCache:
     def advance(self, t: int) -> None:
         """Called by the model once all layers have written ``t`` new slots."""
         self.pos += t
+
+    # ----- used by the inference engine (lmstack.infer): speculative rollback, beam reordering, sliding window
+
+    def rewind(self, pos: int) -> None:
+        """Forget every slot from ``pos`` on (speculative decoding drops rejected draft tokens this way)."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot rewind a KV cache holding {self.pos} positions to {pos}")
+        self.pos = pos
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes the cache of row ``index[i]`` (B,) (beam search: each beam continues its parent)."""
+        end = self.pos
+        for buf in self.k + self.v:
+            buf[:, :, :end] = buf[:, :, :end].index_select(0, index)
+        self.mask[:, :end] = self.mask[:, :end].index_select(0, index)
+        self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+
+    def shift(self, n: int) -> None:
+        """Drop the ``n`` oldest slots, moving the rest to the front (a sliding window over the sequence).
+
+        Keys keep the positions they were computed at (RoPE is applied before caching), so the caller
+        must pass explicit ``position_ids`` from then on.
+        """
+        if not 0 <= n <= self.pos:
+            raise ValueError(f"cannot drop {n} of {self.pos} cached positions")
+        keep = self.pos - n
+        for buf in self.k + self.v:
+            buf[:, :, :keep] = buf[:, :, n:self.pos].clone()
+        self.mask[:, :keep] = self.mask[:, n:self.pos].clone()
+        self.pos = keep
