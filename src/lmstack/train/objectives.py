@@ -1,0 +1,181 @@
+"""Pre-training objectives: one function per objective, from a block of token ids to a scalar loss.
+
+- ``clm``: causal LM on a decoder, next-token cross-entropy on ``(x, y)`` (GPT).
+- ``mlm``: masked LM on an encoder (BERT, Devlin et al. 2019): pick ``p`` of the tokens; of those 80%
+  become ``[MASK]``, 10% a random token, 10% stay; the loss is on the picked tokens only.
+- ``span``: span corruption on an encoder-decoder (T5, Raffel et al. 2020, section 3.1.4): replace
+  random spans (``density`` of the tokens, mean length ``mean_len``) with sentinel ids in the encoder
+  input; the decoder predicts ``<s_0> span_0 <s_1> span_1 ...``.
+
+Randomness comes from a generator seeded from (seed, step, micro-step), never from the global RNG, so
+a resumed run draws the same masks as an uninterrupted one and data-parallel ranks draw different ones.
+
+The extra ids the objectives need (``[MASK]``, sentinels, the decoder's start id) are appended after
+the tokenizer's vocabulary: see :func:`special_ids`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmstack.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids the objective adds after the tokenizer's ``base_vocab`` ids; ``vocab_size`` is the model's vocab."""
+
+    base_vocab: int
+    vocab_size: int
+    mask: int | None = None             # mlm
+    first_sentinel: int | None = None   # span: sentinels are first_sentinel + i
+    n_sentinels: int = 0
+    decoder_start: int | None = None    # span: the decoder's first input id
+
+
+def span_counts(seq_len: int, density: float, mean_len: float) -> tuple[int, int]:
+    """(noise tokens, spans) of a ``seq_len`` block: T5's ``round(L * density)`` and ``round(noise / mean_len)``."""
+    n_noise = min(max(1, round(seq_len * density)), seq_len - 1)
+    n_spans = max(1, min(round(n_noise / mean_len), n_noise, seq_len - n_noise))
+    return n_noise, n_spans
+
+
+def special_ids(objective: str, base_vocab: int, seq_len: int = 0, density: float = 0.15,
+                mean_len: float = 3.0) -> SpecialIds:
+    if objective == "clm":
+        return SpecialIds(base_vocab, base_vocab)
+    if objective == "mlm":
+        return SpecialIds(base_vocab, base_vocab + 1, mask=base_vocab)
+    if objective == "span":
+        _, n_spans = span_counts(seq_len, density, mean_len)
+        return SpecialIds(base_vocab, base_vocab + n_spans + 1, first_sentinel=base_vocab, n_sentinels=n_spans,
+                          decoder_start=base_vocab + n_spans)
+    raise ConfigError(f"objective: unknown objective {objective!r}; use clm, mlm or span")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masked LM
+
+
+def mlm_mask(tokens: torch.Tensor, mask_id: int, vocab_size: int, probability: float,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking. tokens (B, T) -> (inputs (B, T), labels (B, T) with -100 where nothing is predicted).
+
+    Random draws are made on the CPU generator (then moved), so they do not depend on the device.
+    At least one token per row is picked, so no row has an empty loss.
+    """
+    shape = tokens.shape
+    u = torch.rand(shape, generator=generator)
+    picked = u < probability
+    picked[torch.arange(shape[0]), u.argmin(dim=1)] = True                  # at least one per row
+    action = torch.rand(shape, generator=generator)
+    random_tok = torch.randint(0, vocab_size, shape, generator=generator)
+    cpu = tokens.cpu()
+    labels = torch.where(picked, cpu, torch.full_like(cpu, -100))
+    inputs = cpu.clone()
+    inputs[picked & (action < 0.8)] = mask_id                               # 80%: [MASK]
+    swap = picked & (action >= 0.8) & (action < 0.9)                        # 10%: a random token
+    inputs[swap] = random_tok[swap]                                         # 10%: unchanged
+    return inputs.to(tokens.device), labels.to(tokens.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# span corruption
+
+
+def _random_segmentation(total: int, n_segments: int, generator: torch.Generator) -> torch.Tensor:
+    """Split ``total`` items into ``n_segments`` non-empty segments uniformly at random; lengths (n_segments,)."""
+    cuts = torch.randperm(total - 1, generator=generator)[: n_segments - 1] + 1
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([total])])
+    return bounds.diff()
+
+
+def span_noise_mask(seq_len: int, density: float, mean_len: float, generator: torch.Generator) -> torch.Tensor:
+    """A (seq_len,) bool mask of noise tokens: spans of noise alternating with kept text, text first (T5)."""
+    n_noise, n_spans = span_counts(seq_len, density, mean_len)
+    noise_lens = _random_segmentation(n_noise, n_spans, generator)
+    keep_lens = _random_segmentation(seq_len - n_noise, n_spans, generator)
+    lengths = torch.stack([keep_lens, noise_lens], dim=1).reshape(-1)       # keep, noise, keep, noise, ...
+    is_noise = torch.tensor([False, True]).repeat(n_spans)
+    return torch.repeat_interleave(is_noise, lengths)
+
+
+def span_corrupt(tokens: torch.Tensor, ids: SpecialIds, density: float, mean_len: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T5 span corruption. tokens (B, T) -> encoder inputs (B, T - noise + spans), decoder inputs and
+    labels (B, noise + spans). Every row has the same counts, so the batch needs no padding.
+
+    Encoder: ``text <s_0> text <s_1> ...``; labels: ``<s_0> span_0 <s_1> span_1 ...``; decoder inputs:
+    the labels shifted right behind ``decoder_start``. (T5 also ends the labels with EOS; dropped here,
+    as the block boundaries are arbitrary.)
+    """
+    b, t = tokens.shape
+    cpu = tokens.cpu()
+    enc_rows, lab_rows = [], []
+    for row in cpu:
+        noise = span_noise_mask(t, density, mean_len, generator)            # (T,)
+        starts = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])    # first token of each span
+        span_idx = starts.long().cumsum(0) - 1                              # which span a noise token is in
+        sentinel = ids.first_sentinel + span_idx
+        # encoder keeps text and the first token of each span (as its sentinel)
+        enc = torch.where(starts, sentinel, row)[~noise | starts]
+        # labels keep each span's tokens, each span preceded by its sentinel
+        lab = torch.stack([torch.where(starts, sentinel, -1), row], dim=1)  # (T, 2): sentinel slot, token
+        lab = lab[noise].reshape(-1)
+        lab = lab[lab >= 0]
+        enc_rows.append(enc)
+        lab_rows.append(lab)
+    enc_ids, labels = torch.stack(enc_rows), torch.stack(lab_rows)
+    dec_in = torch.cat([torch.full((b, 1), ids.decoder_start, dtype=labels.dtype), labels[:, :-1]], dim=1)
+    dev = tokens.device
+    return enc_ids.to(dev), dec_in.to(dev), labels.to(dev)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loss functions the trainer calls: loss_fn(model, x, y, generator) -> scalar
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def clm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+    """Next-token cross-entropy: x (B, T) input ids, y (B, T) the ids shifted by one (-100 = ignore)."""
+    return model(x, targets=y)[1]
+
+
+def make_loss_fn(objective: str, ids: SpecialIds, mlm_probability: float = 0.15, span_density: float = 0.15,
+                 span_mean_len: float = 3.0) -> LossFn:
+    """The loss function of an objective, closed over its special ids and rates."""
+    if objective == "clm":
+        return clm_loss
+    if objective == "mlm":
+        def mlm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            inputs, labels = mlm_mask(x, ids.mask, ids.base_vocab, mlm_probability, generator)
+            return model(inputs, targets=labels)[1]
+        return mlm_loss
+    if objective == "span":
+        def span_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            enc, dec, labels = span_corrupt(x, ids, span_density, span_mean_len, generator)
+            return model(enc, decoder_input_ids=dec, targets=labels)[1]
+        return span_loss
+    raise ConfigError(f"objective: unknown objective {objective!r}; use clm, mlm or span")
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """The generator for one micro-batch: a pure function of (seed, step, micro-step, rank)."""
+    mixed = (seed * 1_000_003 + step * 1009 + micro * 101 + rank * 7) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def tokens_per_example(objective: str, seq_len: int, density: float = 0.15, mean_len: float = 3.0) -> int:
+    """Tokens a model processes per example (for throughput): encoder + decoder lengths for span."""
+    if objective == "span":
+        n_noise, n_spans = span_counts(seq_len, density, mean_len)
+        return (seq_len - n_noise + n_spans) + (n_noise + n_spans)
+    return seq_len
+

@@ -1,0 +1,658 @@
+"""The training loop: one loop for every objective and every torch.distributed strategy.
+
+``pretrain(config)`` does the whole job and writes one run directory::
+
+    RUN/config.json              the resolved TrainConfig
+    RUN/data/{train,valid}/      token shards (when the inputs were text; shard folders are used in place)
+    RUN/tokenizer.json           the tokenizer the data was encoded with
+    RUN/metrics.jsonl            one row per log step (loss, lr, grad_norm, tokens/s, MFU) and per eval
+    RUN/checkpoints/step_N/      model.safetensors + model_config.json, optimizer.pt, rng.pt, state.json
+    RUN/model.safetensors        the final weights (+ model_config.json), loadable with lmstack.model.load
+    RUN/loss.png, RUN/samples.md, RUN/summary.json
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences per data-parallel rank,
+each loss divided by ``grad_accum`` before its backward (so the gradient is that of the mean loss over
+the step), then unscale (fp16), clip, set the LR from the schedule, step. A checkpoint holds everything
+the next step depends on: weights, AdamW moments, the step (the LR is a function of it), every rank's
+RNG states and the loader position; so a resumed run computes the same losses as one that never
+stopped (bit for bit on CPU, where kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmstack.config import load_config, to_dict
+from lmstack.errors import ConfigError, DataError
+from lmstack.runs import (JsonlLogger, Progress, atomic_dir, atomic_path, atomic_write_json, atomic_write_text,
+                          checkpoint_dir, latest_checkpoint, list_checkpoints, prune_checkpoints, read_json,
+                          read_jsonl)
+from lmstack.runtime import resolve_device, seed_everything
+from lmstack.train import distributed as D
+from lmstack.train.config import TrainConfig
+from lmstack.train.objectives import make_loss_fn, special_ids, step_generator, tokens_per_example
+from lmstack.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer and data
+
+
+def byte_tokenizer():
+    """UTF-8 bytes as tokens (ids 0-255) plus ``<|eos|>`` = 256: a tokenizer that needs no training."""
+    from lmstack.tokenizer import BPETokenizer
+
+    return BPETokenizer([bytes([i]) for i in range(256)], special_tokens={"<|eos|>": 256}, merges=[])
+
+
+def load_train_tokenizer(spec: str):
+    if spec == "bytes":
+        return byte_tokenizer()
+    from lmstack.tokenizer import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _tokenizer_fingerprint(spec: str) -> str:
+    if spec == "bytes":
+        return "bytes"
+    p = Path(spec)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else spec
+
+
+def _is_shard_dir(inputs: list[str]) -> bool:
+    return len(inputs) == 1 and (Path(inputs[0]) / "index.json").is_file()
+
+
+def resolve_split(inputs: list[str], out: Path, tokenizer: Any, cfg: TrainConfig, env: D.DistEnv) -> Path:
+    """A shard folder for ``inputs``: the folder itself, or text inputs tokenized into ``out`` (once; the
+    shards are reused while the inputs, text field and tokenizer are unchanged)."""
+    if _is_shard_dir(inputs):
+        return Path(inputs[0])
+    meta = {"inputs": [str(Path(p).resolve()) for p in inputs], "text_field": cfg.data.text_field,
+            "tokenizer": _tokenizer_fingerprint(cfg.data.tokenizer)}
+    fresh = (out / "index.json").is_file() and read_json(out / "index.json").get("meta") == meta
+    if env.is_main and not fresh:
+        from lmstack.data.pack import pack_texts
+        from lmstack.sources import iter_documents
+
+        print(f"[train] tokenizing {', '.join(inputs)} -> {out}", file=sys.stderr)
+        pack_texts(iter_documents(inputs, cfg.data.text_field), tokenizer, out, meta=meta,
+                   workers=cfg.data.workers)
+    D.barrier(env)
+    return out
+
+
+@dataclass
+class RunData:
+    train: Path
+    valid: Path | None
+    holdout: float          # the held-out fraction of ``train`` used for validation when ``valid`` is None
+    vocab_size: int         # the token ids' range (the tokenizer's vocab)
+    tokenizer: Any
+
+
+def prepare_data(cfg: TrainConfig, run: Path, env: D.DistEnv) -> RunData:
+    if not cfg.data.train:
+        raise ConfigError("data.train: name a shard folder (lmstack data prepare) or text files/folders/globs")
+    tokenizer = load_train_tokenizer(cfg.data.tokenizer)
+    if env.is_main:
+        tokenizer.save(run)
+    train = resolve_split(cfg.data.train, run / "data" / "train", tokenizer, cfg, env)
+    valid = resolve_split(cfg.data.valid, run / "data" / "valid", tokenizer, cfg, env) if cfg.data.valid else None
+    from lmstack.data.pack import open_shards
+
+    vocab = open_shards(train).vocab_size
+    return RunData(train, valid, 0.0 if valid else cfg.data.valid_fraction, vocab, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# throughput: matmul peak, MFU
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
+                        repeats: int = 5) -> float:
+    """FLOP/s of a square matmul on ``device`` (median of ``repeats``): the practical peak MFU is quoted against."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what the original drew
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item() if device.type != "cpu" else a @ b
+        _sync(device)
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    from lmstack.runtime import default_dtype, parse_dtype
+
+    return default_dtype(device) if name == "auto" else parse_dtype(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling (a preview during training; the inference engine lives in lmstack.infer)
+
+
+@torch.no_grad()
+def sample_text(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device,
+                generator: torch.Generator, temperature: float = 0.8, top_k: int = 40) -> str:
+    """Continue ``prompt`` with top-k sampling, recomputing the whole window each token (no KV cache)."""
+    ids = tokenizer.encode(prompt)
+    bos = getattr(tokenizer, "bos_id", None)
+    if not ids:
+        ids = [bos if bos is not None else (tokenizer.eos_id or 0)]
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    max_len = model.config.max_seq_len
+    vocab = tokenizer.vocab_size
+    for _ in range(n_tokens):
+        logits = model(x[:, -max_len:])[:, -1, :vocab].float() / temperature       # (1, vocab)
+        k = min(top_k, logits.shape[-1])
+        top = logits.topk(k)
+        probs = top.values.softmax(-1).cpu()
+        nxt = top.indices[0, torch.multinomial(probs[0], 1, generator=generator)]
+        if tokenizer.eos_id is not None and int(nxt) == tokenizer.eos_id:
+            break
+        x = torch.cat([x, nxt.view(1, 1)], dim=1)
+    return tokenizer.decode(x[0, len(ids):].tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Holds the model, optimizer, loader and counters of one run; :meth:`fit` trains to ``cfg.steps``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.run = Path(cfg.run_dir)
+        self.env = D.init_distributed(cfg.dist, resolve_device(cfg.device))
+        env = self.env
+        self.device = env.device
+        self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
+        if env.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run / "config.json", to_dict(cfg))
+        D.barrier(env)
+        seed_everything(cfg.seed)
+
+        self.data = prepare_data(cfg, self.run, env)
+        seq_len = cfg.data.seq_len
+        self.ids = special_ids(cfg.objective, self.data.vocab_size, seq_len, cfg.span_noise_density,
+                               cfg.span_mean_length)
+        self.model_cfg = self._model_config()
+        self.loss_fn = make_loss_fn(cfg.objective, self.ids, cfg.mlm_probability, cfg.span_noise_density,
+                                    cfg.span_mean_length)
+
+        from lmstack.model import build_model
+
+        seed_everything(cfg.seed)  # the same initial weights on every rank and for every strategy
+        model = build_model(self.model_cfg)
+        self.n_params = model.num_parameters()
+        self.n_params_non_embedding = model.num_parameters(exclude_embeddings=True)
+        self.flops_per_token = model.flops_per_token(seq_len)
+        if cfg.activation_checkpointing:
+            D.apply_activation_checkpointing(model)
+        model.to(self.device)
+        self.pipe: D.Pipeline | None = None
+        if env.strategy == "tp":
+            D.apply_tensor_parallel(model, env)
+        if env.strategy == "pp":
+            from lmstack.model.decoder import lm_loss
+
+            self.pipe = D.build_pipeline(model, env, cfg.dist, lm_loss)
+            self.module: nn.Module = self.pipe.stage_module
+            self.forward_model: nn.Module = self.module
+        else:
+            self.module = model
+            self.forward_model = D.wrap_data_parallel(model, env, cfg.dist)
+        if env.strategy == "pp" and cfg.grad_accum != 1:
+            raise ConfigError("grad_accum: pipeline parallelism accumulates through dist.pp_microbatches; "
+                              "set grad_accum = 1")
+        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if cfg.compile and self.pipe is None:
+            self.forward_model = torch.compile(self.forward_model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        from lmstack.data.loader import BlockLoader
+
+        self.loader = BlockLoader(self.data.train, seq_len, cfg.batch_size, seed=cfg.seed, rank=env.dp_rank,
+                                  world_size=env.dp_size, holdout=self.data.holdout)
+        self.step = 0
+        self.tokens = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+        if resume:
+            self._resume()
+        elif env.is_main:
+            for old in list_checkpoints(self.run):  # a fresh run must not resume from another run's files
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier(env)
+        self.log = JsonlLogger(self.run / "metrics.jsonl", truncate=not resume) if env.is_main else None
+        self.tb = self._tensorboard() if cfg.tensorboard and env.is_main else None
+
+    # -- setup helpers --------------------------------------------------------------------------------
+    def _model_config(self):
+        cfg = self.cfg
+        explicit = cfg.model.get("vocab_size")
+        if explicit is not None and explicit < self.ids.vocab_size:
+            raise ConfigError(f"model.vocab_size={explicit} is smaller than the data needs ({self.ids.vocab_size}: "
+                              f"{self.data.vocab_size} token ids + the objective's extra ids)")
+        mcfg = cfg.model_config(vocab_size=explicit or self.ids.vocab_size)
+        if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos == "learned":
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len={mcfg.max_seq_len}")
+        if mcfg.max_seq_len < cfg.data.seq_len:
+            mcfg = mcfg.replace(max_seq_len=cfg.data.seq_len)
+        return mcfg
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard = true needs the tensorboard package (pip install tensorboard)") from None
+        return SummaryWriter(str(self.run / "tensorboard"))
+
+    def autocast(self):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one optimizer step; returns (mean loss on this rank, gradient norm)."""
+        cfg, env = self.cfg, self.env
+        self.module.train()
+        if self.pipe is not None:
+            loss = self._pipeline_step()
+        else:
+            loss = torch.zeros((), device=self.device)
+            for micro in range(cfg.grad_accum):
+                x, y = self.loader.next_batch()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                gen = step_generator(cfg.seed, self.step, micro, env.dp_rank)
+                last = micro == cfg.grad_accum - 1
+                with D.gradient_sync(self.module, self.forward_model, env, sync=last):
+                    with self.autocast():
+                        micro_loss = self.loss_fn(self.forward_model, x, y, gen)
+                    self.scaler.scale(micro_loss / cfg.grad_accum).backward()
+                loss += micro_loss.detach()
+            loss = loss / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        if self.pipe is not None and env.distributed:
+            norm = clip_grad_norm(self.params, cfg.optim.grad_clip, D.pipeline_norm_params(self.pipe),
+                                  D.sum_over_world)
+        else:
+            norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
+        set_lr(self.optimizer, lr_at(self.step, cfg.steps, cfg.optim))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
+        return loss, norm
+
+    def _pipeline_step(self) -> torch.Tensor:
+        env, pipe = self.env, self.pipe
+        x, y = self.loader.next_batch()   # every stage reads the same batch: first uses x, last uses y
+        x, y = x.to(self.device), y.to(self.device)
+        losses: list[torch.Tensor] = []
+        with self.autocast():
+            if env.rank == 0:
+                pipe.schedule.step(x)
+            elif env.rank == env.world_size - 1:
+                pipe.schedule.step(target=y, losses=losses)
+            else:
+                pipe.schedule.step()
+        D.sync_tied_grads(pipe, env)
+        last = env.world_size - 1
+        mean = torch.stack(losses).mean().item() if losses else 0.0
+        return torch.tensor(D.broadcast_scalar(mean, last, env))
+
+    # -- evaluation and samples ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over up to ``eval_batches`` batches (the same batches every time) and perplexity."""
+        from lmstack.data.loader import validation_batches
+
+        cfg, env = self.cfg, self.env
+        split = env.strategy == "ddp"  # collective forwards (fsdp, tp, pp) need every rank on every batch
+        source = self.data.valid if self.data.valid is not None else self.data.train
+        batches = validation_batches(source, cfg.data.seq_len, cfg.batch_size, holdout=self.data.holdout,
+                                     max_batches=cfg.eval_batches, rank=env.dp_rank if split else 0,
+                                     world_size=env.dp_size if split else 1)
+        model = self.module if env.strategy == "ddp" else self.forward_model
+        self.module.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(self.device), y.to(self.device)
+            if self.pipe is not None:
+                if x.shape[0] % cfg.dist.pp_microbatches:
+                    continue
+                losses: list[torch.Tensor] = []
+                with self.autocast():
+                    if env.rank == 0:
+                        self.pipe.schedule.eval(x)
+                    elif env.rank == env.world_size - 1:
+                        self.pipe.schedule.eval(target=y, losses=losses)
+                    else:
+                        self.pipe.schedule.eval()
+                loss = D.broadcast_scalar(torch.stack(losses).mean().item() if losses else 0.0,
+                                          env.world_size - 1, env)
+            else:
+                gen = step_generator(cfg.seed, -1, i)
+                with self.autocast():
+                    loss = self.loss_fn(model, x, y, gen).item()
+            total += torch.tensor([loss * x.shape[0], x.shape[0]], dtype=torch.float64)
+        if split and env.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        self.module.train()
+        if total[1] == 0:
+            return {}
+        val = float(total[0] / total[1])
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def samples(self, model: nn.Module | None = None) -> list[dict[str, str]]:
+        """Generations from ``sample_prompts`` (decoder models, main rank)."""
+        cfg = self.cfg
+        if self.model_cfg.arch != "decoder" or not cfg.sample_prompts or not self.env.is_main:
+            return []
+        model = model if model is not None else self.module
+        tok = self.data.tokenizer
+        gen = torch.Generator().manual_seed(cfg.seed)
+        was_training = model.training
+        model.eval()
+        out = []
+        with self.autocast():
+            for prompt in cfg.sample_prompts:
+                out.append({"prompt": prompt, "text": sample_text(model, tok, prompt, cfg.sample_tokens, self.device,
+                                                                   gen)})
+        model.train(was_training)
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_N`` atomically (collective: every rank must call it)."""
+        env = self.env
+        model_state = D.full_model_state(self.module, env)
+        optim_state = D.full_optimizer_state(self.module, self.optimizer, env)
+        rng = D.gather_objects(_rng_state(), env)
+        path = checkpoint_dir(self.run, self.step)
+        if env.is_main:
+            with atomic_dir(path) as tmp:
+                self._save_weights(model_state, tmp)
+                with atomic_path(tmp / "optimizer.pt") as f:
+                    torch.save({"optimizer": optim_state, "scaler": self.scaler.state_dict()}, f)
+                with atomic_path(tmp / "rng.pt") as f:
+                    torch.save(rng, f)
+                atomic_write_json(tmp / "state.json", {
+                    "step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
+                    "best_val": self.best_val, "best_step": self.best_step, "strategy": env.strategy,
+                    "world_size": env.world_size, "seed": self.cfg.seed})
+            best = (checkpoint_dir(self.run, self.best_step),) if self.best_step is not None else ()
+            prune_checkpoints(self.run, max(1, self.cfg.keep_last), keep=best)
+        D.barrier(env)
+        return path if env.is_main else None
+
+    def _save_weights(self, state: dict[str, torch.Tensor], folder: Path) -> None:
+        from lmstack.model import build_model, save
+
+        if self.env.strategy == "none" or self.env.strategy == "ddp":
+            save(self.module, folder)
+            return
+        export = build_model(self.model_cfg)
+        export.load_state_dict(state)
+        save(export, folder)
+
+    def full_model(self) -> nn.Module | None:
+        """The trained model as one ordinary module on the main rank (gathered from shards or stages)."""
+        state = D.full_model_state(self.module, self.env)
+        if not self.env.is_main:
+            return None
+        if self.env.strategy in ("none", "ddp"):
+            return self.module
+        from lmstack.model import build_model
+
+        export = build_model(self.model_cfg)
+        export.load_state_dict(state)
+        return export.to(self.device)
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run)
+        if ckpt is None:
+            if self.env.is_main:
+                print(f"[train] {self.run}: no checkpoint, starting from step 0", file=sys.stderr)
+            return
+        state = read_json(ckpt / "state.json")
+        env = self.env
+        if state["world_size"] != env.world_size or state["strategy"] != env.strategy:
+            raise ConfigError(f"{ckpt}: written by {state['world_size']} process(es) with strategy "
+                              f"{state['strategy']!r}; resume with the same launch (now {env.world_size}, "
+                              f"{env.strategy!r})")
+        from safetensors.torch import load_model
+
+        from lmstack.model import build_model
+
+        full = build_model(self.model_cfg)
+        load_model(full, str(ckpt / "model.safetensors"))
+        D.load_full_model_state(self.module, full.state_dict(), env)
+        blob = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+        D.load_full_optimizer_state(self.module, self.optimizer, blob["optimizer"], env)
+        self.scaler.load_state_dict(blob["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.best_val, self.best_step = state.get("best_val"), state.get("best_step")
+        rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False)
+        _set_rng_state(rng[env.rank])
+        if env.is_main:
+            # metrics after the checkpoint will be recomputed: drop them so the log reads as one run
+            rows = [r for r in read_jsonl(self.run / "metrics.jsonl") if r.get("step", 0) <= self.step]
+            atomic_write_text(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            print(f"[train] resumed from {ckpt} (step {self.step})", file=sys.stderr)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train to ``cfg.steps`` (or stop after step ``until`` without a checkpoint, as a crash would)."""
+        cfg, env = self.cfg, self.env
+        if self.peak_flops is None:
+            self.peak_flops = measure_matmul_peak(self.device, self.amp_dtype if self.amp_dtype != torch.float16
+                                                  or self.device.type == "cuda" else torch.float32)
+        start_step, t_start = self.step, time.perf_counter()
+        progress = Progress(cfg.steps, desc="train", unit="step", disable=not env.is_main)
+        progress.done = self.step
+        tok_per_step = cfg.batch_size * cfg.grad_accum * env.dp_size * tokens_per_example(
+            cfg.objective, cfg.data.seq_len, cfg.span_noise_density, cfg.span_mean_length)
+        last_t, last_step = time.perf_counter(), self.step
+        record: dict[str, Any] = {}
+        try:
+            while self.step < cfg.steps:
+                loss, norm = self.train_step()
+                step = self.step
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    loss_v = D.all_reduce_mean(loss, env).item()
+                    now = time.perf_counter()
+                    tps = tok_per_step * (step - last_step) / max(now - last_t, 1e-9)
+                    last_t, last_step = now, step
+                    mfu = self.flops_per_token * tps / (self.peak_flops * env.world_size)
+                    record = {"step": step, "loss": loss_v, "lr": lr_at(step - 1, cfg.steps, cfg.optim),
+                              "grad_norm": float(norm), "tokens": self.tokens, "tokens_per_s": round(tps, 1),
+                              "mfu": round(mfu, 4), "elapsed": round(now - t_start, 2)}
+                    if not math.isfinite(loss_v):
+                        raise DataError(f"step {step}: the loss is {loss_v}; lower optim.lr or check the data")
+                    self._log(record)
+                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}")
+                progress.update(1)
+                at_end = step == cfg.steps
+                new_best = False
+                if (cfg.eval_every and step % cfg.eval_every == 0) or at_end:
+                    ev = self.evaluate()
+                    if ev:
+                        self._log({"step": step, **ev})
+                        if self.best_val is None or ev["val_loss"] < self.best_val:
+                            self.best_val, self.best_step, new_best = ev["val_loss"], step, True
+                if cfg.sample_every and step % cfg.sample_every == 0 and env.strategy in ("none", "ddp"):
+                    for s in self.samples():
+                        self._log({"step": step, "sample_prompt": s["prompt"], "sample": s["text"]})
+                if until is not None and step >= until:
+                    return {"stopped_at": step}
+                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or new_best or at_end:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if not env.distributed and self.step > start_step:
+                print(f"\n[train] interrupted: saving a checkpoint at step {self.step}", file=sys.stderr)
+                self.save_checkpoint()
+            raise
+        finally:
+            progress.close()
+        return self._finish(time.perf_counter() - t_start, start_step, record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.log(record)
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def _finish(self, seconds: float, start_step: int, last: dict[str, Any]) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        final = self.full_model()
+        summary: dict[str, Any] = {}
+        if env.is_main:
+            from lmstack.model import save
+
+            save(final, self.run)
+            samples = self.samples(final)
+            rows = read_jsonl(self.run / "metrics.jsonl")
+            evals = [r for r in rows if "val_loss" in r]
+            steps_run = self.step - start_step
+            tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > start_step + 1]
+            summary = {
+                "run_dir": str(self.run), "objective": cfg.objective, "strategy": env.strategy,
+                "world_size": env.world_size, "steps": self.step, "tokens": self.tokens,
+                "params_total": self.n_params, "params_non_embedding": self.n_params_non_embedding,
+                "flops": self.flops_per_token * self.tokens, "seconds": round(seconds, 2),
+                "train_loss": last.get("loss"), "val_loss": evals[-1]["val_loss"] if evals else None,
+                "val_ppl": evals[-1]["val_ppl"] if evals else None, "best_val_loss": self.best_val,
+                "best_step": self.best_step,
+                "tokens_per_s": round(statistics.median(tps), 1) if tps else last.get("tokens_per_s"),
+                "mfu": last.get("mfu"), "peak_tflops": round(self.peak_flops / 1e12, 3), "steps_this_run": steps_run,
+                "samples": samples, "loss_curve": str(self.run / "loss.png"),
+            }
+            plot_loss_curve(rows, self.run / "loss.png")
+            atomic_write_text(self.run / "samples.md", render_samples(samples))
+            atomic_write_json(self.run / "summary.json", summary)
+        D.barrier(env)
+        return summary
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.tb is not None:
+            self.tb.close()
+        D.shutdown(self.env)
+
+
+def render_samples(samples: list[dict[str, str]]) -> str:
+    if not samples:
+        return "_no samples (encoder objectives, or no prompts)_\n"
+    return "\n".join(f"**{s['prompt']!r}** →\n\n```\n{s['prompt']}{s['text']}\n```\n" for s in samples)
+
+
+def plot_loss_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Training loss per logged step and validation loss per eval, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.2, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def pretrain(config: TrainConfig, resume: bool = False, until: int | None = None) -> dict[str, Any]:
+    """Train a model as ``config`` says and write the run directory (see the module docstring).
+
+    ``resume=True`` continues from the newest checkpoint in ``config.run_dir`` (from scratch if none).
+    Under ``torchrun`` every process calls this; the summary is returned on rank 0 (``{}`` elsewhere).
+    """
+    trainer = Trainer(config, resume=resume)
+    try:
+        return trainer.fit(until=until)
+    finally:
+        trainer.close()
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with its saved config (+ overrides,
+    e.g. ``["--steps", "2000"]`` to train longer)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise DataError(f"{run_dir}: no config.json; is this a training run directory?")
+    cfg = load_config(TrainConfig, run_dir / "config.json", list(overrides or []) + ["--run_dir", str(run_dir)])
+    return pretrain(cfg, resume=True)
