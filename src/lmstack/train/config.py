@@ -134,6 +134,11 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
+        from lmstack.config import from_dict
+
+        for name, cls in (("optim", OptimConfig), ("data", DataConfig), ("dist", DistConfig)):
+            if isinstance(getattr(self, name), dict):  # TrainConfig(data={"train": [...]}) from Python
+                setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "sample_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

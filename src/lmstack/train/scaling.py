@@ -145,7 +145,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "config.json", to_dict(cfg))
-    done = {row["name"]: row for row in read_jsonl(root / "sweep.jsonl")}
+    done = {row["name"]: {k: v for k, v in row.items() if k != "time"} for row in read_jsonl(root / "sweep.jsonl")}
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.data.seq_len
     from lmstack.runs import JsonlLogger
 

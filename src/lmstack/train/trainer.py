@@ -201,11 +201,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class Task:
+    """A ready model and its batches, for fine-tuning: the trainer then builds neither (``Trainer(cfg, task=...)``).
+
+    ``model`` has ``requires_grad`` set by the method (LoRA, prefix, adapters, full): only trainable
+    parameters reach the optimizer. ``loader.next_batch()`` gives ``(x, y)`` with ``y = -100`` where no
+    loss is taken (the CLM loss ignores it) and has ``state_dict``/``load_state_dict`` for resume;
+    ``eval_batches()`` gives the held-out batches. ``save_weights(model, folder)`` and
+    ``load_weights(model, folder)`` decide what checkpoints and the run directory hold (e.g. the adapter
+    only). Single-process strategies only (``dist.strategy = "none"``).
+    """
+
+    model: nn.Module
+    loader: Any
+    eval_batches: Any                      # () -> iterable of (x, y)
+    tokenizer: Any = None
+    save_weights: Any = None               # (model, folder) -> None
+    load_weights: Any = None               # (model, folder) -> None
+
+
 class Trainer:
     """Holds the model, optimizer, loader and counters of one run; :meth:`fit` trains to ``cfg.steps``."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, task: Task | None = None):
         self.cfg = cfg
+        self.task = task
         self.run = Path(cfg.run_dir)
         self.env = D.init_distributed(cfg.dist, resolve_device(cfg.device))
         env = self.env
@@ -217,18 +238,21 @@ class Trainer:
         D.barrier(env)
         seed_everything(cfg.seed)
 
-        self.data = prepare_data(cfg, self.run, env)
+        if task is not None and env.strategy != "none":
+            raise ConfigError("fine-tuning runs in one process: set dist.strategy = 'none'")
+        self.data = prepare_data(cfg, self.run, env) if task is None else RunData(
+            Path(), None, 0.0, task.model.config.vocab_size, task.tokenizer)
         seq_len = cfg.data.seq_len
         self.ids = special_ids(cfg.objective, self.data.vocab_size, seq_len, cfg.span_noise_density,
                                cfg.span_mean_length)
-        self.model_cfg = self._model_config()
+        self.model_cfg = self._model_config() if task is None else task.model.config
         self.loss_fn = make_loss_fn(cfg.objective, self.ids, cfg.mlm_probability, cfg.span_noise_density,
                                     cfg.span_mean_length)
 
         from lmstack.model import build_model
 
         seed_everything(cfg.seed)  # the same initial weights on every rank and for every strategy
-        model = build_model(self.model_cfg)
+        model = build_model(self.model_cfg) if task is None else task.model
         self.n_params = model.num_parameters()
         self.n_params_non_embedding = model.num_parameters(exclude_embeddings=True)
         self.flops_per_token = model.flops_per_token(seq_len)
@@ -258,8 +282,9 @@ class Trainer:
 
         from lmstack.data.loader import BlockLoader
 
-        self.loader = BlockLoader(self.data.train, seq_len, cfg.batch_size, seed=cfg.seed, rank=env.dp_rank,
-                                  world_size=env.dp_size, holdout=self.data.holdout)
+        self.loader = task.loader if task is not None else BlockLoader(
+            self.data.train, seq_len, cfg.batch_size, seed=cfg.seed, rank=env.dp_rank, world_size=env.dp_size,
+            holdout=self.data.holdout)
         self.step = 0
         self.tokens = 0
         self.best_val: float | None = None
@@ -321,6 +346,8 @@ class Trainer:
                         micro_loss = self.loss_fn(self.forward_model, x, y, gen)
                     self.scaler.scale(micro_loss / cfg.grad_accum).backward()
                 loss += micro_loss.detach()
+                if self.task is not None:  # fine-tuning batches vary in length: count what went in
+                    self.tokens += x.numel()
             loss = loss / cfg.grad_accum
         self.scaler.unscale_(self.optimizer)
         if self.pipe is not None and env.distributed:
@@ -333,7 +360,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
+        if self.task is None:
+            self.tokens += cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
         return loss, norm
 
     def _pipeline_step(self) -> torch.Tensor:
@@ -362,7 +390,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         split = env.strategy == "ddp"  # collective forwards (fsdp, tp, pp) need every rank on every batch
         source = self.data.valid if self.data.valid is not None else self.data.train
-        batches = validation_batches(source, cfg.data.seq_len, cfg.batch_size, holdout=self.data.holdout,
+        batches = self.task.eval_batches() if self.task is not None else validation_batches(source, cfg.data.seq_len, cfg.batch_size, holdout=self.data.holdout,
                                      max_batches=cfg.eval_batches, rank=env.dp_rank if split else 0,
                                      world_size=env.dp_size if split else 1)
         model = self.module if env.strategy == "ddp" else self.forward_model
@@ -443,6 +471,9 @@ class Trainer:
     def _save_weights(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         from lmstack.model import build_model, save
 
+        if self.task is not None and self.task.save_weights is not None:
+            self.task.save_weights(self.module, folder)
+            return
         if self.env.strategy == "none" or self.env.strategy == "ddp":
             save(self.module, folder)
             return
@@ -479,9 +510,12 @@ class Trainer:
 
         from lmstack.model import build_model
 
-        full = build_model(self.model_cfg)
-        load_model(full, str(ckpt / "model.safetensors"))
-        D.load_full_model_state(self.module, full.state_dict(), env)
+        if self.task is not None and self.task.load_weights is not None:
+            self.task.load_weights(self.module, ckpt)
+        else:
+            full = build_model(self.model_cfg)
+            load_model(full, str(ckpt / "model.safetensors"))
+            D.load_full_model_state(self.module, full.state_dict(), env)
         blob = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
         D.load_full_optimizer_state(self.module, self.optimizer, blob["optimizer"], env)
         self.scaler.load_state_dict(blob["scaler"])
@@ -508,7 +542,7 @@ class Trainer:
         progress.done = self.step
         tok_per_step = cfg.batch_size * cfg.grad_accum * env.dp_size * tokens_per_example(
             cfg.objective, cfg.data.seq_len, cfg.span_noise_density, cfg.span_mean_length)
-        last_t, last_step = time.perf_counter(), self.step
+        last_t, last_step, last_tokens = time.perf_counter(), self.step, self.tokens
         record: dict[str, Any] = {}
         try:
             while self.step < cfg.steps:
@@ -517,8 +551,10 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     loss_v = D.all_reduce_mean(loss, env).item()
                     now = time.perf_counter()
-                    tps = tok_per_step * (step - last_step) / max(now - last_t, 1e-9)
-                    last_t, last_step = now, step
+                    done = (self.tokens - last_tokens if self.task is not None
+                            else tok_per_step * (step - last_step))
+                    tps = done / max(now - last_t, 1e-9)
+                    last_t, last_step, last_tokens = now, step, self.tokens
                     mfu = self.flops_per_token * tps / (self.peak_flops * env.world_size)
                     record = {"step": step, "loss": loss_v, "lr": lr_at(step - 1, cfg.steps, cfg.optim),
                               "grad_norm": float(norm), "tokens": self.tokens, "tokens_per_s": round(tps, 1),
@@ -567,7 +603,10 @@ class Trainer:
         if env.is_main:
             from lmstack.model import save
 
-            save(final, self.run)
+            if self.task is not None and self.task.save_weights is not None:
+                self.task.save_weights(final, self.run)
+            else:
+                save(final, self.run)
             samples = self.samples(final)
             rows = read_jsonl(self.run / "metrics.jsonl")
             evals = [r for r in rows if "val_loss" in r]
