@@ -134,19 +134,18 @@ def count_pretokens(inputs: Iterable[str | os.PathLike] | str | os.PathLike, pat
                     workers: int | None = None, chunk_chars: int = CHUNK_CHARS) -> Counter:
     """``pre-token string -> count`` over all documents of ``inputs``, in ``workers`` processes.
 
-    Small inputs (one chunk) are counted in this process; larger ones stream through a bounded queue, so
+    Small inputs (under 4 chunks) are counted in this process; larger ones stream through a bounded queue, so
     memory holds a few chunks plus the count tables, whatever the corpus size.
     """
     pat = regex.compile(resolve_pattern(pattern))
     chunks = _chunks(iter_texts(inputs), chunk_chars)
-    first = next(chunks, None)
-    if first is None:
+    head = list(itertools.islice(chunks, 4))  # below ~4 chunks, starting processes costs more than it saves
+    if not head:
         raise DataError("no text to train on (the inputs are empty)")
-    second = next(chunks, None)
     workers = min(workers or os.cpu_count() or 1, 8)
-    if second is None or workers <= 1:
-        total = _count_chunk(pat, first)
-        for chunk in ([] if second is None else itertools.chain([second], chunks)):
+    if len(head) < 4 or workers <= 1:
+        total: Counter = Counter()
+        for chunk in itertools.chain(head, chunks):
             total.update(_count_chunk(pat, chunk))
         return total
 
@@ -157,7 +156,7 @@ def count_pretokens(inputs: Iterable[str | os.PathLike] | str | os.PathLike, pat
     for p in procs:
         p.start()
     try:
-        for chunk in itertools.chain([first, second], chunks):
+        for chunk in itertools.chain(head, chunks):
             tasks.put(chunk)
         for _ in procs:
             tasks.put(None)
@@ -466,14 +465,14 @@ class BPETokenizer:
         is ``"all"`` or names them. ``fast=False`` forces the pure-Python path (same ids)."""
         if not isinstance(text, str):
             raise LmstackError(f"encode expects a str, got {type(text).__name__}")
-        text = _clean_surrogates(text)
         enc = self.fast if (fast if fast is not None else self.use_fast) else None
-        if enc is not None:
+        if enc is not None:  # tiktoken replaces lone surrogates itself, as _clean_surrogates does
             if allowed_special:
                 allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
                 split_specials("", allowed, self.special_tokens)  # validates the names
                 return enc.encode(text, allowed_special=allowed, disallowed_special=())
             return enc.encode_ordinary(text)
+        text = _clean_surrogates(text)
         out: list[int] = []
         for seg in split_specials(text, allowed_special, self.special_tokens):
             if isinstance(seg, int):
@@ -486,7 +485,7 @@ class BPETokenizer:
                      fast: bool | None = None, num_threads: int = 2) -> list[list[int]]:
         enc = self.fast if (fast if fast is not None else self.use_fast) else None
         if enc is not None and not allowed_special:
-            return enc.encode_ordinary_batch([_clean_surrogates(t) for t in texts], num_threads=num_threads)
+            return enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
         return [self.encode(t, allowed_special=allowed_special, fast=fast) for t in texts]
 
     def _encode_ordinary(self, text: str) -> list[int]:
