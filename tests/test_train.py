@@ -267,3 +267,18 @@ def test_cli_train_then_resume_longer(tmp_path, shards, capsys, cli):
     assert main(["train", str(cfg), "--optim.lrr", "1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
     assert main(["train", "resume", str(tmp_path / "nowhere")]) == 2
+
+
+def test_auto_resume_only_continues_the_same_config(tmp_path, shards, capsys):
+    from lmstack.train.trainer import pretrain
+
+    cfg = tiny(tmp_path / "r", shards, steps=4, eval_every=0, ckpt_every=2)
+    pretrain(cfg, until=3)
+    assert pretrain(cfg, resume="auto")["steps_this_run"] == 2                  # same config: from step 2
+    other = dataclasses.replace(cfg, optim=OptimConfig(lr=5e-3, warmup_steps=2))
+    assert pretrain(other, resume="auto")["steps_this_run"] == 4                # changed: from scratch
+    assert "written with another config" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    bigger = dataclasses.replace(cfg, model={"preset": "tiny", "n_layer": 3, "d_model": 64, "n_head": 4})
+    with pytest.raises(ConfigError, match="does not fit this run's model config"):
+        pretrain(bigger, resume=True)

@@ -146,7 +146,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "config.json", to_dict(cfg))
     done = {row["name"]: {k: v for k, v in row.items() if k != "time"} for row in read_jsonl(root / "sweep.jsonl")}
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.data.seq_len
+    base = _tokenize_once(cfg.train, root)
+    tokens_per_step = base.batch_size * base.grad_accum * base.data.seq_len
     from lmstack.runs import JsonlLogger
 
     with JsonlLogger(root / "sweep.jsonl") as log:
@@ -156,10 +157,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
                 if name in done:
                     continue
                 steps = max(1, round(tokens / tokens_per_step))
-                train = dataclasses.replace(cfg.train, run_dir=str(root / name), steps=steps,
-                                            model={**cfg.train.model, **size},
-                                            optim=dataclasses.replace(cfg.train.optim,
-                                                                      warmup_steps=min(cfg.train.optim.warmup_steps,
+                train = dataclasses.replace(base, run_dir=str(root / name), steps=steps,
+                                            model={**base.model, **size},
+                                            optim=dataclasses.replace(base.optim,
+                                                                      warmup_steps=min(base.optim.warmup_steps,
                                                                                        steps // 5)))
                 result = pretrain(train)
                 row = {"name": name, "size": size, "params": result["params_total" if cfg.count_embeddings
@@ -169,6 +170,19 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
                 log.log(row)
                 done[name] = row
     return list(done.values())
+
+
+def _tokenize_once(train: TrainConfig, root: Path) -> TrainConfig:
+    """Text inputs are tokenized into ``root/data`` once for all runs of the sweep (not once per run)."""
+    from lmstack.train.distributed import DistEnv
+    from lmstack.train.trainer import load_train_tokenizer, resolve_split
+
+    tok = load_train_tokenizer(train.data.tokenizer)
+    data = dataclasses.replace(train.data, train=[str(resolve_split(train.data.train, root / "data" / "train", tok,
+                                                                      train, DistEnv()))])
+    if train.data.valid:
+        data.valid = [str(resolve_split(train.data.valid, root / "data" / "valid", tok, train, DistEnv()))]
+    return dataclasses.replace(train, data=data)
 
 
 def fit_report(rows: list[dict[str, Any]], budgets: list[float]) -> tuple[ChinchillaFit, str]:

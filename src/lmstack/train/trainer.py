@@ -221,10 +221,21 @@ class Task:
     load_weights: Any = None               # (model, folder) -> None
 
 
+# fields that change what is logged or kept, not what is trained
+_COSMETIC = ("run_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last", "sample_every",
+             "sample_prompts", "sample_tokens", "tensorboard", "peak_tflops")
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """A hash of everything in the config that changes the training trajectory."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in _COSMETIC}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class Trainer:
     """Holds the model, optimizer, loader and counters of one run; :meth:`fit` trains to ``cfg.steps``."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, task: Task | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, task: Task | None = None):
         self.cfg = cfg
         self.task = task
         self.run = Path(cfg.run_dir)
@@ -290,15 +301,14 @@ class Trainer:
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-        if resume:
-            self._resume()
-        elif env.is_main:
+        resumed = self._resume(strict=resume is True) if resume else False
+        if not resumed and env.is_main:
             for old in list_checkpoints(self.run):  # a fresh run must not resume from another run's files
                 import shutil
 
                 shutil.rmtree(old, ignore_errors=True)
         D.barrier(env)
-        self.log = JsonlLogger(self.run / "metrics.jsonl", truncate=not resume) if env.is_main else None
+        self.log = JsonlLogger(self.run / "metrics.jsonl", truncate=not resumed) if env.is_main else None
         self.tb = self._tensorboard() if cfg.tensorboard and env.is_main else None
 
     # -- setup helpers --------------------------------------------------------------------------------
@@ -462,7 +472,8 @@ class Trainer:
                 atomic_write_json(tmp / "state.json", {
                     "step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                     "best_val": self.best_val, "best_step": self.best_step, "strategy": env.strategy,
-                    "world_size": env.world_size, "seed": self.cfg.seed})
+                    "world_size": env.world_size, "seed": self.cfg.seed,
+                    "fingerprint": config_fingerprint(self.cfg)})
             best = (checkpoint_dir(self.run, self.best_step),) if self.best_step is not None else ()
             prune_checkpoints(self.run, max(1, self.cfg.keep_last), keep=best)
         D.barrier(env)
@@ -494,14 +505,20 @@ class Trainer:
         export.load_state_dict(state)
         return export.to(self.device)
 
-    def _resume(self) -> None:
+    def _resume(self, strict: bool) -> bool:
+        """Load the newest checkpoint; False when there is none (or, unless ``strict``, when it was written
+        with a different training config, so an automatic resume never mixes two configs)."""
         ckpt = latest_checkpoint(self.run)
         if ckpt is None:
             if self.env.is_main:
                 print(f"[train] {self.run}: no checkpoint, starting from step 0", file=sys.stderr)
-            return
+            return False
         state = read_json(ckpt / "state.json")
         env = self.env
+        if not strict and state.get("fingerprint") != config_fingerprint(self.cfg):
+            if env.is_main:
+                print(f"[train] {ckpt} was written with another config: starting from step 0", file=sys.stderr)
+            return False
         if state["world_size"] != env.world_size or state["strategy"] != env.strategy:
             raise ConfigError(f"{ckpt}: written by {state['world_size']} process(es) with strategy "
                               f"{state['strategy']!r}; resume with the same launch (now {env.world_size}, "
@@ -514,7 +531,11 @@ class Trainer:
             self.task.load_weights(self.module, ckpt)
         else:
             full = build_model(self.model_cfg)
-            load_model(full, str(ckpt / "model.safetensors"))
+            try:
+                load_model(full, str(ckpt / "model.safetensors"))
+            except RuntimeError as e:
+                raise ConfigError(f"{ckpt}: the checkpoint does not fit this run's model config "
+                                  f"({str(e).splitlines()[0]})") from None
             D.load_full_model_state(self.module, full.state_dict(), env)
         blob = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
         D.load_full_optimizer_state(self.module, self.optimizer, blob["optimizer"], env)
@@ -529,6 +550,7 @@ class Trainer:
             rows = [r for r in read_jsonl(self.run / "metrics.jsonl") if r.get("step", 0) <= self.step]
             atomic_write_text(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             print(f"[train] resumed from {ckpt} (step {self.step})", file=sys.stderr)
+        return True
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict[str, Any]:
@@ -674,10 +696,12 @@ def plot_loss_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
 # public entry points
 
 
-def pretrain(config: TrainConfig, resume: bool = False, until: int | None = None) -> dict[str, Any]:
+def pretrain(config: TrainConfig, resume: bool | str = False, until: int | None = None) -> dict[str, Any]:
     """Train a model as ``config`` says and write the run directory (see the module docstring).
 
-    ``resume=True`` continues from the newest checkpoint in ``config.run_dir`` (from scratch if none).
+    ``resume=True`` continues from the newest checkpoint in ``config.run_dir`` (from scratch if none);
+    ``resume="auto"`` does so only if that checkpoint was written with the same training config (the
+    fields that change the trajectory), else starts afresh: what a resumable pipeline stage wants.
     Under ``torchrun`` every process calls this; the summary is returned on rank 0 (``{}`` elsewhere).
     """
     trainer = Trainer(config, resume=resume)
