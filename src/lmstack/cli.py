@@ -20,6 +20,9 @@ LAYER_CLIS = [
     "lmstack.tokenizer.cli",
     "lmstack.data.cli",
     "lmstack.model.cli",
+    "lmstack.infer.cli",
+    "lmstack.train.cli",
+    "lmstack.finetune.cli",
     "lmstack.speedrun",
 ]
 
