@@ -34,6 +34,22 @@ class TokenizerStageConfig:
 
 
 @dataclass
+class PretrainStageConfig:
+    """The pre-training stage: a tiny decoder on the corpus, with the speedrun's tokenizer."""
+
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 40
+    dtype: str = "bf16"                  # bf16 autocast (also on CPU), or fp32
+    eval_every: int = 100
+    ckpt_every: int = 100
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    sample_prompts: list[str] = field(default_factory=lambda: ["The ", "Return the ", "This module "])
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -42,6 +58,7 @@ class SpeedrunConfig:
     text_field: str = "text"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerStageConfig = field(default_factory=TokenizerStageConfig)
+    pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
 
 
 @dataclass
@@ -111,9 +128,48 @@ def stage_tokenizer(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(stats, report)
 
 
+def pretrain_config(cfg: SpeedrunConfig, run: Path):
+    """The trainer config the pre-training stage runs (also used by later stages to find the model)."""
+    from lmstack.config import from_dict
+    from lmstack.train.config import TrainConfig
+
+    p = cfg.pretrain
+    return from_dict(TrainConfig, {
+        "run_dir": str(run / "pretrain"), "seed": cfg.seed, "device": cfg.device, "dtype": p.dtype,
+        "objective": "clm", "model": dict(p.model), "steps": p.steps, "batch_size": p.batch_size,
+        "eval_every": p.eval_every, "ckpt_every": p.ckpt_every, "sample_prompts": list(p.sample_prompts),
+        "optim": {"lr": p.lr, "warmup_steps": min(p.warmup_steps, p.steps)},
+        "data": {"train": [str(run / "corpus" / "train.jsonl")], "valid": [str(run / "corpus" / "valid.jsonl")],
+                 "tokenizer": str(run / "tokenizer.json"), "seq_len": p.seq_len},
+    })
+
+
+def stage_pretrain(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.train import pretrain
+    from lmstack.train.trainer import render_samples
+
+    summary = pretrain(pretrain_config(cfg, run), resume="auto")  # resumes from its last checkpoint
+    mfu = summary.get("mfu")
+    rows = [
+        ("parameters", f"{summary['params_total']:,} ({summary['params_non_embedding']:,} non-embedding)"),
+        ("steps / tokens", f"{summary['steps']:,} / {summary['tokens']:,}"),
+        ("tokens/s (median)", f"{summary['tokens_per_s']:,.0f}"),
+        ("MFU (vs measured matmul peak)", f"{mfu * 100:.1f}%" if mfu is not None else "n/a"),
+        ("train loss (last)", f"{summary['train_loss']:.3f}"),
+        ("validation loss / perplexity", f"{summary['val_loss']:.3f} / {summary['val_ppl']:.1f}"),
+        ("time", f"{summary['seconds']:.0f} s"),
+    ]
+    table = "| measure | value |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    report = (f"A `{cfg.pretrain.model.get('preset', 'custom')}` decoder trained with the causal-LM objective on the "
+              f"corpus (AdamW, warmup + cosine, {cfg.pretrain.dtype}).\n\n{table}\n\n"
+              f"![loss curve](pretrain/loss.png)\n\nSamples (greedy):\n\n" + render_samples(summary["samples"]))
+    return StageResult({k: v for k, v in summary.items() if k != "samples"}, report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
+    Stage("pretrain", "Pre-training", stage_pretrain, ("device", "pretrain")),
 ]
 
 
