@@ -52,3 +52,13 @@ def test_jsonl_logger_and_checkpoint_pruning(tmp_path):
     prune_checkpoints(tmp_path, keep_last=2, keep=(best,))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010", "step_00000030", "step_00000040"]
     json.dumps({})
+
+
+def test_progress_plain_lines_carry_the_latest_metrics(capsys):
+    from lmstack.runs import Progress
+
+    p = Progress(4, desc="train", unit="step", print_every=0.0)
+    p.update(0, loss=2.5, tok_s=100)
+    p.update(1)
+    err = capsys.readouterr().err
+    assert "train 1/4 step" in err and "loss=2.5" in err and "tok_s=100" in err and "eta" in err

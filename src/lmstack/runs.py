@@ -223,6 +223,7 @@ class Progress:
         self._last_print = self.start
         self.print_every = print_every
         self.disable = disable
+        self.metrics: dict[str, Any] = {}  # the latest value of each metric, shown on every line
         self._bar = None
         if not disable and sys.stderr.isatty():
             from tqdm import tqdm
@@ -240,19 +241,20 @@ class Progress:
 
     def update(self, n: float = 1, **metrics: Any) -> None:
         self.done += n
+        self.metrics.update(metrics)
         if self.disable:
             return
         if self._bar is not None:
             self._bar.update(n)
             if metrics:
-                self._bar.set_postfix({k: _fmt(v) for k, v in metrics.items()}, refresh=False)
+                self._bar.set_postfix({k: _fmt(v) for k, v in self.metrics.items()}, refresh=False)
             return
         now = time.perf_counter()
         if now - self._last_print >= self.print_every or (self.total and self.done >= self.total):
             self._last_print = now
             rate = self.done / max(self.elapsed, 1e-9)
             total = f"/{self.total:g}" if self.total else ""
-            extra = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.metrics.items())
             print(f"{self.desc} {self.done:g}{total} {self.unit} | {rate:.1f} {self.unit}/s | "
                   f"eta {format_duration(self.eta())} {extra}".rstrip(), file=sys.stderr, flush=True)
 
