@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
 
 def tiny(run_dir, shards, **kw) -> TrainConfig:
     base = dict(run_dir=str(run_dir), steps=8, batch_size=4, log_every=1, eval_every=4, eval_batches=2,
-                ckpt_every=4, sample_prompts=[], dtype="fp32",
+                ckpt_every=4, sample_prompts=[], dtype="fp32", peak_tflops=1.0,
                 model={"preset": "tiny", "n_layer": 2, "d_model": 64, "n_head": 4},
                 optim=OptimConfig(lr=1e-2, warmup_steps=2), data=DataConfig(train=[shards], seq_len=32, workers=1))
     base.update(kw)
@@ -208,7 +208,7 @@ def test_encoder_objectives_learn(tmp_path, shards, objective):
 def test_run_directory_has_everything(tmp_path, shards):
     from lmstack.train.trainer import pretrain
 
-    summary = pretrain(tiny(tmp_path / "r", shards, steps=4, sample_prompts=["the "], sample_tokens=8))
+    summary = pretrain(tiny(tmp_path / "r", shards, steps=4, sample_prompts=["the "], sample_tokens=8, peak_tflops=0.0))
     run = tmp_path / "r"
     for name in ("config.json", "metrics.jsonl", "model.safetensors", "model_config.json", "tokenizer.json",
                  "loss.png", "samples.md", "summary.json"):

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from lmstack.runs import read_jsonl
 from lmstack.train.config import DataConfig, DistConfig, OptimConfig, TrainConfig
 
-STRATEGIES = ("ddp", "fsdp", "tp", "pp")
+STRATEGIES = ("ddp", "fsdp", "fsdp-zero2", "tp", "pp")
 STEPS = 5
 GLOBAL_BATCH = 8
 
@@ -35,15 +35,17 @@ def make_shards(path) -> str:
     return str(path)
 
 
-def config(run_dir: str, shards: str, strategy: str) -> TrainConfig:
+def config(run_dir: str, shards: str, name: str) -> TrainConfig:
+    strategy = name.split("-")[0]
     # DDP/FSDP split the global batch over 2 ranks; TP/PP ranks all see the whole batch
     batch = GLOBAL_BATCH // 2 if strategy in ("ddp", "fsdp") else GLOBAL_BATCH
     return TrainConfig(run_dir=run_dir, steps=STEPS, batch_size=batch, log_every=1, eval_every=0, eval_batches=2,
-                       ckpt_every=2, sample_prompts=[], dtype="fp32",
+                       ckpt_every=2, sample_prompts=[], dtype="fp32", peak_tflops=1.0,
                        model={"preset": "tiny", "n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2},
                        optim=OptimConfig(lr=1e-2, warmup_steps=2),
                        data=DataConfig(train=[shards], seq_len=32, workers=1),
-                       dist=DistConfig(strategy=strategy, pp_microbatches=2))
+                       dist=DistConfig(strategy=strategy, pp_microbatches=2,
+                                       reshard_after_forward=not name.endswith("zero2")))
 
 
 def _worker(rank: int, world: int, port: int, shards: str, root: str) -> None:

@@ -80,11 +80,14 @@ def _is_shard_dir(inputs: list[str]) -> bool:
 
 def resolve_split(inputs: list[str], out: Path, tokenizer: Any, cfg: TrainConfig, env: D.DistEnv) -> Path:
     """A shard folder for ``inputs``: the folder itself, or text inputs tokenized into ``out`` (once; the
-    shards are reused while the inputs, text field and tokenizer are unchanged)."""
+    shards are reused while the input files, text field and tokenizer are unchanged)."""
     if _is_shard_dir(inputs):
         return Path(inputs[0])
-    meta = {"inputs": [str(Path(p).resolve()) for p in inputs], "text_field": cfg.data.text_field,
-            "tokenizer": _tokenizer_fingerprint(cfg.data.tokenizer)}
+    from lmstack.sources import expand_paths
+
+    # the files' sizes and modification times, so rewritten inputs are tokenized again
+    files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in expand_paths(inputs)]
+    meta = {"inputs": files, "text_field": cfg.data.text_field, "tokenizer": _tokenizer_fingerprint(cfg.data.tokenizer)}
     fresh = (out / "index.json").is_file() and read_json(out / "index.json").get("meta") == meta
     if env.is_main and not fresh:
         from lmstack.data.pack import pack_texts
@@ -221,14 +224,25 @@ class Task:
     load_weights: Any = None               # (model, folder) -> None
 
 
+def _data_signature(data: RunData) -> list[Any]:
+    from lmstack.data.pack import open_shards
+
+    sig = []
+    for path in (data.train, data.valid):
+        if path is not None:
+            index = open_shards(path).index
+            sig.append([index["tokens"], index["documents"], index.get("meta")])
+    return sig
+
+
 # fields that change what is logged or kept, not what is trained
 _COSMETIC = ("run_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last", "sample_every",
              "sample_prompts", "sample_tokens", "tensorboard", "peak_tflops")
 
 
-def config_fingerprint(cfg: TrainConfig) -> str:
-    """A hash of everything in the config that changes the training trajectory."""
-    data = {k: v for k, v in to_dict(cfg).items() if k not in _COSMETIC}
+def config_fingerprint(cfg: TrainConfig, data_signature: Any = None) -> str:
+    """A hash of everything in the config that changes the training trajectory (and of the data's shards)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in _COSMETIC} | {"data_signature": data_signature}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -253,6 +267,7 @@ class Trainer:
             raise ConfigError("fine-tuning runs in one process: set dist.strategy = 'none'")
         self.data = prepare_data(cfg, self.run, env) if task is None else RunData(
             Path(), None, 0.0, task.model.config.vocab_size, task.tokenizer)
+        self.fingerprint = config_fingerprint(cfg, _data_signature(self.data) if task is None else None)
         seq_len = cfg.data.seq_len
         self.ids = special_ids(cfg.objective, self.data.vocab_size, seq_len, cfg.span_noise_density,
                                cfg.span_mean_length)
@@ -400,9 +415,12 @@ class Trainer:
         cfg, env = self.cfg, self.env
         split = env.strategy == "ddp"  # collective forwards (fsdp, tp, pp) need every rank on every batch
         source = self.data.valid if self.data.valid is not None else self.data.train
-        batches = self.task.eval_batches() if self.task is not None else validation_batches(source, cfg.data.seq_len, cfg.batch_size, holdout=self.data.holdout,
-                                     max_batches=cfg.eval_batches, rank=env.dp_rank if split else 0,
-                                     world_size=env.dp_size if split else 1)
+        if self.task is not None:
+            batches = self.task.eval_batches()
+        else:
+            batches = validation_batches(source, cfg.data.seq_len, cfg.batch_size, holdout=self.data.holdout,
+                                         max_batches=cfg.eval_batches, rank=env.dp_rank if split else 0,
+                                         world_size=env.dp_size if split else 1)
         model = self.module if env.strategy == "ddp" else self.forward_model
         self.module.eval()
         total = torch.zeros(2, dtype=torch.float64)
@@ -473,7 +491,7 @@ class Trainer:
                     "step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                     "best_val": self.best_val, "best_step": self.best_step, "strategy": env.strategy,
                     "world_size": env.world_size, "seed": self.cfg.seed,
-                    "fingerprint": config_fingerprint(self.cfg)})
+                    "fingerprint": self.fingerprint})
             best = (checkpoint_dir(self.run, self.best_step),) if self.best_step is not None else ()
             prune_checkpoints(self.run, max(1, self.cfg.keep_last), keep=best)
         D.barrier(env)
@@ -515,7 +533,7 @@ class Trainer:
             return False
         state = read_json(ckpt / "state.json")
         env = self.env
-        if not strict and state.get("fingerprint") != config_fingerprint(self.cfg):
+        if not strict and state.get("fingerprint") != self.fingerprint:
             if env.is_main:
                 print(f"[train] {ckpt} was written with another config: starting from step 0", file=sys.stderr)
             return False
@@ -580,7 +598,7 @@ class Trainer:
                     mfu = self.flops_per_token * tps / (self.peak_flops * env.world_size)
                     record = {"step": step, "loss": loss_v, "lr": lr_at(step - 1, cfg.steps, cfg.optim),
                               "grad_norm": float(norm), "tokens": self.tokens, "tokens_per_s": round(tps, 1),
-                              "mfu": round(mfu, 4), "elapsed": round(now - t_start, 2)}
+                              "mfu": round(mfu, 6), "elapsed": round(now - t_start, 2)}
                     if not math.isfinite(loss_v):
                         raise DataError(f"step {step}: the loss is {loss_v}; lower optim.lr or check the data")
                     self._log(record)
