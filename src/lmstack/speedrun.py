@@ -162,7 +162,7 @@ def stage_pretrain(cfg: SpeedrunConfig, run: Path) -> StageResult:
     table = "| measure | value |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     report = (f"A `{cfg.pretrain.model.get('preset', 'custom')}` decoder trained with the causal-LM objective on the "
               f"corpus (AdamW, warmup + cosine, {cfg.pretrain.dtype}).\n\n{table}\n\n"
-              f"![loss curve](pretrain/loss.png)\n\nSamples (greedy):\n\n" + render_samples(summary["samples"]))
+              f"![loss curve](pretrain/loss.png)\n\nSamples (top-k 40, temperature 0.8):\n\n" + render_samples(summary["samples"]))
     return StageResult({k: v for k, v in summary.items() if k != "samples"}, report)
 
 
