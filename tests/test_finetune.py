@@ -333,3 +333,20 @@ def test_config_errors():
         from_dict(FinetuneConfig, {"method": "magic"})
     with pytest.raises(ConfigError, match="group_size"):
         QuantLinear(30, 8, "nf4", 64)
+
+
+def test_speedrun_sft_stage_with_default_data(base_dir, tmp_path):
+    """The speedrun's SFT stage: LoRA on RUN/pretrain with the generated stdlib data; a markdown report."""
+    import shutil
+
+    from lmstack.finetune.run import speedrun_sft
+
+    folder, _ = base_dir
+    shutil.copytree(folder, tmp_path / "pretrain")
+    results, md = speedrun_sft(tmp_path, steps=3, n_samples=1, sample_tokens=4,
+                               data={"default_rows": 200, "max_len": 48})
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "sft_data" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) > 150 and all(r["instruction"] and r["output"] and r["source"].startswith("docstring:")
+                                   for r in rows)
+    assert results["method"] == "lora" and (tmp_path / "sft" / "adapter.safetensors").is_file()
+    assert "held-out loss" in md and "**Prompt:**" in md and f"{results['heldout_loss_after']:.3f}" in md

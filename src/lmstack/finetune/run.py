@@ -487,9 +487,11 @@ def speedrun_sft(run_dir: str | os.PathLike, base: str | os.PathLike | None = No
             raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
         base = found[0]
     tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
-    cfg = from_dict(FinetuneConfig, {"run_dir": str(run / "sft"), "base": str(base), "tokenizer": tok,
-                                     "method": method, "steps": steps, "data": {"default_rows": 2000, "max_len": 128},
-                                     **overrides})
+    from lmstack.config import merge
+
+    fields = {"run_dir": str(run / "sft"), "base": str(base), "tokenizer": tok, "method": method, "steps": steps,
+              "data": {"default_rows": 2000, "max_len": 128}}
+    cfg = from_dict(FinetuneConfig, merge(fields, overrides))
     results = finetune(cfg)
     return results, render_report(results)
 

@@ -314,7 +314,11 @@ def default_sft_rows(max_rows: int = 4000, max_chars: int = 300) -> list[dict[st
 
     root = stdlib_dir()
     rows: list[dict[str, str]] = []
-    for path in _stdlib_files():
+    files = _stdlib_files()
+    random.Random(0).shuffle(files)       # modules in a fixed random order; stop once there are enough rows
+    for path in files:
+        if len(rows) >= max_rows:
+            break
         rel = path.relative_to(root).with_suffix("")
         parts = [p for p in rel.parts if p != "__init__"]
         if any(p.startswith("_") for p in parts):
