@@ -208,14 +208,25 @@ def test_levenshtein_matches_rapidfuzz():
         a = "".join(rng.choice("abcde ") for _ in range(rng.randint(0, 90)))
         b = "".join(rng.choice("abcdef ") for _ in range(rng.randint(0, 150)))
         assert levenshtein_distance(a, b) == rf.Levenshtein.distance(a, b)
-    ours = compute_metric("levenshtein", HYPS, REFS)
+    ours = compute_metric("levenshtein", HYPS, REFS, engine="python")
+    assert ours.per_item == compute_metric("levenshtein", HYPS, REFS).per_item   # the rapidfuzz engine
     assert ours.per_item == [float(rf.Levenshtein.distance(h, r)) for h, r in zip(HYPS, REFS)]
-    norm = compute_metric("levenshtein", HYPS, REFS, normalize=True)
+    norm = compute_metric("levenshtein", HYPS, REFS, normalize=True, engine="python")
     np.testing.assert_allclose(norm.per_item, [rf.Levenshtein.normalized_distance(h, r) for h, r in zip(HYPS, REFS)])
-    tok = compute_metric("levenshtein", HYPS, REFS, level="token", normalize=True)
+    tok = compute_metric("levenshtein", HYPS, REFS, level="token", normalize=True, engine="python")
     np.testing.assert_allclose(tok.per_item, [rf.Levenshtein.normalized_distance(h.split(), r.split())
                                               for h, r in zip(HYPS, REFS)])
     assert not ours.higher_is_better
+
+
+def test_bit_parallel_lcs_matches_the_table():
+    from lmstack.eval.metrics.ngram import _lcs_table, lcs_length
+
+    rng = random.Random(2)
+    for _ in range(500):
+        a = [rng.choice("abcde") for _ in range(rng.randint(0, 70))]
+        b = [rng.choice("abcdef") for _ in range(rng.randint(0, 90))]
+        assert lcs_length(a, b) == (_lcs_table(a, b)[-1][-1] if a and b else 0)
 
 
 def test_levenshtein_long_strings_beyond_one_machine_word():

@@ -43,3 +43,23 @@ def test_paired_tests_detect_a_real_difference_and_not_a_null_one():
 def test_paired_needs_same_items():
     with pytest.raises(DataError, match="same items"):
         paired_bootstrap(_result([1, 2]), _result([1, 2, 3]))
+
+
+def test_correlations_match_scipy_and_levels():
+    stats = pytest.importorskip("scipy.stats")
+    from lmstack.eval.correlate import correlate, kendall, pearson, spearman
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 120).astype(float)          # many ties, as Likert ratings have
+    y = x + rng.normal(0, 1.5, 120).round(1)
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    assert kendall(x, y) == pytest.approx(stats.kendalltau(x, y)[0], abs=1e-12)   # tau-b
+    groups = np.repeat(np.arange(12), 10)
+    summary = correlate(y, x, groups=groups, level="summary")
+    expected = np.mean([stats.spearmanr(y[groups == g], x[groups == g])[0] for g in range(12)])
+    assert summary["spearman"] == pytest.approx(expected, abs=1e-12) and summary["units"] == 12
+    systems = np.tile(np.arange(10), 12)
+    system = correlate(y, x, systems=systems, level="system")
+    means = [(y[systems == s].mean(), x[systems == s].mean()) for s in range(10)]
+    assert system["kendall"] == pytest.approx(stats.kendalltau(*zip(*means))[0], abs=1e-12)
