@@ -74,6 +74,7 @@ def test_tensor_input_with_mask_equals_ragged_lists(model):
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     cfg = GenerationConfig(max_new_tokens=6)
     assert torch.equal(generate(model, ids, cfg, attention_mask=mask), generate(model, [[12, 13], [14, 15, 16, 17]], cfg))
+    assert torch.equal(generate(model, [12, 13], cfg), generate(model, torch.tensor([12, 13]), cfg))   # one flat prompt
 
 
 def test_seeded_sampling_is_reproducible_and_matches_the_naive_reference(model):
@@ -216,6 +217,7 @@ def test_greedy_ignores_a_zero_temperature():
     ([list(range(48))], "no room"),
     ([[1, V + 3]], "outside the model's vocabulary"),
     (torch.ones(2, 3), "integer token ids"),
+    ([["a", "b"]], "integer token ids"),
 ])
 def test_bad_prompts_raise_lmstack_error_before_the_model_runs(model, prompt, match):
     with pytest.raises(LmstackError, match=match):

@@ -70,11 +70,15 @@ def as_batch(input_ids: Prompt, attention_mask: torch.Tensor | None, pad_id: int
         if mask.shape != ids.shape:
             raise LmstackError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
     else:
-        rows = [list(r) for r in input_ids]
-        if not rows:
+        items = list(input_ids)
+        if not items:
             raise LmstackError("no prompts given")
-        if any(isinstance(r, (int,)) for r in input_ids):  # a flat list of ids: one prompt
-            rows = [list(input_ids)]
+        if all(isinstance(r, int) for r in items):          # a flat list of ids: one prompt
+            items = [items]
+        try:
+            rows = [[int(t) for t in r] for r in items]
+        except (TypeError, ValueError):
+            raise LmstackError("input_ids must be a tensor or lists of integer token ids") from None
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -120,6 +124,7 @@ class Session:
         lo, hi = int(ids[mask].min()), int(ids[mask].max())
         if lo < 0 or hi >= vocab:
             raise LmstackError(f"token id {hi if hi >= vocab else lo} is outside the model's vocabulary of {vocab}")
+        ids = ids.masked_fill(~mask, self.pad)             # whatever sat under the padding, the model sees pad ids
         if any(i >= vocab for i in self.eos) or self.pad >= vocab:
             raise ConfigError(f"eos_token_id / pad_token_id must be < the vocabulary size {vocab}")
         if cfg.stop_strings and tokenizer is None:
