@@ -25,20 +25,22 @@ from lmstack.eval import compute_metric  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "mt" / "ted_sl_en"
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def timed_pair(ours, peer, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, runs interleaved so a busy neighbour slows both sides alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((ours, times[0]), (peer, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--bert-n", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
@@ -72,8 +74,7 @@ def main() -> None:
         peers[name]()
     rows = []
     for name, peer in peers.items():
-        ours_s = timed(lambda: compute_metric(name, hyps, refs), args.repeats)
-        peer_s = timed(peer, args.repeats)
+        ours_s, peer_s = timed_pair(lambda: compute_metric(name, hyps, refs), peer, args.repeats)
         rows.append((name, len(hyps), len(hyps) / ours_s, len(hyps) / peer_s))
 
     bh, br = hyps[:args.bert_n], refs[:args.bert_n]
@@ -82,8 +83,8 @@ def main() -> None:
     scorer = bert_score.BERTScorer(model_type=path, num_layers=6)
     compute_metric("bertscore", bh[:8], br[:8])
     scorer.score(bh[:8], br[:8])
-    ours_s = timed(lambda: compute_metric("bertscore", bh, br, model=model, tokenizer=tok), args.repeats)
-    peer_s = timed(lambda: scorer.score(bh, br), args.repeats)
+    ours_s, peer_s = timed_pair(lambda: compute_metric("bertscore", bh, br, model=model, tokenizer=tok),
+                                lambda: scorer.score(bh, br), args.repeats)
     rows.append(("bertscore", len(bh), len(bh) / ours_s, len(bh) / peer_s))
 
     print(f"torch threads {torch.get_num_threads()}, median of {args.repeats}")

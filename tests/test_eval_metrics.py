@@ -210,6 +210,9 @@ def test_levenshtein_matches_rapidfuzz():
         assert levenshtein_distance(a, b) == rf.Levenshtein.distance(a, b)
     ours = compute_metric("levenshtein", HYPS, REFS, engine="python")
     assert ours.per_item == compute_metric("levenshtein", HYPS, REFS).per_item   # the rapidfuzz engine
+    for level in ("char", "token"):
+        fast = compute_metric("levenshtein", HYPS, REFS, level=level, normalize=True).per_item
+        assert fast == compute_metric("levenshtein", HYPS, REFS, level=level, normalize=True, engine="python").per_item
     assert ours.per_item == [float(rf.Levenshtein.distance(h, r)) for h, r in zip(HYPS, REFS)]
     norm = compute_metric("levenshtein", HYPS, REFS, normalize=True, engine="python")
     np.testing.assert_allclose(norm.per_item, [rf.Levenshtein.normalized_distance(h, r) for h, r in zip(HYPS, REFS)])

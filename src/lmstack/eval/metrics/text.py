@@ -76,6 +76,21 @@ def _distance_fn(engine: str):
     return levenshtein_distance
 
 
+def _batched(preds: list[str], refs: list[str], level: str, normalize: bool) -> list[float] | None:
+    """All pairs in one rapidfuzz call (one reference per item); None when rapidfuzz lacks ``cpdist``."""
+    try:
+        from rapidfuzz.distance import Levenshtein
+        from rapidfuzz.process import cpdist
+    except ImportError:
+        return None
+    a = [_units(p, level) for p in preds]
+    b = [_units(r, level) for r in refs]
+    scorer = Levenshtein.normalized_distance if normalize else Levenshtein.distance
+    import numpy as np
+
+    return [float(x) for x in cpdist(a, b, scorer=scorer, dtype=np.float64 if normalize else np.int64)]
+
+
 @register("levenshtein", scale="edits (0-1 when normalize=True)", higher_is_better=False)
 def levenshtein(predictions: list[str], references: list[list[str]], sources=None, *, level: str = "char",
                 normalize: bool = False, engine: str = "auto", on_empty: str = "record") -> MetricResult:
@@ -86,6 +101,12 @@ def levenshtein(predictions: list[str], references: list[list[str]], sources=Non
     """
     failures = empty_failures(predictions, on_empty)
     distance = _distance_fn(engine)
+    if distance is not levenshtein_distance and all(len(r) == 1 for r in references):
+        per_item = _batched(predictions, [r[0] for r in references], level, normalize)
+        if per_item is not None:
+            return MetricResult("levenshtein", mean(per_item), per_item,
+                                {"level": level, "normalize": normalize, "engine": "rapidfuzz"}, failures,
+                                higher_is_better=False)
     per_item = []
     for pred, refs in zip(predictions, references):
         a = _units(pred, level)
