@@ -23,6 +23,7 @@ LAYER_CLIS = [
     "lmstack.infer.cli",
     "lmstack.train.cli",
     "lmstack.finetune.cli",
+    "lmstack.eval.cli",
     "lmstack.speedrun",
 ]
 
