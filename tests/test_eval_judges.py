@@ -304,6 +304,10 @@ def test_local_llm_generates_with_logprobs_and_caches(tmp_path):
     [[a, b]] = llm.complete(["one two"], max_tokens=4, n=2, top_logprobs=3)
     assert a.text == b.text and a.top_logprobs is not None and len(a.top_logprobs[0]) == 3
     assert all(v <= 0 for v in a.top_logprobs[0].values())
+    long_prompt = "one two three four five six seven eight nine ten " * 20     # longer than the 64-token context
+    assert len(llm.complete([long_prompt], max_tokens=4)[0][0].text) >= 0
+    with pytest.raises(ConfigError, match="leaves no room"):
+        llm.complete(["one"], max_tokens=64)
     sampled = llm.complete(["one two", "three"], max_tokens=4, temperature=1.0, n=3, seed=0)
     assert [len(r) for r in sampled] == [3, 3]
     assert LocalLLM(model, tok, cache_dir=tmp_path / "c").complete(["one two"], max_tokens=4, n=2, top_logprobs=3) \

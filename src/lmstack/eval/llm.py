@@ -119,8 +119,13 @@ class LocalLLM:
                                num_return_sequences=n if sample else 1, seed=seed, top_logprobs=top_logprobs,
                                output_logprobs=top_logprobs > 0, stop_strings=[s for s in stop if s],
                                eos_token_id=eos)
-        res = generate_result(self.model, [encode_prompt(self.tokenizer, p) for p in prompts], cfg,
-                              tokenizer=self.tokenizer)
+        ctx = int(getattr(self.model.config, "max_seq_len", 0) or 0)
+        if ctx and max_tokens >= ctx:
+            raise ConfigError(f"max_tokens={max_tokens} leaves no room for a prompt in the model context ({ctx})")
+        # prompts longer than the context lose their beginning (few-shot examples), as lm-evaluation-harness does
+        ids = [encode_prompt(self.tokenizer, p)[-(ctx - max_tokens):] if ctx else encode_prompt(self.tokenizer, p)
+               for p in prompts]
+        res = generate_result(self.model, ids, cfg, tokenizer=self.tokenizer)
         per = n if sample else 1
         rows: list[list[Completion]] = []
         special = set(getattr(self.tokenizer, "special_tokens", {}).values())
