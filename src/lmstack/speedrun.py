@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmstack.config import load_config, to_dict
 from lmstack.data.corpus import CorpusConfig
@@ -50,6 +50,30 @@ class PretrainStageConfig:
 
 
 @dataclass
+class GenerateStageConfig:
+    """Samples from the pre-trained model, decoding strategies side by side, and speculative decoding."""
+
+    prompts: list[str] = field(default_factory=lambda: ["The ", "Return the number of ", "This module provides "])
+    max_new_tokens: int = 40
+    speculative_prompts: int = 4     # held-out documents whose openings are decoded with and without speculation
+
+
+@dataclass
+class SFTStageConfig:
+    method: Literal["lora", "qlora", "prefix", "adapter", "full"] = "lora"
+    steps: int = 150
+
+
+@dataclass
+class EvalStageConfig:
+    heldout_documents: int = 200     # held-out documents for perplexity / bits per byte
+    generation_items: int = 16       # continuation prompts scored with BLEU/chrF/ROUGE/METEOR
+    choice_items: int = 100          # cloze multiple-choice items built from held-out documents
+    prompt_chars: int = 160
+    continuation_chars: int = 80
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -59,6 +83,9 @@ class SpeedrunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerStageConfig = field(default_factory=TokenizerStageConfig)
     pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
+    generate: GenerateStageConfig = field(default_factory=GenerateStageConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    evaluate: EvalStageConfig = field(default_factory=EvalStageConfig)
 
 
 @dataclass
@@ -166,10 +193,92 @@ def stage_pretrain(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult({k: v for k, v in summary.items() if k != "samples"}, report)
 
 
+def _pretrained(run: Path):
+    from lmstack.model import load
+    from lmstack.tokenizer import load_tokenizer
+
+    model = load(run / "pretrain").eval()
+    return model, load_tokenizer(run / "tokenizer.json")
+
+
+def _heldout_texts(run: Path) -> list[str]:
+    from lmstack.sources import iter_documents
+
+    return list(iter_documents([run / "corpus" / "valid.jsonl"]))
+
+
+def stage_generate(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    import torch
+
+    from lmstack.infer.report import sample_table, speculative_speedup
+
+    model, tok = _pretrained(run)
+    g = cfg.generate
+    with torch.inference_mode():
+        table = sample_table(model, tok, g.prompts, max_new_tokens=g.max_new_tokens, seed=cfg.seed)
+        openings = [t[:200] for t in _heldout_texts(run)[: g.speculative_prompts]]
+        spec = speculative_speedup(model, tok, openings, max_new_tokens=g.max_new_tokens) if openings else {}
+    report = "The pre-trained model continues each prompt under four decoding strategies.\n\n" + table
+    if spec:
+        report += (f"\nSpeculative decoding by prompt lookup (greedy, batch 1, {len(openings)} held-out openings): "
+                   f"**{spec['speedup']:.2f}x** wall-clock vs the model alone ({spec['speculative_s']:.2f} s vs "
+                   f"{spec['plain_s']:.2f} s), acceptance {spec['acceptance']:.0%}, "
+                   f"{spec['tokens_per_target_forward']:.2f} tokens per target forward; the output is identical. "
+                   f"`bench/generate.py` measures draft-model speculation.\n")
+    return StageResult({"speculative": spec}, report)
+
+
+def stage_sft(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.finetune.run import speedrun_sft
+
+    results, report = speedrun_sft(run, steps=cfg.sft.steps, method=cfg.sft.method)
+    return StageResult(results, report)
+
+
+def cloze_items(texts: list[str], n: int, prompt_chars: int, continuation_chars: int, seed: int) -> list[dict]:
+    """Multiple-choice items from held-out text: the true continuation of an opening vs three continuations
+    taken from other documents (a HellaSwag-style cloze that needs no labelled data)."""
+    import random
+
+    usable = [t for t in texts if len(t) >= prompt_chars + continuation_chars]
+    rng = random.Random(seed)
+    items = []
+    for i, text in enumerate(usable[:n]):
+        others = [j for j in range(len(usable)) if j != i]
+        if len(others) < 3:
+            break
+        true = text[prompt_chars: prompt_chars + continuation_chars]
+        wrong = [usable[j][prompt_chars: prompt_chars + continuation_chars] for j in rng.sample(others, 3)]
+        gold = rng.randrange(4)
+        choices = wrong[:gold] + [true] + wrong[gold:]
+        items.append({"query": text[:prompt_chars], "choices": choices, "gold": gold})
+    return items
+
+
+def stage_evaluate(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.eval.report import evaluate_run
+
+    model, tok = _pretrained(run)
+    e = cfg.evaluate
+    texts = _heldout_texts(run)
+    long_texts = [t for t in texts if len(t) >= e.prompt_chars + e.continuation_chars][: e.generation_items]
+    results, report = evaluate_run(
+        model, tok, texts, max_heldout=e.heldout_documents,
+        prompts=[t[: e.prompt_chars] for t in long_texts],
+        references=[t[e.prompt_chars: e.prompt_chars + e.continuation_chars] for t in long_texts],
+        mc_items=cloze_items(texts, e.choice_items, e.prompt_chars, e.continuation_chars, cfg.seed),
+        seed=cfg.seed,
+    )
+    return StageResult(results, "The pre-trained model on the held-out split of the corpus.\n\n" + report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
     Stage("pretrain", "Pre-training", stage_pretrain, ("device", "pretrain")),
+    Stage("generate", "Generation", stage_generate, ("generate",)),
+    Stage("sft", "Supervised fine-tuning", stage_sft, ("sft",)),
+    Stage("evaluate", "Evaluation", stage_evaluate, ("evaluate",)),
 ]
 
 
