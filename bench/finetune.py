@@ -125,7 +125,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
     work.mkdir(parents=True, exist_ok=True)
-    base = pretrain_base(work, args.pretrain_steps)
+    pretrain_base(work, args.pretrain_steps)
     from lmstack.finetune.sft import build_default_sft
 
     if not (work / "sft_data" / "train.jsonl").is_file():

@@ -158,7 +158,8 @@ def test_each_method_lowers_heldout_loss(base_dir, method, tmp_path):
         "log_every": 5, "n_samples": 1, "sample_tokens": 8, "device": "cpu",
         "lr": {"full": 3e-3, "prefix": 3e-2}.get(method, 1e-2),
         "data": {"train": [str(data)], "valid_fraction": 0.15, "max_len": 64},
-        "lora": {"r": 4, "targets": ["all-linear"]}, "quant": {"group_size": 32}, "prefix": {"n_prefix": 4, "hidden": 32},
+        "lora": {"r": 4, "targets": ["all-linear"]}, "quant": {"group_size": 32},
+        "prefix": {"n_prefix": 4, "hidden": 32},
         "adapter": {"bottleneck": 8}})
     r = finetune(cfg)
     assert r["heldout_loss_after"] < r["heldout_loss_base"] - 0.15, r
@@ -211,7 +212,8 @@ def test_adapter_for_a_different_base_is_refused(base_dir, tok, tmp_path):
 def test_merge_cli_writes_a_model_that_matches(base_dir, tmp_path, monkeypatch):
     import lmstack.cli as cli
 
-    monkeypatch.setattr(cli, "LAYER_CLIS", [*cli.LAYER_CLIS, "lmstack.finetune.cli"])
+    if "lmstack.finetune.cli" not in cli.LAYER_CLIS:
+        monkeypatch.setattr(cli, "LAYER_CLIS", [*cli.LAYER_CLIS, "lmstack.finetune.cli"])
     folder, data = base_dir
     cfg_file = tmp_path / "ft.toml"
     cfg_file.write_text(f'run_dir = "{tmp_path / "run"}"\nbase = "{folder}"\nsteps = 3\nn_samples = 0\nlr = 0.05\n'
@@ -350,3 +352,45 @@ def test_speedrun_sft_stage_with_default_data(base_dir, tmp_path):
                                    for r in rows)
     assert results["method"] == "lora" and (tmp_path / "sft" / "adapter.safetensors").is_file()
     assert "held-out loss" in md and "**Prompt:**" in md and f"{results['heldout_loss_after']:.3f}" in md
+
+
+def test_lora_run_resumes_exactly_through_the_trainer_task(tok, tmp_path):
+    """The trainer's Task hook: a LoRA run stopped after step 5 (checkpoint at 3) and resumed ends with the
+    same adapter, bit for bit, as one that never stopped; only the adapter is checkpointed."""
+    from safetensors.torch import load_file, save_file
+
+    from lmstack.finetune.lora import adapter_state_dict, load_adapter_state
+    from lmstack.finetune.sft import SFTLoader, eval_batches
+    from lmstack.train.config import DataConfig, OptimConfig, TrainConfig
+    from lmstack.train.trainer import Task, Trainer
+
+    exs = [encode_messages(tok, row_to_messages(r), 48) for r in ROWS[:40]]
+
+    def run(folder, until=None, resume=False):
+        model = _model(tok)
+        add_lora(model, LoraConfig(r=2, targets=["q", "v"]))
+        def save_weights(m, f):
+            save_file({k: v.contiguous() for k, v in adapter_state_dict(m).items()}, str(f / "adapter.safetensors"))
+
+        def load_weights(m, f):
+            load_adapter_state(m, load_file(str(f / "adapter.safetensors")))
+
+        task = Task(model=model, loader=SFTLoader(exs, 4, seed=1), eval_batches=lambda: eval_batches(exs[:4], 4),
+                    tokenizer=tok, save_weights=save_weights, load_weights=load_weights)
+        cfg = TrainConfig(run_dir=str(folder), steps=6, batch_size=4, ckpt_every=3, eval_every=0, log_every=1,
+                          sample_prompts=[], device="cpu", peak_tflops=1.0, model={"vocab_size": tok.vocab_size},
+                          data=DataConfig(seq_len=48), optim=OptimConfig(lr=1e-2, warmup_steps=2))
+        trainer = Trainer(cfg, resume=resume, task=task)
+        try:
+            trainer.fit(until=until)
+        finally:
+            trainer.close()
+        return adapter_state_dict(model)
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", until=5)
+    resumed = run(tmp_path / "b", resume=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    ckpt = next((tmp_path / "b" / "checkpoints").iterdir())
+    assert (ckpt / "adapter.safetensors").is_file() and not (ckpt / "model.safetensors").exists()

@@ -364,7 +364,11 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     added = apply_method(model, cfg.method, cfg)
     model.to(device)
     loss_start = heldout_loss(model, held, cfg.batch_size, pad, device)
+    from lmstack.finetune.quant import QuantLinear
+
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # quantized weights are buffers, not parameters, but they are still the model's weights
+    n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     frozen_bytes = base_bytes(model)

@@ -260,7 +260,8 @@ class SFTLoader:
         return 1.0 - real / padded
 
 
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int = 0
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, length-sorted batches over all ``examples`` (for held-out loss)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for b in range(0, len(order), batch_size):
