@@ -55,3 +55,41 @@ def test_every_subcommand_has_help_with_examples(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+def test_cloze_items_cut_on_spaces_and_hide_the_answer_position():
+    from lmstack.speedrun import cloze_items
+
+    texts = [f"Document {i} says that alpha{i} beta{i} gamma{i} delta{i} epsilon{i} zeta{i} eta{i} theta{i}."
+             for i in range(8)]
+    items = cloze_items(texts, 6, 20, 25, seed=0)
+    assert len(items) == 6
+    for i, item in enumerate(items):
+        assert not item["query"].endswith(" ") and texts[i].startswith(item["query"] + " ")
+        true = item["choices"][item["gold"]]
+        assert texts[i].startswith(item["query"] + " " + true)
+        assert len(set(item["choices"])) == 4
+    assert len({it["gold"] for it in items}) > 1
+
+
+def test_whole_speedrun_end_to_end_tiny(tmp_path):
+    """Every stage on the real default corpus, shrunk to seconds; then a resume that redoes nothing."""
+    run = tmp_path / "run"
+    args = ["speedrun", "--run-dir", str(run), "--corpus.sources", "[topics]", "--tokenizer.vocab_size", "512",
+            "--pretrain.steps", "12", "--pretrain.batch_size", "4", "--pretrain.seq_len", "64",
+            "--pretrain.eval_every", "6", "--pretrain.ckpt_every", "6",
+            "--pretrain.model", "{preset: tiny, n_layer: 1, d_model: 32, n_head: 2, n_kv_head: 2}",
+            "--generate.max_new_tokens", "8", "--generate.speculative_prompts", "1",
+            "--sft.steps", "3", "--evaluate.heldout_documents", "5", "--evaluate.generation_items", "2",
+            "--evaluate.choice_items", "4"]
+    assert main(args) == 0
+    report = (run / "report.md").read_text()
+    for heading in ("## Corpus", "## Tokenizer", "## Pre-training", "## Generation", "## Supervised fine-tuning",
+                    "## Evaluation"):
+        assert heading in report
+    assert (run / "pretrain" / "loss.png").is_file() and (run / "pretrain" / "model.safetensors").is_file()
+    summary = read_json(run / "stages" / "pretrain.json")["results"]
+    assert summary["steps"] == 12 and summary["val_loss"] < 6.3  # ln(512) = 6.24 is a uniform guess
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "stages").iterdir()}
+    assert main(args) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (run / "stages").iterdir()}

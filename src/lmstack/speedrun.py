@@ -37,7 +37,7 @@ class TokenizerStageConfig:
 class PretrainStageConfig:
     """The pre-training stage: a tiny decoder on the corpus, with the speedrun's tokenizer."""
 
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
@@ -46,14 +46,16 @@ class PretrainStageConfig:
     eval_every: int = 100
     ckpt_every: int = 100
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
-    sample_prompts: list[str] = field(default_factory=lambda: ["The ", "Return the ", "This module "])
+    sample_prompts: list[str] = field(default_factory=lambda: ["The", "Return the", "This module"])
 
 
 @dataclass
 class GenerateStageConfig:
     """Samples from the pre-trained model, decoding strategies side by side, and speculative decoding."""
 
-    prompts: list[str] = field(default_factory=lambda: ["The ", "Return the number of ", "This module provides "])
+    # no trailing spaces: a BPE with the GPT-4 split starts words with their space, so "The " would end the
+    # prompt on a lone space token the model rarely saw there
+    prompts: list[str] = field(default_factory=lambda: ["The", "Return the number of", "This module provides"])
     max_new_tokens: int = 40
     speculative_prompts: int = 4     # held-out documents whose openings are decoded with and without speculation
 
@@ -235,23 +237,33 @@ def stage_sft(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(results, report)
 
 
+def _split_at_space(text: str, at: int, length: int) -> tuple[str, str] | None:
+    """Cut ``text`` at the first space at or after ``at``: (opening, the next ``length`` chars cut at a space)."""
+    k = text.find(" ", at)
+    if k < 0:
+        return None
+    rest = text[k + 1: k + 1 + length]
+    end = rest.rfind(" ")
+    rest = rest[:end] if end > 0 else rest
+    return (text[:k], rest.strip()) if rest.strip() else None
+
+
 def cloze_items(texts: list[str], n: int, prompt_chars: int, continuation_chars: int, seed: int) -> list[dict]:
     """Multiple-choice items from held-out text: the true continuation of an opening vs three continuations
-    taken from other documents (a HellaSwag-style cloze that needs no labelled data)."""
+    taken from other documents at the same offset (a HellaSwag-style cloze that needs no labelled data).
+    Cuts fall on spaces, because the scorer joins query and choice with one space, as lm-eval does."""
     import random
 
-    usable = [t for t in texts if len(t) >= prompt_chars + continuation_chars]
+    pairs = [p for t in texts if (p := _split_at_space(t, prompt_chars, continuation_chars))]
     rng = random.Random(seed)
     items = []
-    for i, text in enumerate(usable[:n]):
-        others = [j for j in range(len(usable)) if j != i]
+    for i, (query, true) in enumerate(pairs[:n]):
+        others = [j for j in range(len(pairs)) if j != i and pairs[j][1] != true]
         if len(others) < 3:
             break
-        true = text[prompt_chars: prompt_chars + continuation_chars]
-        wrong = [usable[j][prompt_chars: prompt_chars + continuation_chars] for j in rng.sample(others, 3)]
+        wrong = [pairs[j][1] for j in rng.sample(others, 3)]
         gold = rng.randrange(4)
-        choices = wrong[:gold] + [true] + wrong[gold:]
-        items.append({"query": text[:prompt_chars], "choices": choices, "gold": gold})
+        items.append({"query": query, "choices": wrong[:gold] + [true] + wrong[gold:], "gold": gold})
     return items
 
 
@@ -261,14 +273,15 @@ def stage_evaluate(cfg: SpeedrunConfig, run: Path) -> StageResult:
     model, tok = _pretrained(run)
     e = cfg.evaluate
     texts = _heldout_texts(run)
-    long_texts = [t for t in texts if len(t) >= e.prompt_chars + e.continuation_chars][: e.generation_items]
+    pairs = [p for t in texts if (p := _split_at_space(t, e.prompt_chars, e.continuation_chars))]
+    pairs = pairs[: e.generation_items]
     results, report = evaluate_run(
         model, tok, texts, max_heldout=e.heldout_documents,
-        prompts=[t[: e.prompt_chars] for t in long_texts],
-        references=[t[e.prompt_chars: e.prompt_chars + e.continuation_chars] for t in long_texts],
+        prompts=[q for q, _ in pairs], references=[r for _, r in pairs],
         mc_items=cloze_items(texts, e.choice_items, e.prompt_chars, e.continuation_chars, cfg.seed),
         seed=cfg.seed,
     )
+    report = report.replace("### Evaluation\n\n", "", 1)  # the stage already has its heading
     return StageResult(results, "The pre-trained model on the held-out split of the corpus.\n\n" + report)
 
 

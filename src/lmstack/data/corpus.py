@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, DataError
 from lmstack.runs import atomic_path, atomic_write_json
 
 SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
@@ -126,26 +126,35 @@ def build_default_corpus(out_dir: str | Path, config: CorpusConfig | None = None
     readers = {"docstrings": lambda: _docstrings(config), "topics": _topics, "code": lambda: _code(config)}
     seen: set[bytes] = set()
     stats: dict[str, Any] = {"python": sys.version.split()[0], "sources": {}, "removed": {"short": 0, "duplicate": 0}}
+    docs: list[tuple[int, str, str]] = []  # (hash key, text, origin); the corpus is a few MB, so it fits in memory
+    for source in config.sources:
+        counts = stats["sources"].setdefault(source, {"documents": 0, "chars": 0, "bytes": 0})
+        for text, origin in readers[source]():
+            if len(text) < config.min_chars:
+                stats["removed"]["short"] += 1
+                continue
+            h = _normalised_hash(text)
+            if h in seen:
+                stats["removed"]["duplicate"] += 1
+                continue
+            seen.add(h)
+            docs.append((int.from_bytes(h[:4], "little"), text, origin))
+            counts["documents"] += 1
+            counts["chars"] += len(text)
+            counts["bytes"] += len(text.encode("utf-8"))
+    if len(docs) < 2:
+        raise DataError("the default corpus came out with fewer than 2 documents; check corpus.sources/min_chars")
+    # a document is held out when its hash falls in the held-out fraction, so the split does not depend on
+    # the order of files; at least one document is always held out
     threshold = int(config.valid_fraction * 2**32)
+    held = {i for i, (key, _, _) in enumerate(docs) if key < threshold}
+    if not held:
+        held = {min(range(len(docs)), key=lambda i: docs[i][0])}
     with atomic_path(out_dir / "train.jsonl") as train_tmp, atomic_path(out_dir / "valid.jsonl") as valid_tmp:
         with open(train_tmp, "w", encoding="utf-8") as train_f, open(valid_tmp, "w", encoding="utf-8") as valid_f:
-            for source in config.sources:
-                counts = stats["sources"].setdefault(source, {"documents": 0, "chars": 0, "bytes": 0})
-                for text, origin in readers[source]():
-                    if len(text) < config.min_chars:
-                        stats["removed"]["short"] += 1
-                        continue
-                    h = _normalised_hash(text)
-                    if h in seen:
-                        stats["removed"]["duplicate"] += 1
-                        continue
-                    seen.add(h)
-                    held_out = int.from_bytes(h[:4], "little") < threshold
-                    line = json.dumps({"text": text, "source": origin}, ensure_ascii=False) + "\n"
-                    (valid_f if held_out else train_f).write(line)
-                    counts["documents"] += 1
-                    counts["chars"] += len(text)
-                    counts["bytes"] += len(text.encode("utf-8"))
+            for i, (_, text, origin) in enumerate(docs):
+                line = json.dumps({"text": text, "source": origin}, ensure_ascii=False) + "\n"
+                (valid_f if i in held else train_f).write(line)
     stats["documents"] = sum(s["documents"] for s in stats["sources"].values())
     stats["bytes"] = sum(s["bytes"] for s in stats["sources"].values())
     stats["train_bytes"] = (out_dir / "train.jsonl").stat().st_size
