@@ -93,3 +93,13 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (run / "stages").iterdir()}
     assert main(args) == 0
     assert before == {p.name: p.stat().st_mtime_ns for p in (run / "stages").iterdir()}
+
+
+def test_shipped_configs_load_and_the_speedrun_one_matches_the_defaults():
+    from pathlib import Path
+
+    from lmstack.config import load_config, to_dict
+    from lmstack.speedrun import SpeedrunConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert to_dict(load_config(SpeedrunConfig, root / "speedrun_tiny.toml")) == to_dict(SpeedrunConfig())
