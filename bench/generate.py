@@ -69,10 +69,12 @@ def throughput(repeats: int, new: int) -> list[str]:
         ids = torch.randint(1, 8192, (batch, 32), generator=torch.Generator().manual_seed(batch))
         gcfg = GenerationConfig(max_new_tokens=new)
         same = torch.equal(generate_result(ours, ids, gcfg).sequences,
-                           ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0))
+                           ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                        min_new_tokens=new, do_sample=False, pad_token_id=0))
         def hf_generate():
             with torch.inference_mode():
-                ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
 
         t_ours, t_none, t_hf = median_times([lambda: generate_result(ours, ids, gcfg),
                                              lambda: generate_result(ours, ids, gcfg.replace(use_cache=False)),
