@@ -163,3 +163,32 @@ def test_bart_greedy_and_beam_identical_to_hf(tmp_path):
         got = generate(ours, src, GenerationConfig(max_new_tokens=10, eos_token_id=2, pad_token_id=PAD,
                                                    decoder_start_token_id=2, **case), attention_mask=src_mask)
         assert torch.equal(got, want), case
+
+
+@torch.no_grad()
+def test_sliding_window_matches_hf_mistral_past_the_window(tmp_path):
+    """Mistral's sliding-window attention: our cache keeps the last W positions; HF masks a band. Same ids,
+    30 tokens past a window of 8, and different ids from the same weights without a window."""
+    t = transformers
+
+    def mistral(window):
+        cfg = t.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              sliding_window=window, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              tie_word_embeddings=False)
+        torch.manual_seed(0)
+        m = t.MistralForCausalLM(cfg).eval()
+        for p in m.parameters():                            # contextual outputs, so the window matters
+            p.add_(torch.randn_like(p) * 0.02)
+            if p.dim() == 2:
+                p.mul_(4)
+        return m
+
+    ref = mistral(8)
+    ref.save_pretrained(tmp_path)
+    ours = hf.load(tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = ref.generate(ids, **kw)
+    assert not torch.equal(want, mistral(None).generate(ids, **kw))
+    assert torch.equal(generate(ours, ids, GenerationConfig(max_new_tokens=30, sliding_window=8)), want)
