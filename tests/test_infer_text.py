@@ -151,3 +151,40 @@ def test_sample_table_and_speculative_summary(model, tok):
     assert "the cat" in md
     summary = speculative_summary(model, tok, ["the cat sat on the mat. the cat"], max_new_tokens=8, repeats=1)
     assert "prompt lookup" in summary and "acceptance" in summary
+
+
+def test_suppress_tokens_are_never_generated_and_chat_config_bans_role_markers(model, tok):
+    from lmstack.infer import generate
+    from lmstack.infer.text import chat_config
+
+    prompt = torch.tensor([tok.encode("the cat")])
+    free = generate(model, prompt, GenerationConfig(max_new_tokens=10))[0, prompt.shape[1]:]
+    banned = sorted(set(free.tolist()))
+    out = generate(model, prompt, GenerationConfig(max_new_tokens=10, suppress_tokens=banned))[0, prompt.shape[1]:]
+    assert not set(out.tolist()) & set(banned)
+    cfg = chat_config(tok)
+    end = tok.special_tokens["<|end|>"]
+    assert cfg.eos_token_id == [end]
+    assert set(cfg.suppress_tokens) == set(tok.special_tokens.values()) - {end}
+
+
+def test_load_run_finds_a_speedrun_model_and_names_adapter_runs(run_dir, tmp_path):
+    import shutil
+
+    speedrun = tmp_path / "speedrun"
+    (speedrun / "stages").mkdir(parents=True)
+    (speedrun / "config.json").write_text('{"run_dir": "x"}')      # a job config, not a model config
+    shutil.copytree(run_dir, speedrun / "pretrain")
+    shutil.copytree(run_dir, speedrun / "chat_model")
+    model, _ = load_run(speedrun)
+    assert model.config.n_layer == 2
+    from lmstack.infer.text import find_model_folder
+
+    assert find_model_folder(speedrun).name == "pretrain"
+    assert find_model_folder(speedrun, prefer=("chat_model", "pretrain")).name == "chat_model"
+    adapter_run = tmp_path / "sft"
+    adapter_run.mkdir()
+    (adapter_run / "config.json").write_text('{"method": "lora"}')
+    (adapter_run / "adapter_config.json").write_text("{}")
+    with pytest.raises(LmstackError, match="holds an adapter, not a model; merge it first"):
+        load_run(adapter_run)

@@ -234,6 +234,11 @@ def stage_sft(cfg: SpeedrunConfig, run: Path) -> StageResult:
     from lmstack.finetune.run import speedrun_sft
 
     results, report = speedrun_sft(run, steps=cfg.sft.steps, method=cfg.sft.method)
+    if cfg.sft.method in ("lora", "qlora"):  # fold the adapter in, so `lmstack chat RUN` has a plain model
+        from lmstack.finetune.run import merge_run
+
+        merge_run(run / "sft", run / "chat_model")
+        report += f"\nThe adapter merged into the base is `chat_model/`: try `lmstack chat {run}`.\n"
     return StageResult(results, report)
 
 

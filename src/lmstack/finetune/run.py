@@ -278,31 +278,24 @@ def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, base: str | No
 @torch.no_grad()
 def chat_reply(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_tokens: int = 48,
                device: torch.device | str = "cpu") -> str:
-    """Greedy reply to ``messages`` with the KV cache, stopping at ``<|end|>``."""
-    from lmstack.model import KVCache
+    """Greedy reply to ``messages`` through the inference engine, stopping at ``<|end|>``."""
+    from lmstack.infer import GenerationConfig, generate
+    from lmstack.infer.text import chat_config
     from lmstack.tokenizer.chat import render_chat
 
     ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
-    end = tokenizer.special_tokens.get("<|end|>")
-    max_len = min(model.config.max_seq_len, len(ids) + max_tokens)
-    ids = ids[-(max_len - max_tokens):] if len(ids) + max_tokens > max_len else ids
+    keep = max(1, model.config.max_seq_len - max_tokens)
+    ids = ids[-keep:]                                   # the newest turns when the chat outgrows the context
+    config = chat_config(tokenizer, GenerationConfig(max_new_tokens=max_tokens))
     was = model.training
     model.eval()
-    banned = torch.tensor([i for i in tokenizer.special_tokens.values() if i != end and i < tokenizer.vocab_size],
-                          dtype=torch.long)
-    cache = KVCache.for_model(model, 1, max_len)
-    logits = model(torch.tensor([ids], device=device), kv_cache=cache)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        scores = logits[0, -1, : tokenizer.vocab_size].float()
-        scores[banned] = float("-inf")                      # role markers and bos never appear in a reply
-        nxt = int(scores.argmax())
-        if nxt == end or cache.pos >= max_len:
-            break
-        out.append(nxt)
-        logits = model(torch.tensor([[nxt]], device=device), kv_cache=cache)
-    model.train(was)
-    return tokenizer.decode(out)
+    try:
+        out = generate(model, torch.tensor([ids], device=device), config)[0, len(ids):].tolist()
+    finally:
+        model.train(was)
+    stops = set(config.eos_token_id or [])
+    cut = next((k for k, i in enumerate(out) if i in stops), len(out))
+    return tokenizer.decode(out[:cut])
 
 
 # ----------------------------------------------------------------------------------------------------

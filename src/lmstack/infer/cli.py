@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Chat with RUN_DIR using lmstack's chat template (<|user|> ... <|end|><|assistant|>). Type a "
                     "message and Enter; /reset forgets the conversation, /exit (or Ctrl-D) quits. " + FIELDS_HELP,
         epilog="examples:\n"
-               "  lmstack chat runs/sft\n"
-               "  lmstack chat runs/sft --system 'You are terse.' --do_sample true --temperature 0.7\n"
+               "  lmstack chat runs/speedrun               # a speedrun's fine-tuned chat_model\n"
+               "  lmstack chat runs/sft/merged --system 'You are terse.' --do_sample true --temperature 0.7\n"
                "  echo 'Hello' | lmstack chat runs/sft --max_new_tokens 64",
         formatter_class=HelpFormatter)
     chat.add_argument("run_dir", metavar="RUN_DIR")
@@ -55,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="cast weights: fp32, bf16, fp16 (default: as stored)")
 
 
-def _setup(args: argparse.Namespace, max_new_default: int):
+def _setup(args: argparse.Namespace, max_new_default: int, prefer: tuple[str, ...] = ("pretrain", "chat_model")):
     from lmstack.infer.config import GenerationConfig
     from lmstack.infer.text import load_run
     from lmstack.runtime import parse_dtype
@@ -65,7 +65,7 @@ def _setup(args: argparse.Namespace, max_new_default: int):
 
     cfg = load_config(GenerationConfig, args.config, getattr(args, "overrides", None), base=base)
     dtype = parse_dtype(args.dtype) if args.dtype else None
-    model, tok = load_run(args.run_dir, device=args.device, dtype=dtype)
+    model, tok = load_run(args.run_dir, device=args.device, dtype=dtype, prefer=prefer)
     return cfg, model, tok, dtype
 
 
@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmstack.infer.text import chat_stream
 
-    cfg, model, tok, _ = _setup(args, 256)
+    cfg, model, tok, _ = _setup(args, 256, prefer=("chat_model", "pretrain"))
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     interactive = sys.stdin.isatty()

@@ -39,6 +39,7 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None   # stop ids; None = the model config's, if any
     pad_token_id: int | None = None     # fills finished rows; None = model config's, else first eos, else 0
     stop_strings: list[str] = field(default_factory=list)   # need a tokenizer passed to generate
+    suppress_tokens: list[int] = field(default_factory=list)  # ids never generated (e.g. chat role markers)
     seed: int | None = None             # seeds a private torch.Generator: same seed, same samples
     use_cache: bool = True              # False recomputes the whole sequence every step (reference / bench)
     output_logprobs: bool = False       # log-probs of chosen tokens (raw model distribution)
@@ -80,6 +81,8 @@ class GenerationConfig:
             self.eos_token_id = [self.eos_token_id]
         if self.eos_token_id is not None and any(i < 0 for i in self.eos_token_id):
             raise bad("eos_token_id", "ids must be >= 0")
+        if any(i < 0 for i in self.suppress_tokens):
+            raise bad("suppress_tokens", "ids must be >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop_strings", "must be non-empty strings")
         if self.sliding_window is not None and self.sliding_window < 2:

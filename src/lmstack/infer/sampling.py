@@ -161,6 +161,18 @@ class MinNewTokens:
         return logits
 
 
+@dataclass
+class SuppressTokens:
+    """Never generate these ids (HF's ``suppress_tokens``): e.g. a chat model's role markers mid-reply."""
+
+    token_ids: Sequence[int]
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[:, [i for i in self.token_ids if i < logits.shape[-1]]] = NEG_INF
+        return logits
+
+
 def apply_processors(processors: Sequence[Processor], ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     for proc in processors:
         logits = proc(ids, logits)
@@ -173,6 +185,8 @@ def build_processors(config: GenerationConfig, prompt_len: int, pad_len: torch.T
     """The processor chain for ``config`` (HF order). ``sampling`` adds the warpers (default: ``do_sample``);
     ``min_keep`` is how many tokens every filter keeps (beam sampling keeps n_eos + 1, as HF)."""
     procs: list[Processor] = []
+    if config.suppress_tokens:
+        procs.append(SuppressTokens(list(config.suppress_tokens)))
     if config.repetition_penalty != 1.0:
         procs.append(RepetitionPenalty(config.repetition_penalty, pad_len))
     if config.frequency_penalty or config.presence_penalty:

@@ -142,14 +142,50 @@ def chat_stream(model: nn.Module, tokenizer: Any, messages: Sequence[Mapping[str
     from lmstack.tokenizer.chat import render_chat
 
     ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
+    config = chat_config(tokenizer, config)
     end = tokenizer.special_tokens.get(END_OF_TURN)
     return stream_text(model, tokenizer, ids, config, draft_model=draft_model,
                        stop_ids=[end] if end is not None else [])
 
 
-def load_run(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+def chat_config(tokenizer: Any, config: GenerationConfig | None = None) -> GenerationConfig:
+    """``config`` for an assistant turn: stops at ``<|end|>`` and never emits the other special tokens
+    (a role marker or ``<|bos|>`` inside a reply would break the conversation's format)."""
+    config = config or GenerationConfig()
+    end = tokenizer.special_tokens.get(END_OF_TURN)
+    others = sorted(set(config.suppress_tokens) | {i for i in tokenizer.special_tokens.values() if i != end})
+    eos = list(config.eos_token_id or [])
+    if end is not None and end not in eos:
+        eos.append(end)
+    return config.replace(suppress_tokens=others, eos_token_id=eos or None)
+
+
+def find_model_folder(folder: Path, prefer: Sequence[str] = ("pretrain", "chat_model")) -> Path:
+    """The folder holding the model of a run: the run itself, ``model/`` or ``final/``, else (for a speedrun
+    directory) the first of ``prefer`` that holds one. An adapter-only fine-tuning run is named as such."""
+    import json
+
+    for cand in (folder, folder / "model", folder / "final", *(folder / p for p in prefer)):
+        if (cand / "model_config.json").is_file():
+            return cand
+        hf_config = cand / "config.json"
+        if hf_config.is_file():
+            try:
+                if "model_type" in json.loads(hf_config.read_text(encoding="utf-8")):
+                    return cand
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+    if (folder / "adapter_config.json").is_file():
+        raise LmstackError(f"{folder}: this fine-tuning run holds an adapter, not a model; merge it first: "
+                           f"lmstack finetune merge {folder} --out {folder}/merged")
+    raise LmstackError(f"{folder}: no model found (expected model_config.json or a Hugging Face config.json)")
+
+
+def load_run(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+             prefer: Sequence[str] = ("pretrain", "chat_model")) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a run directory or model folder: lmstack format (``model_config.json``) or
-    Hugging Face (``config.json``), with ``tokenizer.json`` beside it (or one folder up)."""
+    Hugging Face (``config.json``), with ``tokenizer.json`` beside it (or one folder up). For a speedrun
+    directory, ``prefer`` orders its model folders (``chat`` prefers the fine-tuned ``chat_model``)."""
     from lmstack.model import hf, load
     from lmstack.runtime import resolve_device
     from lmstack.tokenizer import load_tokenizer
@@ -157,15 +193,11 @@ def load_run(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
     folder = Path(path)
     if not folder.is_dir():
         raise LmstackError(f"{folder}: no such run directory")
-    for cand in (folder, folder / "model", folder / "final"):
-        if (cand / "model_config.json").is_file() or (cand / "config.json").is_file():
-            break
-    else:
-        raise LmstackError(f"{folder}: no model found (expected model_config.json or a Hugging Face config.json)")
+    cand = find_model_folder(folder, prefer)
     dev = resolve_device(device)
     model = load(cand, device=dev, dtype=dtype) if (cand / "model_config.json").is_file() else \
         hf.load(cand, dtype=dtype, device=dev)
-    for tdir in (cand, folder, folder.parent):
+    for tdir in (cand, folder, cand.parent, folder.parent):
         if (tdir / "tokenizer.json").is_file():
             return model.eval(), load_tokenizer(tdir)
     raise LmstackError(f"{folder}: no tokenizer.json next to the model")

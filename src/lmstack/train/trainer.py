@@ -164,29 +164,24 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def sample_text(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device,
-                generator: torch.Generator, temperature: float = 0.8, top_k: int = 40) -> str:
-    """Continue ``prompt`` with top-k sampling, recomputing the whole window each token (no KV cache)."""
+                seed: int, temperature: float = 0.8, top_k: int = 40) -> str:
+    """Continue ``prompt`` with seeded top-k sampling through the inference engine (KV cache)."""
+    from lmstack.infer import GenerationConfig, generate
+
     ids = tokenizer.encode(prompt)
     bos = getattr(tokenizer, "bos_id", None)
     if not ids:
         ids = [bos if bos is not None else (tokenizer.eos_id or 0)]
-    x = torch.tensor([ids], dtype=torch.long, device=device)
     max_len = model.config.max_seq_len
-    vocab = tokenizer.vocab_size
-    for _ in range(n_tokens):
-        logits = model(x[:, -max_len:])[:, -1, :vocab].float() / temperature       # (1, vocab)
-        k = min(top_k, logits.shape[-1])
-        top = logits.topk(k)
-        probs = top.values.softmax(-1).cpu()
-        nxt = top.indices[0, torch.multinomial(probs[0], 1, generator=generator)]
-        if tokenizer.eos_id is not None and int(nxt) == tokenizer.eos_id:
-            break
-        x = torch.cat([x, nxt.view(1, 1)], dim=1)
-    return tokenizer.decode(x[0, len(ids):].tolist())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the trainer
+    ids = ids[-max(1, max_len - n_tokens):]
+    eos = tokenizer.eos_id
+    config = GenerationConfig(
+        max_new_tokens=min(n_tokens, max_len - len(ids)), do_sample=True, temperature=temperature, top_k=top_k,
+        seed=seed, eos_token_id=eos,
+        suppress_tokens=list(range(tokenizer.vocab_size, model.config.vocab_size)))  # padded vocab rows
+    out = generate(model, torch.tensor([ids], dtype=torch.long, device=device), config)[0, len(ids):].tolist()
+    cut = next((k for k, i in enumerate(out) if i == eos), len(out))
+    return tokenizer.decode(out[:cut])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -461,14 +456,13 @@ class Trainer:
             return []
         model = model if model is not None else self.module
         tok = self.data.tokenizer
-        gen = torch.Generator().manual_seed(cfg.seed)
         was_training = model.training
         model.eval()
         out = []
         with self.autocast():
-            for prompt in cfg.sample_prompts:
+            for i, prompt in enumerate(cfg.sample_prompts):
                 out.append({"prompt": prompt, "text": sample_text(model, tok, prompt, cfg.sample_tokens, self.device,
-                                                                   gen)})
+                                                                   seed=cfg.seed + i)})
         model.train(was_training)
         return out
 
