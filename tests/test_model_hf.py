@@ -220,7 +220,7 @@ def test_unsupported_configs_name_the_field(tmp_path):
         hf.config_from_hf({"model_type": "t5"})
     llama = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2).to_dict()
-    llama["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    llama["rope_parameters"] = {"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}
     with pytest.raises(ConfigError, match="rope_parameters.rope_type"):
         hf.config_from_hf(llama)
     with pytest.raises(ConfigError, match="'pos'"):

@@ -19,6 +19,7 @@ from lmstack.errors import ConfigError
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ROPE_SCALINGS = ("none", "linear", "ntk", "llama3", "yarn")
 
 
 @dataclass
@@ -50,8 +51,14 @@ class ModelConfig:
     pos: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     pos_offset: int = 0                 # learned position table index offset (BART uses 2)
     rope_theta: float = 10000.0
-    rope_scaling: Literal["none", "linear", "ntk"] = "none"
+    rope_scaling: Literal["none", "linear", "ntk", "llama3", "yarn"] = "none"
     rope_scaling_factor: float = 1.0
+    rope_original_max_len: int | None = None  # llama3/yarn: pretraining context length (None = max_seq_len)
+    rope_low_freq_factor: float = 1.0     # llama3: wavelengths > original/low are divided by the factor
+    rope_high_freq_factor: float = 4.0    # llama3: wavelengths < original/high are kept; a ramp in between
+    rope_beta_fast: float = 32.0          # yarn: rotations over the original context above which dims are kept
+    rope_beta_slow: float = 1.0           # yarn: ... and below which dims are divided by the factor
+    rope_attn_factor: float | None = None  # yarn: cos/sin multiplier; None = 0.1 * ln(factor) + 1
     embed_scale: bool = False           # multiply token embeddings by sqrt(d_model) (BART scale_embedding)
     type_vocab_size: int = 0            # token-type (segment) embeddings, BERT: 2
     n_encoder_layer: int | None = None  # encoder-decoder: encoder depth (None = n_layer)
@@ -74,7 +81,7 @@ class ModelConfig:
 
         choices = {"arch": ARCHS, "pos": POSITIONS, "activation": ACTIVATIONS, "ffn": ("mlp", "swiglu"),
                    "norm": ("layernorm", "rmsnorm"), "norm_position": ("pre", "post"),
-                   "rope_scaling": ("none", "linear", "ntk"), "attn_impl": ("sdpa", "reference")}
+                   "rope_scaling": ROPE_SCALINGS, "attn_impl": ("sdpa", "reference")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise bad(field, f"must be one of {', '.join(allowed)}")
@@ -105,6 +112,14 @@ class ModelConfig:
             raise bad("norm_eps", "must be positive")
         if self.rope_scaling != "none" and self.rope_scaling_factor < 1.0:
             raise bad("rope_scaling_factor", "must be >= 1 when rope_scaling is set")
+        if self.rope_original_max_len is not None and self.rope_original_max_len < 1:
+            raise bad("rope_original_max_len", "must be a positive integer")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise bad("rope_high_freq_factor", f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} > 0")
+        if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+            raise bad("rope_beta_fast", f"must be >= rope_beta_slow={self.rope_beta_slow} > 0")
+        if self.rope_attn_factor is not None and self.rope_attn_factor <= 0:
+            raise bad("rope_attn_factor", "must be positive")
         if self.pos_offset < 0:
             raise bad("pos_offset", "must be >= 0")
         if self.n_experts < 0 or self.n_experts == 1:

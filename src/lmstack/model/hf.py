@@ -10,7 +10,8 @@ Families (``model_type`` in config.json):
 - ``bart``: post-LayerNorm encoder-decoder with learned positions (offset 2) and ``final_logits_bias``.
   (T5 is not supported: its bucketed relative position bias is not one of our position encodings.)
 
-Anything else, or a config value we do not implement (e.g. ``rope_parameters.rope_type = "yarn"``),
+RoPE scaling types ``linear``, ``llama3`` (Llama 3.x) and ``yarn`` load and export; anything else, or a config
+value we do not implement (e.g. ``rope_parameters.rope_type = "dynamic"``),
 fails with a :class:`ConfigError` naming the field. The weight names map through one table per family
 (:func:`weight_table`), used in both directions, so load and save cannot drift apart.
 """
@@ -18,6 +19,7 @@ fails with a :class:`ConfigError` naming the field. The weight names map through
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -52,11 +54,53 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
         field = "rope_scaling"
     kind = params.get("rope_type", params.get("type", "default"))
     out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    max_pos = hf.get("max_position_embeddings", 2048)
+    # as transformers: a top-level original_max_position_embeddings (Phi-3 style) wins over the rope dict's
+    orig = int(hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos)
     if kind == "linear":
         out.update(rope_scaling="linear", rope_scaling_factor=float(params["factor"]))
+    elif kind == "llama3":
+        out.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]), rope_original_max_len=orig,
+                   rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]))
+    elif kind == "yarn":
+        if params.get("truncate", True) is False:
+            raise _unsupported(f"{field}.truncate", False, "only truncated YaRN correction ranges are implemented")
+        factor = float(params.get("factor") or max_pos / orig)
+        attn = params.get("attention_factor")
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if attn is None and mscale and mscale_all_dim and factor > 1:   # DeepSeek-style ratio of two mscales
+            attn = (0.1 * mscale * math.log(factor) + 1.0) / (0.1 * mscale_all_dim * math.log(factor) + 1.0)
+        out.update(rope_scaling="yarn", rope_scaling_factor=factor, rope_original_max_len=orig,
+                   rope_beta_fast=float(params.get("beta_fast") or 32.0),
+                   rope_beta_slow=float(params.get("beta_slow") or 1.0),
+                   rope_attn_factor=None if attn is None else float(attn))
+    elif kind == "dynamic":
+        raise _unsupported(f"{field}.rope_type", kind, "dynamic NTK frequencies depend on the running sequence "
+                           "length; only default, linear, llama3 and yarn RoPE load from Hugging Face")
     elif kind != "default":
-        raise _unsupported(f"{field}.rope_type", kind, "only default and linear RoPE load from Hugging Face")
+        raise _unsupported(f"{field}.rope_type", kind, "only default, linear, llama3 and yarn RoPE load from "
+                           "Hugging Face")
     return out
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``rope_parameters`` dict of ``cfg`` (the inverse of :func:`_rope`)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    orig = cfg.rope_original_max_len or cfg.max_seq_len
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=orig)
+    elif cfg.rope_scaling == "yarn":
+        rope.update(rope_type="yarn", factor=cfg.rope_scaling_factor, original_max_position_embeddings=orig,
+                    beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attn_factor is not None:
+            rope["attention_factor"] = cfg.rope_attn_factor
+    elif cfg.rope_scaling == "ntk":
+        raise _unsupported_export("rope_scaling", "ntk", "static NTK scaling has no Hugging Face equivalent")
+    return rope
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -172,11 +216,7 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
                     resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                     tie_word_embeddings=True, pad_token_id=cfg.pad_token_id)
     if family in ("llama", "qwen2"):
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        if cfg.rope_scaling == "linear":
-            rope = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}
-        elif cfg.rope_scaling == "ntk":
-            raise _unsupported_export("rope_scaling", "ntk", "static NTK scaling has no Hugging Face equivalent")
+        rope = _rope_to_hf(cfg)
         out = dict(model_type=family, architectures=["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
                    vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                    num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,

@@ -48,25 +48,54 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # positions: all computed from position ids at forward time (no tables to resize or to cast to bf16)
 
 
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/D), (D/2,). NTK scaling raises the base instead of squeezing positions:
-    theta' = theta * factor^(D / (D - 2)), which stretches the low frequencies by ~``factor`` and keeps the
-    high ones (the "NTK-aware" rule). Linear scaling divides positions by ``factor`` (see :func:`rope_cos_sin`)."""
-    d = cfg.head_dim
-    theta = cfg.rope_theta
+def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) of ``cfg``'s RoPE and the factor cos/sin are multiplied by.
+
+    Base: theta^(-2i/D). Scalings (``rope_scaling``, factor s, original context L):
+
+    - ``linear``: positions are divided by s instead (see :func:`rope_cos_sin`);
+    - ``ntk``: a larger base, theta * s^(D / (D - 2)), stretching low frequencies by ~s, keeping high ones;
+    - ``llama3`` (Llama 3.1): wavelengths longer than L / low_freq_factor are stretched by s, shorter than
+      L / high_freq_factor kept, and in between a ramp on L / wavelength mixes the two;
+    - ``yarn`` (Peng et al. 2023): dims that turn more than beta_fast times over L are kept, fewer than
+      beta_slow times stretched by s, a linear ramp over the dim index in between; cos and sin are
+      multiplied by ``rope_attn_factor`` (default 0.1 ln s + 1), which scales the attention logits.
+    """
+    d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    orig = cfg.rope_original_max_len or cfg.max_seq_len
     if cfg.rope_scaling == "ntk":
-        theta = theta * cfg.rope_scaling_factor ** (d / (d - 2))
-    return 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        theta = theta * s ** (d / (d - 2))
+    wavelen_over_2pi = theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)   # (D/2,)
+    inv_freq = 1.0 / wavelen_over_2pi
+    if cfg.rope_scaling == "llama3":
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        keep = ((orig / (2 * math.pi / inv_freq) - lo) / (hi - lo)).clamp(0.0, 1.0)   # 1 = high frequency
+        inv_freq = (1 - keep) * inv_freq / s + keep * inv_freq
+    elif cfg.rope_scaling == "yarn":
+        def dim_turning(rotations: float) -> float:        # the dim index that turns `rotations` times over L
+            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low = max(math.floor(dim_turning(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(dim_turning(cfg.rope_beta_slow)), d - 1)
+        high = high + 0.001 if high == low else high
+        stretch = ((torch.arange(d // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0.0, 1.0)
+        inv_freq = (1.0 / (s * wavelen_over_2pi)) * stretch + inv_freq * (1 - stretch)
+        if cfg.rope_attn_factor is not None:
+            return inv_freq, cfg.rope_attn_factor
+        return inv_freq, 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+    return inv_freq, 1.0
 
 
 def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (B, 1, T, D) in fp32, for :func:`apply_rope`."""
+    """cos and sin of the rotation angles (times the attention factor), each (B, 1, T, D) in fp32."""
     pos = position_ids.float()                                          # (B, T)
     if cfg.rope_scaling == "linear":
         pos = pos / cfg.rope_scaling_factor
-    freqs = pos[..., None] * rope_inv_freq(cfg, position_ids.device)    # (B, T, D/2)
+    inv_freq, scale = rope_frequencies(cfg, position_ids.device)
+    freqs = pos[..., None] * inv_freq                                   # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]                    # (B, 1, T, D)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
