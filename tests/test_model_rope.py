@@ -1,4 +1,4 @@
-"""RoPE frequency scalings (llama3, yarn) against transformers: load, logits, KV-cache decode, export.
+"""RoPE frequency scalings (llama3, yarn, dynamic NTK) against transformers: load, logits, KV-cache decode, export.
 
 Tiny random HF models whose original context (32) is shorter than the test sequence (48), so both the
 stretched and the kept frequency bands and the ramp between them are exercised.
@@ -123,8 +123,8 @@ def test_legacy_rope_scaling_dict_and_yarn_defaults():
 def test_unsupported_rope_and_bad_fields_raise():
     hf_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2).to_dict()
-    hf_cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    with pytest.raises(ConfigError, match="rope_parameters.rope_type.*running sequence length"):
+    hf_cfg["rope_parameters"] = {"rope_type": "longrope", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match="rope_parameters.rope_type.*only default, linear, dynamic"):
         hf.config_from_hf(hf_cfg)
     hf_cfg["rope_parameters"] = {**YARN, "truncate": False}
     with pytest.raises(ConfigError, match="truncate"):
@@ -134,3 +134,55 @@ def test_unsupported_rope_and_bad_fields_raise():
                     rope_high_freq_factor=1.0)
     with pytest.raises(ConfigError, match="rope_beta_fast"):
         ModelConfig(pos="rope", rope_scaling="yarn", rope_scaling_factor=4.0, rope_beta_fast=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------- dynamic NTK
+
+
+@pytest.fixture(scope="module")
+def dynamic_pair(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = tmp_path_factory.mktemp("dynamic")
+    ref.save_pretrained(folder)
+    return ref, hf.load(folder), folder
+
+
+@torch.no_grad()
+def test_dynamic_ntk_logits_and_cached_decode_match_hf(dynamic_pair):
+    _, ours, folder = dynamic_pair
+    cfg = ours.config
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len) == ("dynamic", 2.0, 32)
+    assert torch.equal(rope_frequencies(cfg, seq_len=20)[0], rope_frequencies(cfg.replace(rope_scaling="none"))[0])
+    ids = _ids()                                                    # 48 positions > 32
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()   # fresh rotary state
+    want = ref(ids).logits
+    assert (ours(ids) - want).abs().max().item() <= ATOL
+    # step by step, each call's frequencies follow its own length and cached keys keep theirs, in both
+    out = ref(ids[:, :20], use_cache=True)
+    hf_steps, past = [out.logits], out.past_key_values
+    for i in range(20, SEQ):
+        out = ref(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+        hf_steps.append(out.logits)
+        past = out.past_key_values
+    cache = KVCache.for_model(ours, batch_size=2, max_len=SEQ)
+    steps = [ours(ids[:, :20], kv_cache=cache)] + [ours(ids[:, i:i + 1], kv_cache=cache) for i in range(20, SEQ)]
+    assert (torch.cat(steps, 1) - torch.cat(hf_steps, 1)).abs().max().item() <= ATOL
+    assert (torch.cat(steps, 1) - want).abs().max().item() > ATOL   # ...so it is not the full forward
+
+
+@torch.no_grad()
+def test_dynamic_ntk_export_reloads_in_hf(dynamic_pair, tmp_path):
+    _, ours, folder = dynamic_pair
+    hf.save(ours, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = _ids()
+    assert torch.equal(again(ids).logits, ref(ids).logits)
+    assert hf.load(tmp_path / "out").config == ours.config

@@ -19,7 +19,7 @@ from lmstack.errors import ConfigError
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-ROPE_SCALINGS = ("none", "linear", "ntk", "llama3", "yarn")
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "llama3", "yarn")
 
 
 @dataclass
@@ -51,9 +51,9 @@ class ModelConfig:
     pos: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     pos_offset: int = 0                 # learned position table index offset (BART uses 2)
     rope_theta: float = 10000.0
-    rope_scaling: Literal["none", "linear", "ntk", "llama3", "yarn"] = "none"
+    rope_scaling: Literal["none", "linear", "ntk", "dynamic", "llama3", "yarn"] = "none"
     rope_scaling_factor: float = 1.0
-    rope_original_max_len: int | None = None  # llama3/yarn: pretraining context length (None = max_seq_len)
+    rope_original_max_len: int | None = None  # dynamic/llama3/yarn: pretraining context (None = max_seq_len)
     rope_low_freq_factor: float = 1.0     # llama3: wavelengths > original/low are divided by the factor
     rope_high_freq_factor: float = 4.0    # llama3: wavelengths < original/high are kept; a ramp in between
     rope_beta_fast: float = 32.0          # yarn: rotations over the original context above which dims are kept

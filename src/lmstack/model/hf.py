@@ -10,8 +10,8 @@ Families (``model_type`` in config.json):
 - ``bart``: post-LayerNorm encoder-decoder with learned positions (offset 2) and ``final_logits_bias``.
   (T5 is not supported: its bucketed relative position bias is not one of our position encodings.)
 
-RoPE scaling types ``linear``, ``llama3`` (Llama 3.x) and ``yarn`` load and export; anything else, or a config
-value we do not implement (e.g. ``rope_parameters.rope_type = "dynamic"``),
+RoPE scaling types ``linear``, ``dynamic``, ``llama3`` (Llama 3.x) and ``yarn`` load and export; anything else,
+or a config value we do not implement (e.g. ``rope_parameters.rope_type = "longrope"``),
 fails with a :class:`ConfigError` naming the field. The weight names map through one table per family
 (:func:`weight_table`), used in both directions, so load and save cannot drift apart.
 """
@@ -75,12 +75,11 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
                    rope_beta_fast=float(params.get("beta_fast") or 32.0),
                    rope_beta_slow=float(params.get("beta_slow") or 1.0),
                    rope_attn_factor=None if attn is None else float(attn))
-    elif kind == "dynamic":
-        raise _unsupported(f"{field}.rope_type", kind, "dynamic NTK frequencies depend on the running sequence "
-                           "length; only default, linear, llama3 and yarn RoPE load from Hugging Face")
+    elif kind == "dynamic":   # transformers measures the growth against max_position_embeddings
+        out.update(rope_scaling="dynamic", rope_scaling_factor=float(params["factor"]), rope_original_max_len=max_pos)
     elif kind != "default":
-        raise _unsupported(f"{field}.rope_type", kind, "only default, linear, llama3 and yarn RoPE load from "
-                           "Hugging Face")
+        raise _unsupported(f"{field}.rope_type", kind, "only default, linear, dynamic, llama3 and yarn RoPE load "
+                           "from Hugging Face")
     return out
 
 
@@ -88,8 +87,8 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The ``rope_parameters`` dict of ``cfg`` (the inverse of :func:`_rope`)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     orig = cfg.rope_original_max_len or cfg.max_seq_len
-    if cfg.rope_scaling == "linear":
-        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    if cfg.rope_scaling in ("linear", "dynamic"):
+        rope.update(rope_type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
     elif cfg.rope_scaling == "llama3":
         rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=orig)
@@ -224,6 +223,8 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
                    rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
                    rope_theta=cfg.rope_theta, attention_dropout=cfg.dropout, pad_token_id=cfg.pad_token_id,
                    bos_token_id=None, eos_token_id=None)
+        if cfg.rope_scaling == "dynamic":   # there the original context is max_position_embeddings itself
+            out["max_position_embeddings"] = cfg.rope_original_max_len or cfg.max_seq_len
         if family == "llama":
             if cfg.attn_qkv_bias != cfg.bias:
                 raise _unsupported_export("qkv_bias", cfg.qkv_bias, "Llama has one attention_bias for q, k, v and o")

@@ -48,13 +48,16 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # positions: all computed from position ids at forward time (no tables to resize or to cast to bf16)
 
 
-def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None,
+                     seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (D/2,) of ``cfg``'s RoPE and the factor cos/sin are multiplied by.
 
     Base: theta^(-2i/D). Scalings (``rope_scaling``, factor s, original context L):
 
     - ``linear``: positions are divided by s instead (see :func:`rope_cos_sin`);
     - ``ntk``: a larger base, theta * s^(D / (D - 2)), stretching low frequencies by ~s, keeping high ones;
+    - ``dynamic`` (dynamic NTK, as transformers): the same with s replaced by s * T / L - (s - 1) for a
+      sequence of T > L positions (``seq_len``), so nothing changes up to the original context;
     - ``llama3`` (Llama 3.1): wavelengths longer than L / low_freq_factor are stretched by s, shorter than
       L / high_freq_factor kept, and in between a ramp on L / wavelength mixes the two;
     - ``yarn`` (Peng et al. 2023): dims that turn more than beta_fast times over L are kept, fewer than
@@ -65,6 +68,8 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> tu
     orig = cfg.rope_original_max_len or cfg.max_seq_len
     if cfg.rope_scaling == "ntk":
         theta = theta * s ** (d / (d - 2))
+    elif cfg.rope_scaling == "dynamic":
+        theta = theta * (s * max(seq_len or orig, orig) / orig - (s - 1)) ** (d / (d - 2))
     wavelen_over_2pi = theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)   # (D/2,)
     inv_freq = 1.0 / wavelen_over_2pi
     if cfg.rope_scaling == "llama3":
@@ -86,11 +91,16 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> tu
 
 
 def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles (times the attention factor), each (B, 1, T, D) in fp32."""
+    """cos and sin of the rotation angles (times the attention factor), each (B, 1, T, D) in fp32.
+
+    Dynamic NTK takes the sequence length from the largest position id of this call (a host sync);
+    keys already in a KV cache keep the rotation they were written with, as in transformers.
+    """
     pos = position_ids.float()                                          # (B, T)
     if cfg.rope_scaling == "linear":
         pos = pos / cfg.rope_scaling_factor
-    inv_freq, scale = rope_frequencies(cfg, position_ids.device)
+    seq_len = int(position_ids.max()) + 1 if cfg.rope_scaling == "dynamic" else None
+    inv_freq, scale = rope_frequencies(cfg, position_ids.device, seq_len)
     freqs = pos[..., None] * inv_freq                                   # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]                    # (B, 1, T, D)
     if scale == 1.0:
