@@ -344,7 +344,7 @@ def bench_pack(docs: list[str], repeats: int, vocab: int) -> str:
            "pack1": lambda: pack(1), "pack2": lambda: pack(2)}
     secs = interleaved(fns, repeats)
     names = {"loop": "peer: plain loop `[tok.encode(d) for d in docs]`",
-             "batch": "diagnostic: `tok.encode_batch` on 64-doc chunks (what tokenize_stream calls)",
+             "batch": "diagnostic: `tok.encode_batch` on 64-doc chunks (what tokenize_stream called before the fix)",
              "stream1": "ours: tokenize_stream, workers=1", "stream2": "ours: tokenize_stream, workers=2",
              "pack1": "ours: pack_texts (tokenize + write shards), workers=1",
              "pack2": "ours: pack_texts (tokenize + write shards), workers=2"}

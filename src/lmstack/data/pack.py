@@ -64,11 +64,11 @@ def _init_worker(payload: tuple[str, Any] | None) -> None:
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` flattened, with the length of each (one array crosses the process boundary)."""
-    if hasattr(tokenizer, "encode_batch"):
-        seqs = tokenizer.encode_batch(texts)
-    else:
-        seqs = [tokenizer.encode(t) for t in texts]
+    """Token ids of ``texts`` flattened, with the length of each (one array crosses the process boundary).
+
+    One ``encode`` per text, not ``encode_batch``: the parallelism is the worker processes, and a batch call
+    would start a thread pool per chunk (measured slower than a plain loop in ``bench/data.py``)."""
+    seqs = [tokenizer.encode(t) for t in texts]
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     flat = np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths
