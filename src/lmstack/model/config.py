@@ -202,7 +202,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A Llama-style model of GPT-2-small size: RoPE, RMSNorm, SwiGLU, GQA, no biases.
     "llama-style-125m": dict(arch="decoder", vocab_size=32000, d_model=768, n_layer=12, n_head=12, n_kv_head=4,
                              d_ff=2048, max_seq_len=2048, pos="rope", norm="rmsnorm", norm_eps=1e-6,
-                             ffn="swiglu", activation="silu", bias=False, tie_embeddings=True),
+                             ffn="swiglu", activation="silu", bias=False, tie_embeddings=False),
 }
 
 
