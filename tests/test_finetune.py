@@ -394,3 +394,23 @@ def test_lora_run_resumes_exactly_through_the_trainer_task(tok, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     ckpt = next((tmp_path / "b" / "checkpoints").iterdir())
     assert (ckpt / "adapter.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+
+def test_shared_alpaca_and_kto_style_messages_load_as_sft_examples(shared_data):
+    """The ../shared/data/sft Alpaca demo (instruction/input/output JSON list) loads with assistant-only labels."""
+    from lmstack.finetune.sft import load_examples
+    from lmstack.tokenizer import train_bpe
+
+    path = shared_data / "sft" / "llamafactory_alpaca_en_demo.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    tok = train_bpe([r["instruction"] + " " + r["output"] for r in rows[:200]], vocab_size=400)
+    examples, stats = load_examples([path], tok, max_len=256, limit=50)
+    assert stats["rows"] == 50 and stats["examples"] == len(examples) > 40
+    for ex in examples[:10]:
+        targets = [lab for lab in ex.labels if lab != -100]
+        assert 0 < len(targets) < len(ex.input_ids)                  # the prompt is never a target
+    answer = tok.decode([lab for lab in examples[0].labels if lab != -100])   # labels are next-token targets
+    assert answer.startswith(rows[0]["output"][:40])
+    assert rows[0]["instruction"][:20] not in answer
