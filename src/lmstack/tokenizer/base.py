@@ -96,6 +96,24 @@ EOS_NAMES = ("<|eos|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "[SEP]", "<e
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 
 
+class SpecialTokenIds:
+    """``bos_id``/``eos_id``/``pad_id`` found by their usual names in ``self.special_tokens`` (every tokenizer)."""
+
+    special_tokens: dict[str, int]
+
+    @property
+    def bos_id(self) -> int | None:
+        return special_ids(self.special_tokens, *BOS_NAMES)
+
+    @property
+    def eos_id(self) -> int | None:
+        return special_ids(self.special_tokens, *EOS_NAMES)
+
+    @property
+    def pad_id(self) -> int | None:
+        return special_ids(self.special_tokens, *PAD_NAMES)
+
+
 def split_specials(text: str, allowed: AllowedSpecial, special_tokens: dict[str, int]) -> list[str | int]:
     """Cut ``text`` at the allowed special-token strings: plain text segments and special ids, in order.
 

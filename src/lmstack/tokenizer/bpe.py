@@ -44,13 +44,10 @@ import regex
 
 from lmstack.errors import ConfigError, DataError, LmstackError
 from lmstack.tokenizer.base import (
-    BOS_NAMES,
+    SpecialTokenIds,
     DEFAULT_SPECIAL_TOKENS,
-    EOS_NAMES,
-    PAD_NAMES,
     AllowedSpecial,
     resolve_pattern,
-    special_ids,
     split_specials,
 )
 
@@ -374,7 +371,7 @@ def _merge_parts_long(parts: list, join: Callable[[Any, Any], tuple[int, Any] | 
     return [parts[i] for i in range(n) if alive[i]]
 
 
-class BPETokenizer:
+class BPETokenizer(SpecialTokenIds):
     """A byte-level BPE tokenizer: token bytes, ranks, a split pattern and special tokens.
 
     Two encoding rules, chosen at construction:
@@ -424,18 +421,6 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         """One more than the largest id (ids are dense in everything we train or import)."""
         return max(self._decoder) + 1
-
-    @property
-    def bos_id(self) -> int | None:
-        return special_ids(self.special_tokens, *BOS_NAMES)
-
-    @property
-    def eos_id(self) -> int | None:
-        return special_ids(self.special_tokens, *EOS_NAMES)
-
-    @property
-    def pad_id(self) -> int | None:
-        return special_ids(self.special_tokens, *PAD_NAMES)
 
     @property
     def ranks(self) -> dict[bytes, int]:

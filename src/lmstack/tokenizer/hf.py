@@ -26,12 +26,9 @@ from typing import Any
 
 from lmstack.errors import DataError, LmstackError
 from lmstack.tokenizer.base import (
-    BOS_NAMES,
-    EOS_NAMES,
-    PAD_NAMES,
+    SpecialTokenIds,
     PATTERNS,
     AllowedSpecial,
-    special_ids,
     split_specials,
 )
 from lmstack.tokenizer.bpe import BPETokenizer
@@ -181,7 +178,7 @@ def byte_level_bpe_from_hf(data: dict[str, Any], source: str = "tokenizer.json")
         return None  # e.g. a regex our engine rejects, or missing byte tokens: leave it to the HF wrapper
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialTokenIds):
     """Any tokenizer the Hugging Face ``tokenizers`` library loads, behind lmstack's Tokenizer protocol.
 
     ``encode`` returns the text's ids without template tokens (no ``[CLS]``/``[SEP]``) and treats special
@@ -201,18 +198,6 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int | None:
-        return special_ids(self.special_tokens, *BOS_NAMES)
-
-    @property
-    def eos_id(self) -> int | None:
-        return special_ids(self.special_tokens, *EOS_NAMES)
-
-    @property
-    def pad_id(self) -> int | None:
-        return special_ids(self.special_tokens, *PAD_NAMES)
 
     def _plain(self, texts: list[str]) -> list[list[int]]:
         self._tok.encode_special_tokens = True  # special strings in user text stay text
