@@ -229,3 +229,32 @@ def test_torch_compile_smoke():
     torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
     _, loss = compiled(x, targets=x)
     loss.backward()
+
+
+def test_seq2seq_initialises_once_and_load_builds_on_meta(tmp_path, monkeypatch):
+    import lmstack.model.decoder as dec_mod
+    import lmstack.model.encoder as enc_mod
+    import lmstack.model.layers as layers_mod
+    import lmstack.model.seq2seq as s2s_mod
+
+    calls = []
+    real = layers_mod.init_weights
+
+    def counting(model):
+        calls.append(type(model).__name__)
+        real(model)
+
+    for mod in (dec_mod, enc_mod, s2s_mod):
+        monkeypatch.setattr(mod, "init_weights", counting)
+    model = build_model(tiny(arch="encoder-decoder", n_encoder_layer=1))
+    assert calls == ["Seq2Seq"]
+    save(model, tmp_path / "m")
+
+    def no_init(model):
+        raise AssertionError("load must not initialise weights it then overwrites")
+
+    for mod in (dec_mod, enc_mod, s2s_mod):
+        monkeypatch.setattr(mod, "init_weights", lambda m: None if next(m.parameters()).is_meta else no_init(m))
+    loaded = load(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded.decoder.lm_head.weight is loaded.shared.weight  # ties restored after assign

@@ -105,3 +105,33 @@ def test_moe_flops_count_only_active_experts():
     moe = moe_cfg(n_experts=8, moe_top_k=2)
     ffn = 3 * 32 * dense.d_ff
     assert moe.active_matmul_params() - dense.active_matmul_params() == 2 * (ffn + 32 * 8)
+
+
+def test_moe_encoder_adds_aux_losses_to_its_loss():
+    torch.manual_seed(0)
+    cfg = moe_cfg(arch="encoder", mlm_head=True, moe_aux_loss_coef=0.5, moe_z_loss_coef=0.1)
+    model = build_model(cfg)
+    x = torch.randint(0, 61, (2, 9))
+    targets = torch.full_like(x, -100)
+    targets[:, ::3] = x[:, ::3]
+    logits, loss = model(x, targets=targets)
+    aux = model.aux_losses
+    assert set(aux) == {"load_balance", "z", "dropped"} and aux["load_balance"].item() > 0
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    expected = plain + 0.5 * aux["load_balance"] + 0.1 * aux["z"]
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()  # the router learns from the balancing term
+    assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 0
+
+
+def test_moe_seq2seq_averages_encoder_and_decoder_aux_losses():
+    torch.manual_seed(0)
+    cfg = moe_cfg(arch="encoder-decoder", moe_aux_loss_coef=0.5, moe_z_loss_coef=0.0)
+    model = build_model(cfg)
+    src, dec = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (2, 5))
+    _, loss = model(src, dec, targets=dec)
+    enc_lb = [b.ffn.aux["load_balance"] for b in model.encoder.blocks]
+    dec_lb = [b.ffn.aux["load_balance"] for b in model.decoder.blocks]
+    assert torch.allclose(model.aux_losses["load_balance"], torch.stack(enc_lb + dec_lb).mean())
+    loss.backward()
+    assert model.encoder.blocks[0].ffn.router.weight.grad.abs().sum() > 0

@@ -13,6 +13,7 @@ import os
 import sys
 
 from lmstack import __version__
+from lmstack.clihelp import HelpFormatter
 from lmstack.errors import LmstackError
 
 # Subcommand groups, in data-flow order. Each module has register(subparsers).
@@ -26,10 +27,6 @@ LAYER_CLIS = [
     "lmstack.eval.cli",
     "lmstack.speedrun",
 ]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples in epilogs as written and shows defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:

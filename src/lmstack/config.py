@@ -13,6 +13,7 @@ and validates. Rules:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import difflib
 import json
 import os
@@ -219,3 +220,16 @@ def to_dict(config: Any) -> dict[str, Any]:
             return str(v)
         return v
     return convert(config)
+
+
+def check_literals(config: Any) -> None:
+    """Check every ``Literal[...]`` field of a dataclass built directly in Python (``from_dict`` already
+    checks them for configs read from files and the CLI), with the same one-line error."""
+    for name, tp in _literal_fields(type(config)):
+        _coerce(getattr(config, name), tp, name)
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if get_origin(hints[f.name]) is Literal)

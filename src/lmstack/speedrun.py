@@ -381,7 +381,7 @@ def write_report(run: str | Path) -> Path:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     p = sub.add_parser(
         "speedrun",

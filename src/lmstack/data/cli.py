@@ -16,7 +16,7 @@ tokenizer, pack; any field can be overridden as --section.key VALUE. Output: OUT
 
 
 def register(subparsers: Any) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     data = subparsers.add_parser("data", help="clean, deduplicate, mix and pack pre-training text",
                                  description="Pre-training data: clean, deduplicate, mix, tokenize and pack text.",

@@ -12,7 +12,7 @@ from lmstack.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     group = subparsers.add_parser(
         "eval", help="metrics, benchmarks, judges' meta-evaluation", formatter_class=HelpFormatter,

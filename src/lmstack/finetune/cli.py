@@ -10,7 +10,7 @@ from lmstack.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     p = subparsers.add_parser(
         "finetune", help="supervised fine-tuning: full, LoRA, QLoRA, prefix tuning, adapters; merge LoRA",

@@ -13,7 +13,7 @@ FIELDS_HELP = ("Any GenerationConfig field can be given as --FIELD VALUE (e.g. -
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     gen = subparsers.add_parser(
         "generate", help="complete prompts with a trained model (greedy, sampling, beam, speculative)",

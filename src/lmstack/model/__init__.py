@@ -20,7 +20,7 @@ from lmstack.config import from_dict, to_dict
 from lmstack.errors import ConfigError
 from lmstack.model.cache import KVCache
 from lmstack.model.config import PRESETS, ModelConfig, preset
-from lmstack.model.layers import init_weights
+from lmstack.model.layers import init_weights, retie_weights
 
 __all__ = ["ModelConfig", "KVCache", "PRESETS", "preset", "build_model", "init_weights", "save", "load",
            "sentence_embeddings", "hf"]
@@ -55,8 +55,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a folder written by :func:`save` (or a ``model.safetensors`` path next to its ``model_config.json``)."""
-    from safetensors.torch import load_model
+    """Load a folder written by :func:`save` (or a ``model.safetensors`` path next to its ``model_config.json``).
+
+    The model is built on the meta device (no random init, no second copy of the weights) and the stored
+    tensors are assigned into it, as :func:`lmstack.model.hf.load` does.
+    """
+    from safetensors.torch import load_file
 
     from lmstack.runs import read_json
 
@@ -66,15 +70,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         raise ConfigError(f"{folder}: no model_config.json (is this an lmstack model folder? "
                           f"Hugging Face folders load with lmstack.model.hf.load)")
     cfg = from_dict(ModelConfig, read_json(folder / "model_config.json"))
+    state = load_file(str(folder / "model.safetensors"), device=str(device))
     if dtype is None:  # keep the stored dtype
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            keys = list(f.keys())
-            dtype = f.get_slice(keys[0]).get_dtype() if keys else "F32"
-        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
-    model = build_model(cfg).to(dtype)
-    load_model(model, str(folder / "model.safetensors"), device=str(device))
+        dtype = next(iter(state.values())).dtype if state else torch.float32
+    with torch.device("meta"):
+        model = build_model(cfg)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False,
+                                                assign=True)
+    retie_weights(model)
+    if unexpected:
+        raise ConfigError(f"{folder}: model.safetensors holds {len(unexpected)} weights the config does not have "
+                          f"(e.g. {unexpected[0]!r}); is model_config.json from another model?")
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise ConfigError(f"{folder}: model.safetensors has no weight for {leftover[0]!r}")
     return model.to(device)
 
 

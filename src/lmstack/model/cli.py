@@ -15,7 +15,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     group = subparsers.add_parser(
         "model", help="inspect model configs and convert checkpoints (lmstack <-> Hugging Face)",

@@ -14,13 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from lmstack.config import check_literals
 from lmstack.errors import ConfigError
-
-ARCHS = ("decoder", "encoder", "encoder-decoder")
-POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "llama3", "yarn")
-
 
 @dataclass
 class ModelConfig:
@@ -79,14 +74,9 @@ class ModelConfig:
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"model config field {field!r}: {why} (got {getattr(self, field)!r})")
 
-        choices = {"arch": ARCHS, "pos": POSITIONS, "activation": ACTIVATIONS, "ffn": ("mlp", "swiglu"),
-                   "norm": ("layernorm", "rmsnorm"), "norm_position": ("pre", "post"),
-                   "rope_scaling": ROPE_SCALINGS, "attn_impl": ("sdpa", "reference")}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise bad(field, f"must be one of {', '.join(allowed)}")
+        check_literals(self)  # the choices live once, in the Literal annotations
         for field in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+            if getattr(self, field) < 1:
                 raise bad(field, "must be a positive integer")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head

@@ -15,16 +15,8 @@ from torch import nn
 
 from lmstack.model.cache import KVCache
 from lmstack.model.config import ModelConfig
-from lmstack.model.layers import (AttnInputs, Block, Embeddings, MoE, SizesMixin, alibi_bias, build_mask,
-                                  init_weights, make_norm, positions_from_mask, rope_cos_sin)
-
-
-def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Mean over the MoE layers of the last forward's load-balancing and z losses (empty for dense models)."""
-    moes = [m for m in model.modules() if isinstance(m, MoE) and m.aux]
-    if not moes:
-        return {}
-    return {key: torch.stack([m.aux[key] for m in moes]).mean() for key in ("load_balance", "z", "dropped")}
+from lmstack.model.layers import (AttnInputs, Block, Embeddings, SizesMixin, add_aux_losses, alibi_bias, build_mask,
+                                  init_weights, make_norm, moe_aux_losses, positions_from_mask, rope_cos_sin)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -35,7 +27,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Decoder(SizesMixin, nn.Module):
     """Causal transformer LM. ``aux_losses`` holds the MoE losses of the last forward (see :meth:`forward`)."""
 
-    def __init__(self, config: ModelConfig, tok: nn.Embedding | None = None, cross: bool = False):
+    def __init__(self, config: ModelConfig, tok: nn.Embedding | None = None, cross: bool = False,
+                 init: bool = True):
         super().__init__()
         self.config = config
         self.embed = Embeddings(config, tok)            # ``tok``: an embedding shared with an encoder
@@ -46,7 +39,8 @@ class Decoder(SizesMixin, nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.tok.weight
         self.aux_losses: dict[str, torch.Tensor] = {}
-        init_weights(self)
+        if init:  # an encoder-decoder initialises the whole model once instead
+            init_weights(self)
 
     def attn_inputs(self, t: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                     kv_cache: KVCache | None, device: torch.device) -> tuple[AttnInputs, torch.Tensor]:
@@ -107,8 +101,4 @@ class Decoder(SizesMixin, nn.Module):
         self.aux_losses = moe_aux_losses(self) if self.config.n_experts else {}
         if targets is None:
             return logits
-        loss = lm_loss(logits, targets)
-        if self.aux_losses:
-            loss = (loss + self.config.moe_aux_loss_coef * self.aux_losses["load_balance"]
-                    + self.config.moe_z_loss_coef * self.aux_losses["z"])
-        return logits, loss
+        return logits, add_aux_losses(lm_loss(logits, targets), self.aux_losses, self.config)

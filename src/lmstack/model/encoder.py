@@ -18,7 +18,8 @@ from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.decoder import lm_loss
 from lmstack.model.layers import (ACT, AttnInputs, Block, Embeddings, SizesMixin, alibi_bias, build_mask,
-                                  init_weights, make_norm, positions_from_mask, rope_cos_sin)
+                                  add_aux_losses, init_weights, make_norm, moe_aux_losses, positions_from_mask,
+                                  rope_cos_sin)
 
 
 def encoder_inputs(cfg: ModelConfig, key_mask: torch.Tensor | None, t: int,
@@ -47,9 +48,10 @@ class MLMHead(nn.Module):
 
 
 class Encoder(SizesMixin, nn.Module):
-    """Bidirectional transformer. Heads exist as configured: ``mlm_head``, ``pooler``, ``n_labels``."""
+    """Bidirectional transformer. Heads exist as configured: ``mlm_head``, ``pooler``, ``n_labels``.
+    ``aux_losses`` holds the MoE losses of the last forward, as in the decoder."""
 
-    def __init__(self, config: ModelConfig, tok: nn.Embedding | None = None):
+    def __init__(self, config: ModelConfig, tok: nn.Embedding | None = None, init: bool = True):
         super().__init__()
         self.config = config
         self.embed = Embeddings(config, tok)
@@ -64,7 +66,9 @@ class Encoder(SizesMixin, nn.Module):
         self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None
         self.classifier = nn.Linear(config.d_model, config.n_labels) if config.n_labels else None
         self.drop = nn.Dropout(config.dropout)
-        init_weights(self)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        if init:  # an encoder-decoder initialises the whole model once instead
+            init_weights(self)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +81,7 @@ class Encoder(SizesMixin, nn.Module):
         x = self.embed(input_ids, position_ids, token_type_ids)                 # (B, T, C)
         for block in self.blocks:
             x = block(x, inp)
+        self.aux_losses = moe_aux_losses(self) if self.config.n_experts else {}
         return self.norm_f(x) if self.norm_f is not None else x
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -96,7 +101,7 @@ class Encoder(SizesMixin, nn.Module):
             logits = logits + self.lm_head_bias
         if targets is None:
             return logits
-        return logits, lm_loss(logits, targets)
+        return logits, add_aux_losses(lm_loss(logits, targets), self.aux_losses, self.config)
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

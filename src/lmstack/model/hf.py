@@ -29,6 +29,7 @@ from torch import nn
 
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
+from lmstack.model.layers import retie_weights
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "bert", "bart")
 ACTS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -445,7 +446,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         raise ConfigError(f"{folder}: weight {extra[0]!r} has no place in the lmstack model "
                           f"({len(extra)} unused weights; is a config field unsupported?)")
     model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, strict=False, assign=True)
-    _retie(model)
+    retie_weights(model)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise ConfigError(f"{folder}: no weight for {leftover[0]!r}")
@@ -462,14 +463,6 @@ def _tied_hf_keys(family: str) -> set[str]:
     return {"gpt2": {"lm_head.weight"}, "bert": {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"},
             "bart": {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"},
             }.get(family, {"lm_head.weight"})
-
-
-def _retie(model: nn.Module) -> None:
-    """Re-share the tied weights after ``load_state_dict(assign=True)`` replaced parameters."""
-    for m in model.modules():
-        lm_head, embed = getattr(m, "lm_head", None), getattr(m, "embed", None)
-        if lm_head is not None and embed is not None and m.config.tie_embeddings:
-            lm_head.weight = embed.tok.weight
 
 
 def save(model: nn.Module, path: str | os.PathLike, family: str | None = None,

@@ -387,6 +387,23 @@ class MoE(nn.Module):
         return out.view(shape)
 
 
+def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Mean over all MoE layers of ``model`` (encoder and decoder alike) of the last forward's
+    load-balancing and z losses and the dropped-assignment fraction (empty for dense models)."""
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.aux]
+    if not moes:
+        return {}
+    return {key: torch.stack([m.aux[key] for m in moes]).mean() for key in ("load_balance", "z", "dropped")}
+
+
+def add_aux_losses(loss: torch.Tensor, aux: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """The one place the auxiliary terms join the task loss:
+    ``loss + moe_aux_loss_coef * load_balance + moe_z_loss_coef * z`` (unchanged for dense models)."""
+    if not aux:
+        return loss
+    return loss + cfg.moe_aux_loss_coef * aux["load_balance"] + cfg.moe_z_loss_coef * aux["z"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the residual block
 
@@ -499,6 +516,15 @@ def init_weights(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if name.endswith("lm_head_bias"):
             nn.init.zeros_(p)
+
+
+def retie_weights(model: nn.Module) -> None:
+    """Re-share tied weights (output head = token embedding) after ``load_state_dict(assign=True)``
+    replaced parameters, as loading onto a model built on the meta device does."""
+    for m in model.modules():
+        lm_head, embed = getattr(m, "lm_head", None), getattr(m, "embed", None)
+        if lm_head is not None and embed is not None and m.config.tie_embeddings:
+            lm_head.weight = embed.tok.weight
 
 
 class SizesMixin:

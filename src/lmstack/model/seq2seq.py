@@ -19,7 +19,7 @@ from lmstack.model.cache import KVCache
 from lmstack.model.config import ModelConfig
 from lmstack.model.decoder import Decoder, lm_loss
 from lmstack.model.encoder import Encoder
-from lmstack.model.layers import SizesMixin, init_weights
+from lmstack.model.layers import SizesMixin, add_aux_losses, init_weights, moe_aux_losses
 
 
 class Seq2Seq(SizesMixin, nn.Module):
@@ -29,13 +29,14 @@ class Seq2Seq(SizesMixin, nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         enc_cfg = config.replace(arch="encoder", n_layer=config.n_encoder_layer or config.n_layer, mlm_head=False,
                                  pooler=False, n_labels=0, lm_head_bias=False)
-        self.encoder = Encoder(enc_cfg, tok=self.shared)
-        self.decoder = Decoder(config.replace(arch="decoder"), tok=self.shared, cross=True)
-        init_weights(self)
+        self.encoder = Encoder(enc_cfg, tok=self.shared, init=False)
+        self.decoder = Decoder(config.replace(arch="decoder"), tok=self.shared, cross=True, init=False)
+        init_weights(self)  # once, with the residual scaling of the whole depth (encoder + decoder blocks)
 
     @property
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        return self.decoder.aux_losses
+        """MoE losses of the last forward, averaged over the encoder's and the decoder's MoE layers."""
+        return moe_aux_losses(self) if self.config.n_experts else {}
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder.encode(input_ids, attention_mask)                 # (B, S, C)
@@ -58,8 +59,4 @@ class Seq2Seq(SizesMixin, nn.Module):
         logits = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask, kv_cache)
         if targets is None:
             return logits
-        loss = lm_loss(logits, targets)
-        aux = self.decoder.aux_losses
-        if aux:
-            loss = loss + self.config.moe_aux_loss_coef * aux["load_balance"] + self.config.moe_z_loss_coef * aux["z"]
-        return logits, loss
+        return logits, add_aux_losses(lm_loss(logits, targets), self.aux_losses, self.config)

@@ -12,7 +12,7 @@ from lmstack.errors import LmstackError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     group = subparsers.add_parser(
         "tokenizer", help="train, apply and measure byte-level BPE tokenizers",

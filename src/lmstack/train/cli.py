@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.clihelp import HelpFormatter
 
     p = sub.add_parser(
         "train",
