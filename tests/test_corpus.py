@@ -19,3 +19,26 @@ def test_default_corpus_is_real_prose_deduplicated_and_deterministic(tmp_path):
     assert len(set(texts)) == len(texts)
     assert all(len(t) >= cfg.min_chars for t in texts)
     assert any("statement" in t for t in texts)
+
+
+def test_default_corpus_goes_through_the_data_pipeline_steps(tmp_path):
+    from lmstack.data.corpus import corpus_report
+
+    stats = build_default_corpus(tmp_path, CorpusConfig(sources=("docstrings",)))
+    names = [s["name"] for s in stats["steps"]]
+    assert names == ["unicode", "boilerplate", "tables", "language", "quality", "pii", "exact_dedup", "near_dedup"]
+    by_name = {s["name"]: s for s in stats["steps"]}
+    assert by_name["exact_dedup"]["removed"]["exact_duplicate"] > 0 and by_name["tables"]["modified"] > 0
+    text = (tmp_path / "train.jsonl").read_text()
+    assert "+=====" not in text and "-----+" not in text     # reST table rules are gone
+    report = corpus_report(stats)
+    assert "| exact_dedup |" in report and "exact_duplicate:" in report  # counts and an example per reason
+
+
+def test_table_rules_step_keeps_prose_and_drops_rules():
+    from lmstack.data.clean import Reject, TableRules
+
+    step = TableRules()
+    assert step("Title\n+----+----+\n| a  | b  |\n====  ====\n|---|:--:|\nkeep - this -- line") == \
+        "Title\n| a  | b  |\nkeep - this -- line"
+    assert isinstance(step("-----\n=====\n"), Reject)

@@ -174,6 +174,25 @@ class BoilerplateLines:
         return out if out else Reject("only_boilerplate")
 
 
+# a line drawn only with table-rule characters: reST grid/simple tables, Markdown separators, ASCII boxes
+_TABLE_RULE = re.compile(r"^\s*[-=+|:~*#_ ]*([-=~*#_])\1{2,}[-=+|:~*#_ ]*$")
+
+
+@dataclass
+class TableRules:
+    """Drop lines that only draw a table or a box (``+-----+----+``, ``====  ====``, ``|---|:--:|``).
+
+    Such rules are markup, not text; left in, the tokenizer spends long tokens on them (the default
+    corpus's longest tokens were runs of ``=`` and ``-``)."""
+    name: ClassVar[str] = "tables"
+    enabled: bool = True
+
+    def __call__(self, text: str) -> str | Reject:
+        kept = [line for line in text.split("\n") if not _TABLE_RULE.match(line)]
+        out = "\n".join(kept).strip()
+        return out if out else Reject("only_table_rules")
+
+
 _BULLETS = ("•", "-", "*", "‣", "◦", "▪", "●", "·")
 _WORD_STRIP = "\"'`.,;:!?()[]{}<>«»“”‘’…-—–*_#"
 _ALPHA = re.compile(r"[^\W\d_]")
@@ -576,6 +595,7 @@ class CleanConfig:
     html: HtmlToText = field(default_factory=HtmlToText)
     unicode: UnicodeNormalize = field(default_factory=UnicodeNormalize)
     boilerplate: BoilerplateLines = field(default_factory=BoilerplateLines)
+    tables: TableRules = field(default_factory=TableRules)
     quality: QualityFilter = field(default_factory=QualityFilter)
     language: LanguageFilter = field(default_factory=LanguageFilter)
     pii: PiiMask = field(default_factory=PiiMask)
@@ -583,7 +603,7 @@ class CleanConfig:
     code: CodeCleanup = field(default_factory=CodeCleanup)
 
 
-STEP_NAMES = ("html", "unicode", "boilerplate", "book", "code", "language", "quality", "pii")
+STEP_NAMES = ("html", "unicode", "boilerplate", "tables", "book", "code", "language", "quality", "pii")
 # language runs before quality because Gopher's stop-word rule is English: a German page should go as
 # "language:de", not as "stop_words"
 DEFAULT_CHAINS: dict[str, tuple[str, ...]] = {

@@ -8,18 +8,21 @@ Sources, read from the running interpreter's standard library (no download, no i
   Python documentation's own prose: the data model, statements, operators...).
 - ``code`` (off by default): the stdlib source files themselves, for a code-flavoured corpus.
 
-Cleaning: reST roles (``:func:`x``` -> ``x``) and doctest-heavy text are simplified, very short texts
-dropped, whitespace normalised, and exact duplicates (after normalisation) removed. The result depends
-only on the Python version, so two machines with the same Python build the same corpus.
+Cleaning: reST roles (``:func:`x``` -> ``x``) are simplified and doctest-heavy or very short texts
+dropped while reading; then every document goes through the data pipeline's own steps
+(:mod:`lmstack.data.clean`: Unicode, boilerplate, table rules, language, quality, PII; then exact and
+MinHash near-duplicate removal from :mod:`lmstack.data.dedup`) and the one held-out rule
+(:func:`lmstack.data.split.is_heldout`). The result depends only on the Python version, so two machines
+with the same Python build the same corpus.
 
-Output: ``train.jsonl`` and ``valid.jsonl`` (``{"text", "source"}`` per line; a document goes to
-``valid`` when its hash falls in the held-out fraction, so the split is stable) and ``stats.json``.
+Output: ``train.jsonl`` and ``valid.jsonl`` (``{"text", "source"}`` per line) and ``stats.json``, which
+holds per-source counts and, under ``steps``, what each cleaning step removed (counts by reason and
+examples), as ``data prepare``'s report does.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import sys
@@ -28,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lmstack.data.clean import CleanConfig, build_steps
+from lmstack.data.dedup import DedupConfig
+from lmstack.data.pipeline import clean_and_split, step_table
+from lmstack.data.sources import Document
 from lmstack.errors import ConfigError, DataError
 from lmstack.runs import atomic_path, atomic_write_json
 
@@ -41,6 +48,11 @@ class CorpusConfig:
     max_doctest_fraction: float = 0.5  # drop docstrings that are mostly ">>> " examples
     valid_fraction: float = 0.05
     max_code_bytes: int = 4_000_000
+    # the data pipeline's cleaning steps (lmstack.data.clean), in order, then exact + near dedup
+    steps: tuple[str, ...] = ("unicode", "boilerplate", "tables", "language", "quality", "pii")
+    min_words: int = 10                # the quality filter's floor (docstrings are short; Gopher's 50 drops most)
+    near_dup_threshold: float = 0.7    # MinHash Jaccard at which two documents are near duplicates
+    seed: int = 0                      # of the held-out hash
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -114,50 +126,65 @@ def _code(config: CorpusConfig):
         yield text, f"code:{path.relative_to(root)}"
 
 
-def _normalised_hash(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
-
-
 def build_default_corpus(out_dir: str | Path, config: CorpusConfig | None = None) -> dict[str, Any]:
     """Write ``train.jsonl``, ``valid.jsonl`` and ``stats.json`` under ``out_dir``; return the stats."""
     config = config or CorpusConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     readers = {"docstrings": lambda: _docstrings(config), "topics": _topics, "code": lambda: _code(config)}
-    seen: set[bytes] = set()
-    stats: dict[str, Any] = {"python": sys.version.split()[0], "sources": {}, "removed": {"short": 0, "duplicate": 0}}
-    docs: list[tuple[int, str, str]] = []  # (hash key, text, origin); the corpus is a few MB, so it fits in memory
-    for source in config.sources:
-        counts = stats["sources"].setdefault(source, {"documents": 0, "chars": 0, "bytes": 0})
-        for text, origin in readers[source]():
-            if len(text) < config.min_chars:
-                stats["removed"]["short"] += 1
-                continue
-            h = _normalised_hash(text)
-            if h in seen:
-                stats["removed"]["duplicate"] += 1
-                continue
-            seen.add(h)
-            docs.append((int.from_bytes(h[:4], "little"), text, origin))
-            counts["documents"] += 1
-            counts["chars"] += len(text)
-            counts["bytes"] += len(text.encode("utf-8"))
+    clean = CleanConfig()
+    clean.quality.min_words = config.min_words
+    clean.quality.min_stop_words = 1   # two of eight stop words is too strict for one-paragraph docstrings
+    steps = build_steps(clean, config.steps) + DedupConfig(threshold=config.near_dup_threshold).make_steps(2)
+    code_steps = build_steps(clean, ("unicode", "code", "pii")) + steps[len(steps) - 2:]
+    stats: dict[str, Any] = {"python": sys.version.split()[0], "sources": {}, "removed": {"short": 0}}
+    step_stats: dict[str, Any] = {}
+
+    def documents():
+        for source in config.sources:
+            for text, origin in readers[source]():
+                if len(text) < config.min_chars:
+                    stats["removed"]["short"] += 1
+                    continue
+                yield Document(text, source, origin, "code" if source == "code" else "text")
+
+    # the corpus is a few MB, so it is held in memory until the split is known
+    docs = list(clean_and_split(documents(), lambda d: code_steps if d.kind == "code" else steps, step_stats,
+                                config.valid_fraction, config.seed, max_examples=2))
     if len(docs) < 2:
         raise DataError("the default corpus came out with fewer than 2 documents; check corpus.sources/min_chars")
-    # a document is held out when its hash falls in the held-out fraction, so the split does not depend on
-    # the order of files; at least one document is always held out
-    threshold = int(config.valid_fraction * 2**32)
-    held = {i for i, (key, _, _) in enumerate(docs) if key < threshold}
-    if not held:
-        held = {min(range(len(docs)), key=lambda i: docs[i][0])}
+    if not any(held for _, held in docs):  # always hold out one document, the one whose hash is lowest
+        from lmstack.data.split import heldout_hash
+
+        first = min(range(len(docs)), key=lambda i: heldout_hash(docs[i][0].text, config.seed))
+        docs[first] = (docs[first][0], True)
+    for doc, _ in docs:
+        counts = stats["sources"].setdefault(doc.source, {"documents": 0, "chars": 0, "bytes": 0})
+        counts["documents"] += 1
+        counts["chars"] += len(doc.text)
+        counts["bytes"] += len(doc.text.encode("utf-8"))
     with atomic_path(out_dir / "train.jsonl") as train_tmp, atomic_path(out_dir / "valid.jsonl") as valid_tmp:
         with open(train_tmp, "w", encoding="utf-8") as train_f, open(valid_tmp, "w", encoding="utf-8") as valid_f:
-            for i, (_, text, origin) in enumerate(docs):
-                line = json.dumps({"text": text, "source": origin}, ensure_ascii=False) + "\n"
-                (valid_f if i in held else train_f).write(line)
+            for doc, held in docs:
+                line = json.dumps({"text": doc.text, "source": doc.origin}, ensure_ascii=False) + "\n"
+                (valid_f if held else train_f).write(line)
+    stats["steps"] = [st.to_dict() for st in step_stats.values()]
+    stats["removed"].update({f"{st['name']}": sum(st["removed"].values()) for st in stats["steps"]})
     stats["documents"] = sum(s["documents"] for s in stats["sources"].values())
     stats["bytes"] = sum(s["bytes"] for s in stats["sources"].values())
     stats["train_bytes"] = (out_dir / "train.jsonl").stat().st_size
     stats["valid_bytes"] = (out_dir / "valid.jsonl").stat().st_size
     atomic_write_json(out_dir / "stats.json", stats)
     return stats
+
+
+def corpus_report(stats: dict[str, Any]) -> str:
+    """Markdown: documents per source, then each cleaning step's removals with an example of each reason."""
+    rows = "\n".join(f"| {name} | {s['documents']:,} | {s['bytes'] / 1e6:.2f} |" for name, s in stats["sources"].items())
+    out = [f"Documents: **{stats['documents']:,}**, {stats['bytes'] / 1e6:.2f} MB of text.", "",
+           "| source | documents | MB |", "|---|---:|---:|", rows]
+    if stats.get("steps"):
+        short = stats.get("removed", {}).get("short", 0)
+        out += ["", f"Cleaning (the data pipeline's steps; {short:,} texts under min_chars were skipped on reading):",
+                "", step_table(stats["steps"])]
+    return "\n".join(out) + "\n"

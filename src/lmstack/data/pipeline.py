@@ -17,11 +17,10 @@ only dedup signatures, per-document token counts and the mix order are held in m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from lmstack.data.dedup import DedupConfig
 from lmstack.data.mix import MixConfig, plan_mix
 from lmstack.data.pack import ShardWriter, token_dtype, tokenize_stream
 from lmstack.data.sources import Document, iter_source
+from lmstack.data.split import is_heldout
 from lmstack.errors import ConfigError, DataError
 from lmstack.runs import Progress, atomic_write_json, atomic_write_text
 
@@ -100,11 +100,13 @@ class PrepareConfig:
             raise ConfigError("val_fraction: must be in [0, 1)")
 
 
-def _in_val(text: str, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
+def clean_and_split(docs: Iterable[Document], steps_for: Callable[[Document], list[Any]],
+                    stats: dict[str, StepStats], val_fraction: float, seed: int = 0,
+                    max_examples: int = 2) -> Iterator[tuple[Document, bool]]:
+    """Clean and dedup a document stream (``steps_for(doc)`` gives each document's steps; ``stats`` fills by
+    step name), then mark each survivor held out or not with :func:`is_heldout` on its cleaned text."""
+    for doc in apply_steps(docs, steps_for, stats, max_examples):
+        yield doc, is_heldout(doc.text, val_fraction, seed)
 
 
 def _resolve(root: str, paths: list[str]) -> list[str]:
@@ -167,8 +169,8 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
         docs = iter_source(_resolve(config.root, src.paths), src.name, src.kind, src.text_field, src.max_documents)
         with open(work / "clean" / f"{src.name}.train.jsonl", "w", encoding="utf-8") as ft, \
                 open(work / "clean" / f"{src.name}.val.jsonl", "w", encoding="utf-8") as fv:
-            for doc in apply_steps(counted(docs), steps_for, stats, config.max_examples):
-                val = _in_val(doc.text, config.val_fraction)
+            for doc, val in clean_and_split(counted(docs), steps_for, stats, config.val_fraction, config.seed,
+                                            config.max_examples):
                 (fv if val else ft).write(json.dumps({"text": doc.text}, ensure_ascii=False) + "\n")
                 row["kept"] += 1
                 row["val_docs" if val else "train_docs"] += 1
@@ -266,6 +268,23 @@ def _quote(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'").replace("<", "&lt;")
 
 
+def step_table(steps: list[dict[str, Any]], examples: bool = True) -> str:
+    """A Markdown table of cleaning/dedup steps (``StepStats.to_dict()`` rows): documents in and out, removals
+    by reason and, with ``examples``, one removed text per reason."""
+    head = "| step | in | out | removed | rewritten | removed by reason |" + (" example |" if examples else "")
+    rule = "| --- | ---: | ---: | ---: | ---: | --- |" + (" --- |" if examples else "")
+    out = [head, rule]
+    for st in steps:
+        removed = sum(st["removed"].values())
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(st["removed"].items(), key=lambda kv: -kv[1])) or "-"
+        row = f"| {st['name']} | {st['docs_in']:,} | {st['docs_out']:,} | {removed:,} | {st['modified']:,} | {reasons} |"
+        if examples:
+            ex = [f"{e['reason']}: `{_quote(e['text'][:100])}`" for e in st.get("examples", [])[:2]]
+            row += " " + ("<br>".join(ex) or "-") + " |"
+        out.append(row)
+    return "\n".join(out)
+
+
 def render_report(r: dict[str, Any]) -> str:
     """``data_report.md`` from the report data (``report.json``)."""
     out = ["# Data report", ""]
@@ -285,13 +304,7 @@ def render_report(r: dict[str, Any]) -> str:
                    f"{s.get('val_tokens', 0):,} |")
     out += ["", "## Cleaning and dedup steps", "",
             "Each step sees the documents that passed the steps before it (the chain depends on the kind).", "",
-            "| step | in | out | removed | rewritten | removed by reason |",
-            "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for st in r["steps"]:
-        removed = sum(st["removed"].values())
-        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(st["removed"].items(), key=lambda kv: -kv[1])) or "-"
-        out.append(f"| {st['name']} | {st['docs_in']:,} | {st['docs_out']:,} | {removed:,} | {st['modified']:,} | "
-                   f"{reasons} |")
+            step_table(r["steps"], examples=False)]
     out += ["", "## Duplicate clusters", ""]
     if not r["dedup"]:
         out.append("Dedup was off.")

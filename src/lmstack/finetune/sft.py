@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lmstack.data.split import is_heldout
 from lmstack.errors import DataError, LmstackError
 
 Messages = list[dict[str, str]]
@@ -184,10 +185,8 @@ def split_heldout(examples: list[Example], fraction: float, seed: int = 0) -> tu
     if not 0.0 < fraction < 1.0:
         raise LmstackError(f"valid_fraction must be in (0, 1), got {fraction}")
     train, held = [], []
-    cut = int(fraction * 2**32)
     for ex in examples:
-        h = hashlib.blake2b(f"{seed}:{ex.input_ids}".encode(), digest_size=4).digest()
-        (held if int.from_bytes(h, "little") < cut else train).append(ex)
+        (held if is_heldout(str(ex.input_ids), fraction, seed) else train).append(ex)
     if not held:
         held, train = train[-1:], train[:-1]
     if not train:
@@ -355,11 +354,9 @@ def build_default_sft(out_dir: str | os.PathLike, max_rows: int = 4000, valid_fr
     from lmstack.runs import atomic_write_text
 
     rows = default_sft_rows(max_rows)
-    cut = int(valid_fraction * 2**16)
     split: dict[str, list[str]] = {"train": [], "valid": []}
     for r in rows:
-        h = int.from_bytes(hashlib.blake2b(r["source"].encode(), digest_size=2).digest(), "little")
-        split["valid" if h < cut else "train"].append(json.dumps(r, ensure_ascii=False))
+        split["valid" if is_heldout(r["source"], valid_fraction) else "train"].append(json.dumps(r, ensure_ascii=False))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, lines in split.items():
