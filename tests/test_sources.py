@@ -36,3 +36,31 @@ def test_missing_paths(tmp_path):
         expand_paths([tmp_path / "nope.txt"])
     with pytest.raises(DataError, match="matches no file"):
         expand_paths([str(tmp_path / "*.zzz")])
+
+
+def test_one_row_reader_streams_every_row_format(tmp_path):
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmstack.errors import DataError
+    from lmstack.finetune.sft import iter_rows as sft_rows
+    from lmstack.eval.harness import read_rows
+    from lmstack.sources import iter_rows
+
+    rows = [{"text": f"row {i}", "n": i} for i in range(3)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.json").write_text(json.dumps({"data": rows}))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=2)
+    for name in ("a.jsonl", "b.jsonl.gz", "c.json", "d.parquet"):
+        got = [r for _, r in iter_rows(tmp_path / name)]
+        assert got == rows, name
+        assert [r for _, r in sft_rows(tmp_path / name)] == rows       # SFT data reads through it
+        assert read_rows(tmp_path / name) == rows                      # and so do eval data files
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n\xff\xfe\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid UTF-8"):
+        list(iter_rows(tmp_path / "bad.jsonl"))

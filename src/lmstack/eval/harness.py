@@ -16,8 +16,6 @@ Data paths in task files are relative to ``data_dir`` (``--data-dir``), so the s
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import random
@@ -109,29 +107,17 @@ def load_task(name_or_path: str | os.PathLike, tasks_dir: str | os.PathLike | No
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl / .jsonl.gz / .json (list) file, or paragraphs of a .txt/.md file as ``{"text"}``."""
+    """Rows of a .jsonl / .jsonl.gz / .json / .parquet file (:func:`lmstack.sources.iter_file_rows`), or the
+    paragraphs of a .txt/.md file as ``{"text"}``."""
+    from lmstack.sources import iter_file_rows, read_text_file, row_suffix
+
     if not path.is_file():
         raise DataError(f"{path}: no such data file (task paths are relative to --data-dir)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    name = path.name[:-3] if path.suffix == ".gz" else path.name
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith(".jsonl"):
-            rows = []
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{i}: not JSON ({e.msg})") from None
-            return rows
-        if name.endswith(".json"):
-            data = json.load(f)
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of rows")
-            return data
-        if name.endswith((".txt", ".md")):
-            return [{"text": p.strip()} for p in re.split(r"\n\s*\n", f.read()) if p.strip()]
-    raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .txt, .md, optionally .gz)")
+    if row_suffix(path) is not None:
+        return [row for _, row in iter_file_rows(path)]
+    if path.suffix.lower() in (".txt", ".md"):
+        return [{"text": p.strip()} for p in re.split(r"\n\s*\n", read_text_file(path)) if p.strip()]
+    raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .parquet, .txt, .md; .jsonl may be .gz)")
 
 
 def _hellaswag_clean(text: str) -> str:

@@ -54,37 +54,14 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 def iter_rows(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, row)`` for every row of the JSONL/JSON/Parquet files named (files, folders, globs)."""
-    from lmstack.sources import expand_paths
+    """``(where, row)`` for every row of the JSONL/JSON/Parquet files named (files, folders, globs); the one
+    streaming row reader of :mod:`lmstack.sources`, refusing plain-text files (they hold no examples)."""
+    from lmstack.sources import expand_paths, iter_file_rows, row_suffix
 
-    files = expand_paths(paths)
-    for f in files:
-        suffix = f.suffix.lower()
-        if suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{f}:{i}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{f}:{i}: not valid JSON ({e.msg})") from None
-        elif suffix == ".json":
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{f}: a .json SFT file must hold a list of examples")
-            for i, row in enumerate(data):
-                yield f"{f}[{i}]", row
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(f).to_pylist()):
-                yield f"{f} row {i}", row
-        else:
+    for f in expand_paths(paths):
+        if row_suffix(f) is None:
             raise DataError(f"{f}: SFT data must be .jsonl, .json or .parquet")
+        yield from iter_file_rows(f)
 
 
 def row_to_messages(row: Any, where: str = "row") -> Messages:
