@@ -42,3 +42,15 @@ def test_table_rules_step_keeps_prose_and_drops_rules():
     assert step("Title\n+----+----+\n| a  | b  |\n====  ====\n|---|:--:|\nkeep - this -- line") == \
         "Title\n| a  | b  |\nkeep - this -- line"
     assert isinstance(step("-----\n=====\n"), Reject)
+
+
+def test_user_inputs_go_through_dedup_and_the_heldout_rule(tmp_path):
+    from lmstack.data.corpus import build_user_corpus
+    from lmstack.data.split import is_heldout
+
+    docs = [f"Story number {i}: a fox and a crow talk about the weather, the river and the hill {i}." for i in range(60)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs + docs[:5]))
+    stats = build_user_corpus([str(tmp_path / "in.jsonl")], tmp_path / "out", CorpusConfig(valid_fraction=0.2))
+    assert stats["removed"]["exact_dedup"] == 5 and stats["documents"] <= 60
+    held = [json.loads(x)["text"] for x in (tmp_path / "out" / "valid.jsonl").read_text().splitlines()]
+    assert held and all(is_heldout(t, 0.2) for t in held)

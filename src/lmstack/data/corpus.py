@@ -29,12 +29,14 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 from lmstack.data.clean import CleanConfig, build_steps
 from lmstack.data.dedup import DedupConfig
 from lmstack.data.pipeline import clean_and_split, step_table
 from lmstack.data.sources import Document
+from lmstack.data.split import heldout_hash
 from lmstack.errors import ConfigError, DataError
 from lmstack.runs import atomic_path, atomic_write_json
 
@@ -50,6 +52,8 @@ class CorpusConfig:
     max_code_bytes: int = 4_000_000
     # the data pipeline's cleaning steps (lmstack.data.clean), in order, then exact + near dedup
     steps: tuple[str, ...] = ("unicode", "boilerplate", "tables", "language", "quality", "pii")
+    # the steps for a user's own ``inputs`` (any language, any kind of text): lighter, then the same dedup
+    input_steps: tuple[str, ...] = ("unicode", "boilerplate")
     min_words: int = 10                # the quality filter's floor (docstrings are short; Gopher's 50 drops most)
     near_dup_threshold: float = 0.7    # MinHash Jaccard at which two documents are near duplicates
     seed: int = 0                      # of the held-out hash
@@ -127,35 +131,57 @@ def _code(config: CorpusConfig):
 
 
 def build_default_corpus(out_dir: str | Path, config: CorpusConfig | None = None) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``valid.jsonl`` and ``stats.json`` under ``out_dir``; return the stats."""
+    """The built-in corpus (stdlib docstrings, pydoc topics, optionally code) -> ``out_dir``; return the stats."""
     config = config or CorpusConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     readers = {"docstrings": lambda: _docstrings(config), "topics": _topics, "code": lambda: _code(config)}
-    clean = CleanConfig()
-    clean.quality.min_words = config.min_words
-    clean.quality.min_stop_words = 1   # two of eight stop words is too strict for one-paragraph docstrings
-    steps = build_steps(clean, config.steps) + DedupConfig(threshold=config.near_dup_threshold).make_steps(2)
-    code_steps = build_steps(clean, ("unicode", "code", "pii")) + steps[len(steps) - 2:]
-    stats: dict[str, Any] = {"python": sys.version.split()[0], "sources": {}, "removed": {"short": 0}}
-    step_stats: dict[str, Any] = {}
 
     def documents():
         for source in config.sources:
             for text, origin in readers[source]():
-                if len(text) < config.min_chars:
-                    stats["removed"]["short"] += 1
-                    continue
                 yield Document(text, source, origin, "code" if source == "code" else "text")
 
-    # the corpus is a few MB, so it is held in memory until the split is known
-    docs = list(clean_and_split(documents(), lambda d: code_steps if d.kind == "code" else steps, step_stats,
-                                config.valid_fraction, config.seed, max_examples=2))
-    if len(docs) < 2:
-        raise DataError("the default corpus came out with fewer than 2 documents; check corpus.sources/min_chars")
-    if not any(held for _, held in docs):  # always hold out one document, the one whose hash is lowest
-        from lmstack.data.split import heldout_hash
+    return build_corpus(documents(), out_dir, config, config.steps)
 
+
+def build_user_corpus(inputs: list[str], out_dir: str | Path, config: CorpusConfig | None = None,
+                      text_field: str = "text") -> dict[str, Any]:
+    """A user's files/folders/globs (:func:`lmstack.sources.iter_documents`) -> ``out_dir``, through
+    ``config.input_steps`` and dedup; return the stats."""
+    from lmstack.sources import iter_documents
+
+    config = config or CorpusConfig()
+    docs = (Document(text, "user", "user", "text") for text in iter_documents(inputs, text_field))
+    return build_corpus(docs, out_dir, config, config.input_steps)
+
+
+def build_corpus(documents: Iterable[Document], out_dir: str | Path, config: CorpusConfig,
+                 steps: Sequence[str]) -> dict[str, Any]:
+    """Clean (``steps`` of :mod:`lmstack.data.clean`), dedup (exact + MinHash) and split (``is_heldout``)
+    ``documents``; write ``train.jsonl``, ``valid.jsonl`` and ``stats.json`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    clean = CleanConfig()
+    clean.quality.min_words = config.min_words
+    clean.quality.min_stop_words = 1   # two of eight stop words is too strict for one-paragraph docstrings
+    dedup = DedupConfig(threshold=config.near_dup_threshold).make_steps(2)
+    text_steps = build_steps(clean, steps) + dedup
+    code_steps = build_steps(clean, ("unicode", "code", "pii")) + dedup
+    stats: dict[str, Any] = {"python": sys.version.split()[0], "sources": {}, "removed": {"short": 0}}
+    step_stats: dict[str, Any] = {}
+
+    def long_enough(docs: Iterable[Document]) -> Iterator[Document]:
+        for doc in docs:
+            if len(doc.text) < config.min_chars:
+                stats["removed"]["short"] += 1
+            else:
+                yield doc
+
+    # the corpus is a few MB, so it is held in memory until the split is known
+    docs = list(clean_and_split(long_enough(documents), lambda d: code_steps if d.kind == "code" else text_steps,
+                                step_stats, config.valid_fraction, config.seed, max_examples=2))
+    if len(docs) < 2:
+        raise DataError(f"the corpus came out with {len(docs)} document(s) after cleaning; it needs at least 2 "
+                        f"(add text, or relax corpus.min_chars / corpus.steps / corpus.input_steps)")
+    if not any(held for _, held in docs):  # always hold out one document, the one whose hash is lowest
         first = min(range(len(docs)), key=lambda i: heldout_hash(docs[i][0].text, config.seed))
         docs[first] = (docs[first][0], True)
     for doc, _ in docs:
@@ -163,13 +189,14 @@ def build_default_corpus(out_dir: str | Path, config: CorpusConfig | None = None
         counts["documents"] += 1
         counts["chars"] += len(doc.text)
         counts["bytes"] += len(doc.text.encode("utf-8"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "train.jsonl") as train_tmp, atomic_path(out_dir / "valid.jsonl") as valid_tmp:
         with open(train_tmp, "w", encoding="utf-8") as train_f, open(valid_tmp, "w", encoding="utf-8") as valid_f:
             for doc, held in docs:
                 line = json.dumps({"text": doc.text, "source": doc.origin}, ensure_ascii=False) + "\n"
                 (valid_f if held else train_f).write(line)
     stats["steps"] = [st.to_dict() for st in step_stats.values()]
-    stats["removed"].update({f"{st['name']}": sum(st["removed"].values()) for st in stats["steps"]})
+    stats["removed"].update({st["name"]: sum(st["removed"].values()) for st in stats["steps"]})
     stats["documents"] = sum(s["documents"] for s in stats["sources"].values())
     stats["bytes"] = sum(s["bytes"] for s in stats["sources"].values())
     stats["train_bytes"] = (out_dir / "train.jsonl").stat().st_size
