@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import ConfigError, LmstackError
+from lmstack.model.swap import set_module
 
 SHORTCUTS = {
     "attention": ["attn.q", "attn.k", "attn.v", "attn.o"],
@@ -103,7 +104,7 @@ def _matches(pattern: str, name: str) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     """A plain or quantized frozen linear that LoRA may wrap."""
-    from lmstack.finetune.quant import QuantLinear
+    from lmstack.compress.quantize import QuantLinear
 
     return isinstance(module, (nn.Linear, QuantLinear))
 
@@ -254,12 +255,6 @@ class LoRALinear(nn.Module):
 # model-level functions
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -277,7 +272,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, name: str = "default", freeze: b
         module = model.get_submodule(lin_name)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module)
-            _set_module(model, lin_name, module)
+            set_module(model, lin_name, module)
         module.add(name, parts, cfg)
     if freeze:
         for p_name, p in model.named_parameters():
@@ -315,7 +310,7 @@ def unmerge_lora(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain ``nn.Linear`` holding base + active adapters (quantized bases are
     dequantized first). The result is an ordinary model: ``lmstack.model.save`` / ``hf.save`` export it."""
-    from lmstack.finetune.quant import QuantLinear
+    from lmstack.compress.quantize import QuantLinear
 
     for name, m in lora_layers(model).items():
         base = m.base
@@ -328,7 +323,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                     w = w + m.delta_weight(a).to(w.device)
             base.weight.copy_(w.to(base.weight.dtype))
         base.weight.requires_grad_(False)
-        _set_module(model, name, base)
+        set_module(model, name, base)
     return model
 
 

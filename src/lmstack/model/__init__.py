@@ -69,7 +69,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if not (folder / "model_config.json").is_file():
         raise ConfigError(f"{folder}: no model_config.json (is this an lmstack model folder? "
                           f"Hugging Face folders load with lmstack.model.hf.load)")
-    cfg = from_dict(ModelConfig, read_json(folder / "model_config.json"))
+    raw = read_json(folder / "model_config.json")
+    if "quantization" in raw:
+        raise ConfigError(f"{folder}: a quantized model folder; load it with lmstack.compress.load_quantized "
+                          f"or lmstack.infer.text.load_run (every lmstack command does)")
+    cfg = from_dict(ModelConfig, raw)
     state = load_file(str(folder / "model.safetensors"), device=str(device))
     if dtype is None:  # keep the stored dtype
         dtype = next(iter(state.values())).dtype if state else torch.float32
