@@ -32,7 +32,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.infer.beam import beam_search
 from lmstack.infer.config import GenerationConfig
-from lmstack.infer.session import GenerationResult, Prompt, Session, as_batch
+from lmstack.infer.session import GenerationResult, Prompt, Session, as_batch, eval_mode
 from lmstack.infer.speculative import speculative_steps
 
 __all__ = ["GenerationResult", "Session", "as_batch", "decode_steps", "generate", "generate_result", "stream"]
@@ -60,22 +60,6 @@ def decode_steps(s: Session, want_lists: bool = False) -> Steps:
 # ---------------------------------------------------------------------------------------------------- entry points
 
 
-class _eval_mode:
-    """Switch the model(s) to eval for the call (no dropout), then restore their mode."""
-
-    def __init__(self, *models: nn.Module | None):
-        self.models = [m for m in models if m is not None]
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in zip(self.models, self.modes):
-            m.train(mode)
-
-
 def _steps(session: Session, want_lists: bool) -> Steps:
     """The step loop for this session's config (beam search has none: it is not streamed)."""
     if session.speculative:
@@ -97,7 +81,7 @@ def generate_result(model: nn.Module, input_ids: Prompt, config: GenerationConfi
                     draft_model: nn.Module | None = None) -> GenerationResult:
     """Generate and return everything: sequences, per-row lengths and finish reasons, log-probs, beam
     scores, timings and speculative-decoding statistics. See :func:`generate` for the arguments."""
-    with torch.inference_mode(), _eval_mode(model, draft_model):
+    with torch.inference_mode(), eval_mode(model, draft_model):
         session = Session(model, input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer,
                           draft_model=draft_model)
         t0 = time.perf_counter()
@@ -138,5 +122,5 @@ def stream(model: nn.Module, input_ids: Prompt, config: GenerationConfig | None 
 
 @torch.inference_mode()   # the decorator (not a with-block) re-enters the mode around each step of the generator
 def _stream(session: Session) -> Iterator[list[list[int]]]:
-    with _eval_mode(session.model, session.draft_model):
+    with eval_mode(session.model, session.draft_model):
         yield from _steps(session, True)

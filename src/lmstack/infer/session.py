@@ -111,13 +111,18 @@ def stop_and_pad_ids(cfg: GenerationConfig, mcfg: Any) -> tuple[list[int], int]:
     return eos, pad
 
 
-def room_for(real_len: int, ctx: int, window: int | None = None) -> int:
-    """How many new tokens fit after a prompt of ``real_len`` tokens (a sliding window never fills)."""
+def room_for(real_len: int, ctx: int, wanted: int, window: int | None = None) -> int:
+    """How many new tokens fit after a prompt of ``real_len`` tokens (a sliding window never fills);
+    a prompt that leaves no room when ``wanted`` > 0 tokens are asked for is an error."""
     limit = window or ctx
     if real_len > limit:
         what = "sliding window" if window else "context window"
         raise LmstackError(f"the prompt has {real_len} tokens, more than the model's {what} of {limit}; shorten it")
-    return 10 ** 9 if window else ctx - real_len
+    room = 10 ** 9 if window else ctx - real_len
+    if room == 0 and wanted > 0:
+        raise LmstackError(f"the prompt has {real_len} tokens and fills the model's context window of "
+                           f"{ctx}: no room for new tokens; shorten it")
+    return room
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -147,6 +152,22 @@ def check_generation_model(model: nn.Module) -> Any:
         raise LmstackError("generate needs an lmstack decoder or encoder-decoder model "
                            "(lmstack.model.build_model / load / hf.load)")
     return mcfg
+
+
+class eval_mode:
+    """Switch the model(s) to eval for the call (no dropout), then restore their mode."""
+
+    def __init__(self, *models: nn.Module | None):
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in zip(self.models, self.modes):
+            m.train(mode)
 
 
 # ---------------------------------------------------------------------------------------------------- session
@@ -204,10 +225,7 @@ class Session:
             room = ctx - 1
         else:
             self.src = self.src_mask = None
-            room = room_for(real_len, ctx, cfg.sliding_window)
-            if room == 0 and cfg.max_new_tokens > 0:
-                raise LmstackError(f"the prompt has {real_len} tokens and fills the model's context window of "
-                                   f"{ctx}: no room for new tokens; shorten it")
+            room = room_for(real_len, ctx, cfg.max_new_tokens, cfg.sliding_window)
         self.max_new = min(cfg.max_new_tokens, room)
         self.capped = self.max_new < cfg.max_new_tokens            # the context window, not max_new_tokens, ends it
         self.batch, self.prompt_len = ids.shape
