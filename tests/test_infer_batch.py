@@ -117,3 +117,29 @@ def test_bad_input_is_refused():
     assert batch.free_slots == 2                                             # nothing half-admitted
     with pytest.raises(ConfigError, match="slots"):
         Batch(model, slots=0)
+
+
+def test_a_prefix_tuned_model_runs_in_generate_and_in_a_batch():
+    """The prefix enters through Attention.prefix_kv, so the engine needs nothing special: cached decoding
+    equals recomputation, and a Batch gives each sequence its ids alone."""
+    from lmstack.finetune.prefix import PrefixConfig, add_prefix, remove_prefix
+
+    model = tiny("rope")
+    prompts = [[12, 13], [5, 6, 7, 8]]
+    cfg = GenerationConfig(max_new_tokens=10)
+    plain = [alone(model, p, cfg)[0] for p in prompts]
+    add_prefix(model, PrefixConfig(n_prefix=3, reparam=False, init_std=3.0))
+    cached = generate_result(model, prompts, cfg)
+    assert torch.equal(cached.sequences, generate_result(model, prompts, cfg.replace(use_cache=False)).sequences)
+    tuned = [cached.new_tokens(r) for r in range(2)]
+    assert tuned != plain                                                   # the prefix changes the output
+    batch = Batch(model, slots=2)
+    first = batch.add(prompts[0], cfg)
+    batch.step(), batch.step()
+    second = batch.add(prompts[1], cfg)
+    while batch.running:
+        batch.step()
+    assert [batch.sequences[first].tokens, batch.sequences[second].tokens] == [alone(model, p, cfg)[0] for p in prompts]
+    assert batch.sequences[first].tokens == tuned[0]
+    remove_prefix(model)
+    assert [alone(model, p, cfg)[0] for p in prompts] == plain
