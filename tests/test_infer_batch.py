@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_infer import V, tiny
 
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer import GenerationConfig, generate_result
 from lmstack.infer.batch import Batch
-from test_infer import V, tiny
 
 
 @pytest.fixture(scope="module", params=["rope", "learned"])

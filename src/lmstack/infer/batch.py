@@ -38,8 +38,17 @@ from torch import nn
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer.config import GenerationConfig
 from lmstack.infer.sampling import Processor, apply_processors, build_processors, sample
-from lmstack.infer.session import (as_batch, check_generation_model, check_token_ids, eval_mode, make_generator,
-                                   model_device, room_for, stop_and_pad_ids, stop_string_hit)
+from lmstack.infer.session import (
+    as_batch,
+    check_generation_model,
+    check_token_ids,
+    eval_mode,
+    make_generator,
+    model_device,
+    room_for,
+    stop_and_pad_ids,
+    stop_string_hit,
+)
 from lmstack.model.cache import KVCache
 
 

@@ -20,6 +20,7 @@ session's :class:`~lmstack.infer.session.GenerationResult`.
 from __future__ import annotations
 
 import time
+
 import torch
 
 from lmstack.infer.sampling import apply_processors

@@ -165,7 +165,7 @@ class eval_mode:
         for m in self.models:
             m.eval()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for m, mode in zip(self.models, self.modes):
             m.train(mode)
 

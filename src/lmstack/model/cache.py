@@ -141,7 +141,7 @@ class KVCache:
         self.pos = end + n
         self.padded = True
 
-    def write_row(self, row: int, src: "KVCache", start: int) -> None:
+    def write_row(self, row: int, src: KVCache, start: int) -> None:
         """Copy the filled slots of ``src`` (a one-row cache, e.g. a prompt's prefill) into row ``row`` at
         slots ``[start, start + src.pos)``; the row's earlier slots become padding.
 
