@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_infer import V, tiny
+from test_infer import ByteTok, V, tiny
 
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer import GenerationConfig, generate_result
 from lmstack.infer.batch import Batch
 
 
-@pytest.fixture(scope="module", params=["rope", "learned"])
+@pytest.fixture(scope="module", params=["rope", "learned", "alibi"])
 def model(request):
     return tiny(request.param)
 
@@ -115,6 +115,8 @@ def test_bad_input_is_refused():
     with pytest.raises(LmstackError, match="outside the model's vocabulary"):
         batch.add([1, V], GenerationConfig())
     assert batch.free_slots == 2                                             # nothing half-admitted
+    empty = batch.add([1, 2], GenerationConfig(max_new_tokens=0))           # finished on arrival
+    assert batch.sequences[empty].finish_reason == "length" and batch.step() == []
     with pytest.raises(ConfigError, match="slots"):
         Batch(model, slots=0)
 
@@ -143,3 +145,18 @@ def test_a_prefix_tuned_model_runs_in_generate_and_in_a_batch():
     assert batch.sequences[first].tokens == tuned[0]
     remove_prefix(model)
     assert [alone(model, p, cfg)[0] for p in prompts] == plain
+
+
+def test_stop_strings_are_per_sequence(model):
+    free = alone(model, [5, 6, 7], GenerationConfig(max_new_tokens=12))[0]
+    text = "".join(chr(97 + t % 26) for t in free)                        # ByteTok's bytes
+    stop = GenerationConfig(max_new_tokens=12, stop_strings=[text[3:5]])
+    batch = Batch(model, slots=2, tokenizer=ByteTok())
+    a = batch.add([5, 6, 7], stop)
+    b = batch.add([5, 6, 7], GenerationConfig(max_new_tokens=12))            # same prompt, no stop string
+    while batch.running:
+        batch.step()
+    want = generate_result(model, [[5, 6, 7]], stop, tokenizer=ByteTok())
+    assert batch.sequences[a].tokens == want.new_tokens(0) == free[:text.find(text[3:5]) + 2]
+    assert batch.sequences[a].finish_reason == "stop"
+    assert batch.sequences[b].tokens == free and batch.sequences[b].finish_reason == "length"
