@@ -160,3 +160,27 @@ def test_stop_strings_are_per_sequence(model):
     assert batch.sequences[a].tokens == want.new_tokens(0) == free[:text.find(text[3:5]) + 2]
     assert batch.sequences[a].finish_reason == "stop"
     assert batch.sequences[b].tokens == free and batch.sequences[b].finish_reason == "length"
+
+
+def test_kv_cache_row_operations():
+    from lmstack.model import KVCache
+
+    cache = KVCache(n_layer=1, batch_size=2, n_kv_head=1, max_len=6, head_dim=1)
+    k = torch.arange(1.0, 5.0).view(2, 1, 2, 1)                            # rows [1, 2] and [3, 4]
+    cache.update(0, k, -k)
+    cache.advance(2)
+    cache.pad_left(3)                                                       # content moves right, front is padding
+    assert cache.pos == 5 and cache.k[0][:, 0, 3:5, 0].tolist() == [[1, 2], [3, 4]]
+    assert cache.mask[:, :5].tolist() == [[False] * 3 + [True] * 2] * 2
+    one = KVCache(n_layer=1, batch_size=1, n_kv_head=1, max_len=4, head_dim=1)
+    one.update(0, torch.tensor([[[[7.0], [8.0]]]]), torch.tensor([[[[-7.0], [-8.0]]]]))
+    one.advance(2)
+    cache.write_row(1, one, 3)                                              # ends at the cursor
+    assert cache.k[0][1, 0, 3:5, 0].tolist() == [7, 8] and cache.v[0][1, 0, 3:5, 0].tolist() == [-7, -8]
+    assert cache.mask[1, :5].tolist() == [False, False, False, True, True]
+    with pytest.raises(ValueError):
+        cache.write_row(0, one, 4)                                          # would pass the cursor
+    with pytest.raises(ValueError):
+        cache.pad_left(2)                                                   # 5 + 2 > 6 columns
+    cache.clear_row(0)
+    assert not cache.mask[0].any() and cache.mask[1, 3:5].all()
