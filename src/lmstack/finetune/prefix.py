@@ -6,10 +6,11 @@ may attend to them; the model's weights stay frozen. The prefix is either free p
 small MLP from a ``(P, d_model)`` embedding: ``MLP: d_model -> hidden -> n_layer * 2 * kv_dim``. After
 training the MLP can be dropped by :func:`bake_prefix`, which stores its output as plain tensors.
 
-Implementation: module swap of each ``Attention`` by :class:`PrefixAttention`, which reuses the wrapped
-layer's projections and repeats its forward with the prefix concatenated to K and V (keys are stored
-already rotated, so RoPE models give the prefix no position; real tokens keep positions 0, 1, ...).
-Works with the KV cache: the prefix is not cached, it is prepended at every call.
+Implementation: the model's own hook, ``Attention.prefix_kv`` (see :func:`lmstack.model.layers.prepend_kv`):
+each self-attention layer asks a :class:`LayerPrefix` for its (k, v) at every call and puts them before
+its keys (keys are stored already rotated, so RoPE models give the prefix no position; real tokens keep
+positions 0, 1, ...). Works with the KV cache: the prefix is not cached, it is prepended at every call.
+The module tree, and so the base weights' names, stay those of the plain model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from lmstack.errors import ConfigError
-from lmstack.model.layers import Attention, AttnInputs, apply_rope, attention, build_mask
+from lmstack.model.layers import Attention
 
 
 @dataclass
@@ -62,47 +63,25 @@ class PrefixEncoder(nn.Module):
         return kv[0], kv[1]
 
 
-class PrefixAttention(nn.Module):
-    """``Attention`` with prefix keys/values from a shared :class:`PrefixEncoder`."""
+class LayerPrefix:
+    """One layer's view of the shared :class:`PrefixEncoder`: the callable ``Attention.prefix_kv`` expects.
 
-    def __init__(self, attn: Attention, encoder_ref: list[PrefixEncoder]):
-        super().__init__()
-        self.attn = attn
-        self._encoder = encoder_ref          # a list, so the shared encoder is not registered once per layer
+    A plain object, not a module, so the encoder is registered once (as ``model.prefix``), not per layer."""
 
-    def forward(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
-        a = self.attn
-        b, t, _ = x.shape                                                   # x (B, T, C)
-        q, k, v = a.qkv(x).split([a.cfg.q_dim, a.cfg.kv_dim, a.cfg.kv_dim], dim=-1)
-        q = a._heads(q, a.n_head)                                           # (B, H, T, D)
-        k, v = a._heads(k, a.n_kv_head), a._heads(v, a.n_kv_head)           # (B, G, T, D)
-        if inp.rope is not None:
-            q, k = apply_rope(q, *inp.rope), apply_rope(k, *inp.rope)
-        if inp.kv_cache is not None:
-            k, v = inp.kv_cache.update(a.layer_idx, k, v)                   # (B, G, S, D)
-        pk, pv = self._encoder[0](a.layer_idx)                              # (G, P, D)
-        n_p = pk.shape[1]
-        k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)     # (B, G, P + S, D)
-        v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
-        s = k.shape[2]
-        mask = inp.mask
-        if mask is None:
-            # causal over the real slots (queries are the last T), every query sees the prefix
-            mask = build_mask(None, t, s - n_p, True, x.device) if (inp.is_causal or t > 1) else None
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                pad = torch.ones(*mask.shape[:-1], n_p, dtype=torch.bool, device=mask.device)
-            else:                                                           # ALiBi: the prefix gets no bias
-                pad = torch.zeros(*mask.shape[:-1], n_p, dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([pad, mask], dim=-1)                           # (B|1, 1|H, T, P + S)
-        dropout_p = a.cfg.dropout if self.training else 0.0
-        y = attention(q, k, v, mask, False, dropout_p, a.impl)              # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(b, t, a.cfg.q_dim)
-        return a.o(y)
+    def __init__(self, encoder: PrefixEncoder, layer: int):
+        self.encoder, self.layer = encoder, layer
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(self.layer)                                    # (G, P, D) each
+
+
+def _self_attentions(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention) and not m.cross]
 
 
 def add_prefix(model: nn.Module, cfg: PrefixConfig, freeze: bool = True) -> PrefixEncoder:
-    """Swap every block's self-attention for a :class:`PrefixAttention`; the encoder is ``model.prefix``."""
+    """Give every self-attention layer the prefix (through its ``prefix_kv`` hook); the encoder is
+    ``model.prefix``."""
     mcfg = model.config
     if mcfg.arch != "decoder":
         raise ConfigError("prefix tuning is implemented for decoder models (arch = 'decoder')")
@@ -112,9 +91,8 @@ def add_prefix(model: nn.Module, cfg: PrefixConfig, freeze: bool = True) -> Pref
         for p in model.parameters():
             p.requires_grad = False
     model.prefix = enc
-    ref = [enc]
-    for block in model.blocks:
-        block.attn = PrefixAttention(block.attn, ref)
+    for attn in _self_attentions(model):
+        attn.prefix_kv = LayerPrefix(enc, attn.layer_idx)
     return enc
 
 
@@ -130,10 +108,9 @@ def bake_prefix(model: nn.Module) -> None:
 
 
 def remove_prefix(model: nn.Module) -> nn.Module:
-    """Put the plain attention layers back (the base model)."""
-    for block in model.blocks:
-        if isinstance(block.attn, PrefixAttention):
-            block.attn = block.attn.attn
+    """Take the prefix out of every attention layer (the base model)."""
+    for attn in _self_attentions(model):
+        attn.prefix_kv = None
     if hasattr(model, "prefix"):
         del model.prefix
     return model

@@ -13,28 +13,26 @@ Per prompt, ``num_beams`` running hypotheses and a pool of ``num_beams`` finishe
    the current length (HF's heuristic); ``"never"`` normalises at the longest length when the length
    penalty is positive (the exact bound).
 
-Returns the ``num_return_sequences`` best finished hypotheses per prompt with their scores.
+Returns the ``num_return_sequences`` best finished hypotheses per prompt with their scores, as the
+session's :class:`~lmstack.infer.session.GenerationResult`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from lmstack.infer.sampling import apply_processors
-
-if TYPE_CHECKING:
-    from lmstack.infer.engine import Session
+from lmstack.infer.session import GenerationResult, Session
 
 DEAD = -1.0e9      # the score that rules a candidate out (HF adds it, so excluded scores stay ordered)
 
 
-def beam_search(s: "Session") -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
+def beam_search(s: Session) -> GenerationResult:
     """Run beam search on a session whose rows are prompts repeated ``num_beams`` times.
 
-    Returns (sequences (B*n, T + new), scores (B*n,), generated lengths, finished flags).
+    The result's rows are the best ``num_return_sequences`` per prompt, with their ``scores``.
     """
     cfg = s.config
     nb, n_ret = cfg.num_beams, cfg.num_return_sequences
@@ -55,7 +53,7 @@ def beam_search(s: "Session") -> tuple[torch.Tensor, torch.Tensor, list[int], li
     improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
     offsets = (torch.arange(b, device=dev) * nb)[:, None]
     if s.max_new == 0:
-        return _output(fin_seq, fin_score, fin_len, n_ret, t0, s.eos_t)
+        return s.result(*_output(fin_seq, fin_score, fin_len, n_ret, t0, s.eos_t))
 
     logits = s.prefill()                                                  # (B*nb, V)
     t_start = time.perf_counter()
@@ -119,7 +117,7 @@ def beam_search(s: "Session") -> tuple[torch.Tensor, torch.Tensor, list[int], li
         flat = run_seq.view(b * nb, width)
         logits = s.runner.forward(flat, cur, 1)[:, -1].float()
     s.stats["decode_s"] = time.perf_counter() - t_start
-    return _output(fin_seq, fin_score, fin_len, n_ret, t0, s.eos_t)
+    return s.result(*_output(fin_seq, fin_score, fin_len, n_ret, t0, s.eos_t))
 
 
 def _output(fin_seq: torch.Tensor, fin_score: torch.Tensor, fin_len: torch.Tensor, n_ret: int, t0: int,

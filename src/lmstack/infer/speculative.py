@@ -29,16 +29,13 @@ draft cache is rewound likewise and catches up (1 or 2 tokens) at the start of t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Generator
 
 import torch
 
 from lmstack.infer.runner import Runner
 from lmstack.infer.sampling import apply_processors, sample
-
-if TYPE_CHECKING:
-    from lmstack.infer.engine import Session
+from lmstack.infer.session import GenerationResult, Session
 
 
 def leading_accepts(ok: torch.Tensor) -> torch.Tensor:
@@ -93,13 +90,15 @@ def prompt_lookup(row: torch.Tensor, k: int, max_ngram: int, start: int = 0) -> 
     return toks[:0]
 
 
-def speculative_steps(s: "Session", want_lists: bool) -> Iterator[list[list[int]] | None]:
-    """The speculative decoding loop over a session (greedy or sampling, any batch)."""
+def speculative_steps(s: Session, want_lists: bool = False) -> Generator[list[list[int]] | None, None,
+                                                                         GenerationResult]:
+    """The speculative decoding loop over a session (greedy or sampling, any batch). Yields the ids each
+    round added per row (when ``want_lists``); returns the result, acceptance statistics in ``stats``."""
     cfg = s.config
     lookup = s.draft_model is None
     k_max = cfg.prompt_lookup_num_tokens if lookup else cfg.num_assistant_tokens
     if s.max_new == 0:
-        return
+        return s.result()
     stats = s.stats
     stats.update(rounds=0, proposed=0, accepted=0, target_forwards=1, draft_forwards=0)
     logits = s.prefill()
@@ -111,7 +110,7 @@ def speculative_steps(s: "Session", want_lists: bool) -> Iterator[list[list[int]
         stats["draft_forwards"] += 1
     draft_len = s.cur
     # the first token comes from the prefill, as in plain decoding
-    yield s.append(s.choose(logits), want_lists)
+    yield s.append(*s.choose(logits), want_lists=want_lists)
     vocab = logits.shape[-1]
     while not s.all_done() and s.cur - s.prompt_len < s.max_new:
         cur = s.cur
@@ -146,7 +145,7 @@ def speculative_steps(s: "Session", want_lists: bool) -> Iterator[list[list[int]
         if k == 0:                                                            # nothing proposed: a plain step
             logits = s.runner.forward(s.seq, cur, 1)[:, -1].float()
             stats["target_forwards"] += 1
-            yield s.append(s.choose(logits), want_lists)
+            yield s.append(*s.choose(logits), want_lists=want_lists)
             draft_len = min(draft_len, cur)
             continue
 
@@ -166,9 +165,7 @@ def speculative_steps(s: "Session", want_lists: bool) -> Iterator[list[list[int]
         last = nxt if m == k else torch.where(n > m, drafted[:, m], nxt)
         chunk_lists: list[list[int]] | None = [[] for _ in range(s.batch)] if want_lists else None
         for j in range(m + 1):
-            if s.want_logprobs:
-                s._record_logprobs(raw[:, j])
-            got = s.append(drafted[:, j] if j < m else last, want_lists)
+            got = s.append(drafted[:, j] if j < m else last, s.observe(raw[:, j]), want_lists=want_lists)
             if chunk_lists is not None:
                 for r, new in enumerate(got):
                     chunk_lists[r] += new
@@ -181,3 +178,4 @@ def speculative_steps(s: "Session", want_lists: bool) -> Iterator[list[list[int]
     if stats["proposed"]:
         stats["acceptance"] = stats["accepted"] / stats["proposed"]
     stats["tokens_per_target_forward"] = (s.cur - s.prompt_len) / max(stats["target_forwards"], 1)
+    return s.result()

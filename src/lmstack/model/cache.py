@@ -92,7 +92,8 @@ class KVCache:
         """Called by the model once all layers have written ``t`` new slots."""
         self.pos += t
 
-    # ----- used by the inference engine (lmstack.infer): speculative rollback, beam reordering, sliding window
+    # ----- used by the inference engine (lmstack.infer): speculative rollback, beam reordering, sliding window,
+    # ----- and rows that join and leave a running batch (lmstack.infer.batch)
 
     def rewind(self, pos: int) -> None:
         """Forget every slot from ``pos`` on (speculative decoding drops rejected draft tokens this way)."""
@@ -121,3 +122,40 @@ class KVCache:
             buf[:, :, :keep] = buf[:, :, n:self.pos].clone()
         self.mask[:, :keep] = self.mask[:, n:self.pos].clone()
         self.pos = keep
+
+    def pad_left(self, n: int) -> None:
+        """Move every filled slot ``n`` to the right and mark the ``n`` freed front slots as padding.
+
+        Positions come from the mask (index among a row's real slots) and RoPE keys keep their rotation,
+        so every row attends exactly as before; this makes room at the front for a longer prompt.
+        """
+        if not 0 <= n <= self.max_len - self.pos:
+            raise ValueError(f"cannot pad {n} slots in front of {self.pos} in a cache of {self.max_len}")
+        if n == 0:
+            return
+        end = self.pos
+        for buf in self.k + self.v:
+            buf[:, :, n:end + n] = buf[:, :, :end].clone()
+        self.mask[:, n:end + n] = self.mask[:, :end].clone()
+        self.mask[:, :n] = False
+        self.pos = end + n
+        self.padded = True
+
+    def write_row(self, row: int, src: KVCache, start: int) -> None:
+        """Copy the filled slots of ``src`` (a one-row cache, e.g. a prompt's prefill) into row ``row`` at
+        slots ``[start, start + src.pos)``; the row's earlier slots become padding.
+
+        The copied slots must end at or before this cache's ``pos`` (the batch's shared cursor)."""
+        end = start + src.pos
+        if start < 0 or end > self.pos:
+            raise ValueError(f"slots [{start}, {end}) are outside the {self.pos} filled slots")
+        for dst, s in zip(self.k + self.v, src.k + src.v):
+            dst[row, :, start:end] = s[0, :, :src.pos]
+        self.mask[row, :start] = False
+        self.mask[row, start:end] = src.mask[0, :src.pos]
+        self.padded = True
+
+    def clear_row(self, row: int) -> None:
+        """Mark every slot of ``row`` as padding (the row is free: nothing in it is attended to)."""
+        self.mask[row] = False
+        self.padded = True

@@ -7,6 +7,7 @@ C model width. Attention masks are boolean (True = may attend) or, for ALiBi, ad
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -205,6 +206,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                           enable_gqa=gqa)
 
 
+def prepend_kv(prefix: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, is_causal: bool,
+               q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Put P extra key/value slots (prefix tuning's virtual tokens) before k, v (B, G, S, D); every query
+    may attend to them, ALiBi gives them no bias. prefix: (k, v) each (G, P, D). Returns k, v, mask."""
+    pk, pv = prefix
+    b, n_p = k.shape[0], pk.shape[1]
+    k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)        # (B, G, P + S, D)
+    v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+    s = k.shape[2] - n_p
+    if mask is None and (is_causal or q_len > 1):                         # causal over the real slots
+        mask = build_mask(None, q_len, s, True, k.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            front = torch.ones(*mask.shape[:-1], n_p, dtype=torch.bool, device=mask.device)
+        else:
+            front = torch.zeros(*mask.shape[:-1], n_p, dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([front, mask], dim=-1)                            # (B|1, 1|H, T, P + S)
+    return k, v, mask
+
+
 @dataclass
 class AttnInputs:
     """What every layer's attention needs from one forward: computed once by the model, shared by the layers."""
@@ -222,6 +244,10 @@ class Attention(nn.Module):
 
     Self-attention projects Q, K and V with one fused linear ``qkv``; cross-attention projects Q from
     the decoder stream (``q``) and K, V from the encoder output (``kv``). Both end in ``o``.
+
+    ``prefix_kv``: the hook for prefix tuning (:mod:`lmstack.finetune.prefix`): None, or a callable
+    returning extra (k, v), each (G, P, D), that self-attention puts before the keys at every call
+    (they are not cached and have no position).
     """
 
     def __init__(self, cfg: ModelConfig, cross: bool = False, layer_idx: int = 0):
@@ -235,6 +261,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_qkv_bias)
         self.o = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
         self.impl = cfg.attn_impl
+        self.prefix_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -262,6 +289,9 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)                   # (B, G, S, D), S = cached + T
             mask, is_causal = inp.mask, inp.is_causal
+            if self.prefix_kv is not None:
+                k, v, mask = prepend_kv(self.prefix_kv(), k, v, mask, is_causal, t)
+                is_causal = False
         dropout_p = self.cfg.dropout if self.training else 0.0
         y = attention(q, k, v, mask, is_causal, dropout_p, self.impl)       # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.cfg.q_dim)                 # (B, T, H*D)

@@ -1,0 +1,246 @@
+"""A running batch that sequences join and leave between steps, each with its own generation config.
+
+The building block of continuous batching (a server admits requests as slots free up)::
+
+    batch = Batch(model, slots=8)
+    a = batch.add([5, 6, 7], GenerationConfig(max_new_tokens=32))
+    b = batch.add([9, 10], GenerationConfig(max_new_tokens=8, do_sample=True, seed=0, eos_token_id=2))
+    while batch.running:
+        for seq_id, token, finished in batch.step():       # one new token per running sequence
+            ...
+        # between steps: batch.add(...) new prompts, batch.retire(seq_id) finished (or unwanted) ones
+
+Layout: one preallocated KV cache of ``slots`` rows and ``max_len`` slot columns; a sequence owns one
+row (its *slot*) from :meth:`Batch.add` until :meth:`Batch.retire`. All rows share one cursor (the next
+column written); a sequence's tokens are contiguous and *end* at the cursor, the columns before its
+first token are marked as padding in the cache's mask, and the model derives each row's position ids
+from that mask (index among the row's real tokens), so a sequence sees exactly what it would see alone.
+
+- ``add`` runs the prompt alone (a one-row prefill, so its first token is bit-identical to running it
+  alone) and copies its keys/values into the free row so they end at the cursor; a prompt longer than
+  the cursor first moves every row right (:meth:`KVCache.pad_left`).
+- ``step`` chooses one token per running sequence (its own processors, sampler and seeded generator),
+  updates its stop state, then runs one forward of all rows (rows with nothing to feed get a padding
+  token that nothing attends to). When the cursor reaches ``max_len`` the columns before the oldest
+  running sequence are dropped (:meth:`KVCache.shift`).
+- ``retire`` frees the row for the next ``add``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmstack.errors import ConfigError, LmstackError
+from lmstack.infer.config import GenerationConfig
+from lmstack.infer.sampling import Processor, apply_processors, build_processors, sample
+from lmstack.infer.session import (
+    as_batch,
+    check_generation_model,
+    check_token_ids,
+    eval_mode,
+    make_generator,
+    model_device,
+    room_for,
+    stop_and_pad_ids,
+    stop_string_hit,
+)
+from lmstack.model.cache import KVCache
+
+
+@dataclass
+class BatchSequence:
+    """One sequence of a :class:`Batch`: its prompt, the ids generated so far and why it stopped."""
+
+    seq_id: int
+    prompt: list[int]
+    config: GenerationConfig
+    tokens: list[int] = field(default_factory=list)   # generated ids, a final stop id included
+    finish_reason: str | None = None                  # None while running, then "stop" or "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Row:
+    """Per-sequence decoding state (the engine's part of a slot)."""
+
+    seq: BatchSequence
+    slot: int
+    start: int                          # cache column of the first prompt token
+    ids: torch.Tensor                   # (1, prompt + max_new): what the processors see
+    n: int                              # ids filled so far
+    max_new: int
+    eos: frozenset[int]
+    processors: list[Processor]
+    generator: torch.Generator | None
+    stop_bytes: list[bytes]
+    tail: bytes = b""
+
+
+class Batch:
+    """Sequences added to and retired from one running batch; see the module docstring for the contract."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None, *, tokenizer: Any = None):
+        mcfg = check_generation_model(model)
+        if mcfg.arch != "decoder":
+            raise ConfigError("Batch needs a decoder-only model (encoder-decoder models: use generate)")
+        if slots < 1:
+            raise ConfigError(f"Batch slots: must be >= 1, got {slots}")
+        self.model, self.tokenizer = model, tokenizer
+        self.mcfg = mcfg
+        self.max_len = min(max_len or mcfg.max_seq_len, mcfg.max_seq_len)
+        self.device = model_device(model)
+        self.cache = KVCache.for_model(model, slots, self.max_len)
+        self.logits = torch.zeros(slots, mcfg.vocab_size, device=self.device)   # next-token logits per row
+        self.rows: list[_Row | None] = [None] * slots
+        self.sequences: dict[int, BatchSequence] = {}
+        self._next_id = 0
+
+    # ----- the contract
+
+    @property
+    def slots(self) -> int:
+        return len(self.rows)
+
+    @property
+    def free_slots(self) -> int:
+        return sum(r is None for r in self.rows)
+
+    @property
+    def running(self) -> list[int]:
+        """Ids of the sequences still generating."""
+        return [r.seq.seq_id for r in self.rows if r is not None and not r.seq.finished]
+
+    def add(self, prompt_ids: Sequence[int] | torch.Tensor, config: GenerationConfig | None = None) -> int:
+        """Admit one prompt with its own config into a free slot; returns its sequence id.
+
+        Runs the prompt (one forward); its first new token comes out of the next :meth:`step`. Raises
+        :class:`LmstackError` when no slot is free (retire one first) or the prompt is invalid.
+        """
+        cfg = config or GenerationConfig()
+        if cfg.is_beam or cfg.num_return_sequences > 1:
+            raise ConfigError("Batch runs one sequence per prompt: num_beams and num_return_sequences must be 1")
+        if cfg.prompt_lookup_num_tokens is not None or cfg.sliding_window or not cfg.use_cache:
+            raise ConfigError("Batch supports greedy and sampled decoding with the KV cache: unset "
+                              "prompt_lookup_num_tokens and sliding_window, keep use_cache=true")
+        if cfg.stop_strings and self.tokenizer is None:
+            raise ConfigError("stop_strings need the tokenizer: pass tokenizer= to Batch")
+        if None not in self.rows:
+            raise LmstackError(f"the batch is full ({self.slots} slots): retire a sequence before adding another")
+        eos, pad = stop_and_pad_ids(cfg, self.mcfg)
+        ids, mask = as_batch(prompt_ids if isinstance(prompt_ids, torch.Tensor) else [list(prompt_ids)], None,
+                             pad, self.device)
+        if ids.shape[0] != 1:
+            raise LmstackError(f"add takes one prompt, got {ids.shape[0]}")
+        check_token_ids(ids, mask, self.mcfg.vocab_size)
+        p = ids.shape[1]
+        room = room_for(p, self.max_len, cfg.max_new_tokens)
+        max_new = min(cfg.max_new_tokens, room)
+        slot = self.rows.index(None)
+        seq = BatchSequence(self._next_id, ids[0].tolist(), cfg)
+        self._next_id += 1
+        buf = torch.full((1, p + max_new), pad, dtype=torch.long, device=self.device)
+        buf[:, :p] = ids
+        row = _Row(seq, slot, 0, buf, p, max_new, frozenset(eos),
+                   build_processors(cfg, p, None, eos), make_generator(cfg.seed, self.device),
+                   [s.encode("utf-8") for s in cfg.stop_strings])
+        self.rows[slot] = row
+        self.sequences[seq.seq_id] = seq
+        if max_new == 0:
+            seq.finish_reason = "length"
+            return seq.seq_id
+        with torch.inference_mode(), eval_mode(self.model):
+            alone = KVCache.for_model(self.model, 1, p)
+            logits = self.model(ids, kv_cache=alone)[:, -1].float()          # (1, V): the prompt alone
+            if p > self.cache.pos:
+                self._pad_left(p - self.cache.pos)
+            row.start = self.cache.pos - p
+            self.cache.write_row(slot, alone, row.start)
+            self.logits[slot] = logits[0]
+        return seq.seq_id
+
+    def step(self) -> list[tuple[int, int, bool]]:
+        """One new token for every running sequence: ``[(seq_id, token, finished), ...]`` in slot order."""
+        live = [r for r in self.rows if r is not None and not r.seq.finished]
+        if not live:
+            return []
+        with torch.inference_mode(), eval_mode(self.model):
+            tokens = self._choose(live)
+            events = [(r.seq.seq_id, t, self._append(r, t)) for r, t in zip(live, tokens)]
+            feed = [(r, t) for r, t in zip(live, tokens) if not r.seq.finished]
+            if feed:
+                self._forward(feed)
+        return events
+
+    def retire(self, seq_id: int) -> BatchSequence:
+        """Take a sequence out (finished or not) and free its slot; returns it (prompt, tokens, reason)."""
+        seq = self.sequences.pop(seq_id, None)
+        if seq is None:
+            raise LmstackError(f"no sequence {seq_id} in the batch (running: {self.running})")
+        slot = next(i for i, r in enumerate(self.rows) if r is not None and r.seq is seq)
+        self.rows[slot] = None
+        self.cache.clear_row(slot)
+        return seq
+
+    # ----- the steps
+
+    def _choose(self, live: list[_Row]) -> list[int]:
+        """Next token per running row: one argmax over the rows for plain greedy, the row's own chain else."""
+        greedy = self.logits.argmax(dim=-1).tolist()
+        out = []
+        for r in live:
+            if not r.processors and not r.seq.config.do_sample:
+                out.append(greedy[r.slot])
+                continue
+            logits = self.logits[r.slot:r.slot + 1]
+            if r.processors:
+                logits = apply_processors(r.processors, r.ids[:, :r.n], logits)
+            tok = sample(logits.softmax(dim=-1), r.generator) if r.seq.config.do_sample else logits.argmax(dim=-1)
+            out.append(int(tok))
+        return out
+
+    def _append(self, r: _Row, token: int) -> bool:
+        """Record the row's new token and its stop state; True when the sequence has finished."""
+        r.ids[0, r.n] = token
+        r.n += 1
+        r.seq.tokens.append(token)
+        if token in r.eos:
+            r.seq.finish_reason = "stop"
+        elif r.stop_bytes:
+            hit, r.tail = stop_string_hit(r.tail, self.tokenizer.token_bytes(token), r.stop_bytes)
+            if hit:
+                r.seq.finish_reason = "stop"
+        if r.seq.finish_reason is None and len(r.seq.tokens) >= r.max_new:
+            r.seq.finish_reason = "length"
+        return r.seq.finished
+
+    def _forward(self, feed: list[tuple[_Row, int]]) -> None:
+        """Feed each continuing row its new token at the cursor (one forward for all rows)."""
+        if self.cache.pos == self.max_len:                        # full: drop the columns no one running needs
+            self._shift(min(r.start for r, _ in feed))
+        n = self.slots
+        tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+        mask = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        slots = torch.tensor([r.slot for r, _ in feed], device=self.device)
+        tokens[slots, 0] = torch.tensor([t for _, t in feed], device=self.device)
+        mask[slots, 0] = True
+        self.logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache)[:, -1].float()
+
+    def _pad_left(self, n: int) -> None:
+        self.cache.pad_left(n)
+        for r in self.rows:
+            if r is not None:
+                r.start += n
+
+    def _shift(self, n: int) -> None:
+        self.cache.shift(n)
+        for r in self.rows:
+            if r is not None:
+                r.start = max(r.start - n, 0)
