@@ -28,7 +28,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lmstack.compress.quantize import QuantConfig, QuantLinear, nf4_levels, quantizable_linears, quantize_weight
+from lmstack.compress.quantize import (QuantConfig, QuantLinear, layer_format, nf4_levels, quantizable_linears,
+                                       quantize_weight)
 from lmstack.errors import ConfigError, DataError
 from lmstack.model.swap import set_module
 
@@ -160,16 +161,13 @@ def gptq_model(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantC
     targets = quantizable_linears(model, config.skip)
     if not targets:
         raise ConfigError("quantize: the model has no linear layers to quantize")
-    for name, lin in targets:
-        if config.method != "int8" and lin.in_features % config.group_size:
-            raise ConfigError(f"quantization group_size={config.group_size} does not divide the in_features "
-                              f"({lin.in_features}) of {name!r}; choose a group size that divides it")
+    formats = {name: layer_format(config, name, lin.in_features) for name, lin in targets}
     hessians = input_hessians(model, [n for n, _ in targets], batches)
     swapped = {}
     for name, lin in targets:
-        codes = gptq_quantize(lin.weight, hessians[name], config.method, config.group_size, config.symmetric,
-                              damp, act_order)
-        q = QuantLinear.from_linear(lin, config.method, config.group_size, config.symmetric, codes=codes)
+        mode, group = formats[name]
+        codes = gptq_quantize(lin.weight, hessians[name], mode, group, config.symmetric, damp, act_order)
+        q = QuantLinear.from_linear(lin, mode, group, config.symmetric, codes=codes)
         set_module(model, name, q)
         swapped[name] = q.spec()
     return swapped

@@ -21,6 +21,7 @@ Calibrated variants that choose better codes for the same formats live beside th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -159,7 +160,7 @@ class QuantLinear(nn.Module):
             return x.dtype in (torch.float32, torch.bfloat16)
         if self.mode == "int4":
             return (x.dtype in (torch.float32, torch.bfloat16) and self.group_size in INT4_KERNEL_GROUPS
-                    and self.in_features % 32 == 0 and self.out_features % 8 == 0)
+                    and self.in_features % 32 == 0 and self.out_features % 16 == 0)
         return False
 
     def _int4_kernel_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +221,8 @@ class QuantConfig:
     group_size: int = 128
     symmetric: bool = True                       # int4 only: symmetric (no zero point) or asymmetric
     skip: tuple[str, ...] = ("lm_head",)         # names (or suffixes) of linears kept in float
+    # a layer whose in_features the group size does not divide: an error, one group per row, or int8
+    on_mismatch: Literal["error", "row", "int8"] = "error"
 
     def __post_init__(self) -> None:
         if self.method not in MODES:
@@ -235,27 +238,38 @@ def quantizable_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) ->
             if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
 
 
+def layer_format(config: QuantConfig, name: str, in_features: int) -> tuple[str, int]:
+    """(mode, group size) for one layer under ``config.on_mismatch`` (see :class:`QuantConfig`)."""
+    if config.method == "int8" or in_features % config.group_size == 0:
+        return config.method, config.group_size
+    if config.on_mismatch == "row" and in_features % 2 == 0:
+        return config.method, in_features
+    if config.on_mismatch == "int8":
+        return "int8", config.group_size
+    raise ConfigError(f"quantization group_size={config.group_size} does not divide the in_features "
+                      f"({in_features}) of {name!r}; choose a group size that divides it, or set "
+                      f"on_mismatch = 'row' (one group per row) or 'int8'")
+
+
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, fallback_int8: bool = False
                    ) -> dict[str, dict]:
     """Replace the model's linears by :class:`QuantLinear` in place; return ``{name: spec}`` of what was swapped.
 
-    A layer whose ``in_features`` the group size does not divide is an error naming it, or, with
-    ``fallback_int8`` (QLoRA's choice), stored as per-row int8.
+    A layer whose ``in_features`` the group size does not divide follows ``config.on_mismatch``
+    (``fallback_int8=True``, QLoRA's choice, is ``on_mismatch="int8"``).
     """
     config = config or QuantConfig()
+    if fallback_int8:
+        config = dataclasses.replace(config, on_mismatch="int8")
     targets = quantizable_linears(model, config.skip)
     if not targets:
         raise ConfigError("quantize: the model has no linear layers to quantize (after skipping "
                           f"{', '.join(config.skip) or 'nothing'})")
+    formats = {name: layer_format(config, name, linear.in_features) for name, linear in targets}  # check all first
     swapped: dict[str, dict] = {}
     for name, linear in targets:
-        mode = config.method
-        if mode != "int8" and linear.in_features % config.group_size:
-            if not fallback_int8:
-                raise ConfigError(f"quantization group_size={config.group_size} does not divide the in_features "
-                                  f"({linear.in_features}) of {name!r}; choose a group size that divides it")
-            mode = "int8"
-        q = QuantLinear.from_linear(linear, mode, config.group_size, config.symmetric)
+        mode, group = formats[name]
+        q = QuantLinear.from_linear(linear, mode, group, config.symmetric)
         set_module(model, name, q)
         swapped[name] = q.spec()
     return swapped
