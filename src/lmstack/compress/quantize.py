@@ -92,7 +92,7 @@ class QuantLinear(nn.Module):
     """A frozen linear layer whose weight is stored quantized (see the module docstring for the formats)."""
 
     def __init__(self, in_features: int, out_features: int, mode: str = "int8", group_size: int = 128,
-                 bias: bool = False, symmetric: bool = True, use_kernel: bool = True):
+                 bias: bool = False, symmetric: bool = True, use_kernel: bool = True, input_scale: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"quantization method {mode!r}: use one of {', '.join(MODES)}")
@@ -113,6 +113,8 @@ class QuantLinear(nn.Module):
             if not self.symmetric:
                 self.register_buffer("mins", torch.zeros(out_features, n_groups, 1))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # AWQ: the input is multiplied by this per-channel factor (1/s) and the stored weight is Q(W diag(s))
+        self.input_scale = nn.Parameter(torch.ones(in_features), requires_grad=False) if input_scale else None
         self._kernel_cache: tuple | None = None   # (key, packed weight, scales_and_zeros) for the int4 kernel
 
     @classmethod
@@ -138,14 +140,21 @@ class QuantLinear(nn.Module):
         vals = torch.arange(16, dtype=torch.float32, device=self.codes.device)
         return vals - 8 if self.symmetric else vals
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight the codes stand for."""
+    def stored_weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight the codes stand for, before any AWQ input scale."""
         if self.mode == "int8":
-            return (self.codes.float() * self.scales).to(dtype)
+            return self.codes.float() * self.scales
         vals = self._levels()[unpack4(self.codes).long()]                     # (out, in)
         vals = vals.view(self.out_features, -1, self.group_size)              # (out, groups, gs)
         w = vals * self.scales + (self.mins if not self.symmetric else 0.0)
-        return w.view(self.out_features, self.in_features).to(dtype)
+        return w.view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this layer applies (the AWQ input scale folded back in)."""
+        w = self.stored_weight()
+        if self.input_scale is not None:
+            w = w * self.input_scale.float()
+        return w.to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -180,6 +189,8 @@ class QuantLinear(nn.Module):
         if not self.kernel_available(x):
             return F.linear(x, self.dequantize(x.dtype), bias)
         shape = x.shape
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).contiguous()                             # (N, in)
         if self.mode == "int8":
             out = torch._weight_int8pack_mm(x2, self.codes, self.scales.view(-1).to(x.dtype))
@@ -202,12 +213,13 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes held by the stored weight (codes + scales (+ minima) + bias)."""
         tensors = [self.codes, self.scales] + ([self.mins] if not self.symmetric else []) + \
-            ([self.bias] if self.bias is not None else [])
+            [t for t in (self.bias, self.input_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def spec(self) -> dict:
         """What a checkpoint records to rebuild this layer."""
-        return {"mode": self.mode, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"mode": self.mode, "group_size": self.group_size, "symmetric": self.symmetric,
+                "input_scale": self.input_scale is not None}
 
     def extra_repr(self) -> str:
         kind = "" if self.mode != "int4" else (", symmetric" if self.symmetric else ", asymmetric")
