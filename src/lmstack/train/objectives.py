@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import ConfigError
@@ -179,3 +180,56 @@ def tokens_per_example(objective: str, seq_len: int, density: float = 0.15, mean
         return (seq_len - n_noise + n_spans) + (n_noise + n_spans)
     return seq_len
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# knowledge distillation
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+            temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward") -> torch.Tensor:
+    """Token-level knowledge distillation mixed with the hard-label loss, averaged over target tokens.
+
+    Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": with p = softmax(teacher / T) and
+    q = softmax(student / T),
+
+        loss = alpha * T^2 * KL(p || q) + (1 - alpha) * CE(student, y)              (kind = "forward")
+
+    where ``T^2`` keeps the soft term's gradient scale independent of T. ``kind = "reverse"`` uses
+    KL(q || p) instead, the mode-seeking divergence of MiniLLM (Gu et al. 2023), which keeps a small
+    student from spreading mass over everything the teacher finds plausible. Positions whose target is
+    -100 (padding, prompt tokens) count in neither term. Logits are (B, T, V), targets (B, T).
+    """
+    if kind not in ("forward", "reverse"):
+        raise ValueError(f"kd kind {kind!r}: use forward or reverse")
+    mask = targets != -100                                                   # (B, T)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)         # log q
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)         # log p
+    if kind == "forward":
+        kl = (t.exp() * (t - s)).sum(-1)                                     # KL(p || q) per position
+    else:
+        kl = (s.exp() * (s - t)).sum(-1)                                     # KL(q || p)
+    n = mask.sum().clamp(min=1)
+    soft = (kl * mask).sum() / n * temperature ** 2
+    if alpha >= 1.0:
+        return soft
+    hard = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def make_distill_loss_fn(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
+                         kind: str = "forward") -> LossFn:
+    """A CLM loss function for the trainer whose soft targets come from ``teacher`` (frozen, run on the fly
+    under ``no_grad`` on the same batch)."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def distill_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return kd_loss(model(x), teacher_logits, y, temperature, alpha, kind)
+
+    return distill_loss
