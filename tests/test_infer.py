@@ -237,3 +237,26 @@ def test_config_round_trips_through_json(tmp_path):
     assert GenerationConfig.load(tmp_path / "gen.json", ["--top_p", "0.5"]).top_p == 0.5
     with pytest.raises(ConfigError, match="top_pp"):
         GenerationConfig.from_dict({"top_pp": 0.5})
+
+
+def test_int8_kv_cache_logits_stay_close_to_the_float_cache():
+    from lmstack.model.cache import Int8KVCache, KVCache
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=97, d_model=64, n_head=4, n_kv_head=2, pos="rope",
+                               norm="rmsnorm", ffn="swiglu", activation="silu", n_layer=2)).eval()
+    ids = torch.randint(0, 97, (2, 24))
+    caches = [KVCache.for_model(model, 2, 32), Int8KVCache.for_model(model, 2, 32)]
+    outs = []
+    with torch.no_grad():
+        for cache in caches:
+            steps = [model(ids[:, :16], kv_cache=cache)[:, -1]]
+            steps += [model(ids[:, i:i + 1], kv_cache=cache)[:, -1] for i in range(16, 24)]
+            outs.append(torch.stack(steps, 1))
+    diff = (outs[0] - outs[1]).abs().max() / outs[0].abs().max()
+    assert 0 < float(diff) < 0.02                     # quantized, and close
+    assert caches[1].bytes < 0.4 * caches[0].bytes    # int8 codes + one fp32 scale per head and position
+    cfg = GenerationConfig(max_new_tokens=12)
+    a = generate(model, ids[:, :10], cfg)
+    b = generate(model, ids[:, :10], cfg.replace(kv_cache_dtype="int8"))
+    assert (a == b).float().mean() > 0.8              # greedy ids barely move

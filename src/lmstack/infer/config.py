@@ -42,6 +42,7 @@ class GenerationConfig:
     suppress_tokens: list[int] = field(default_factory=list)  # ids never generated (e.g. chat role markers)
     seed: int | None = None             # seeds a private torch.Generator: same seed, same samples
     use_cache: bool = True              # False recomputes the whole sequence every step (reference / bench)
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"   # int8: per-(head, position) scales, ~1/4 of fp32 memory
     output_logprobs: bool = False       # log-probs of chosen tokens (raw model distribution)
     top_logprobs: int = 0               # and of the n most likely alternatives per step
     sliding_window: int | None = None   # cap the KV cache at this many positions (RoPE/ALiBi models)

@@ -14,19 +14,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmstack.model.cache import KVCache
+from lmstack.model.cache import make_kv_cache
 
 
 class Runner:
     """Holds the model, its KV cache (or the mask for full recomputation) and the encoder memory."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, use_cache: bool = True,
-                 window: int | None = None):
+                 window: int | None = None, kv_cache_dtype: str = "auto"):
         self.model = model
         self.seq2seq = model.config.arch == "encoder-decoder"
         self.use_cache = use_cache
         self.window = window
-        self.cache = KVCache.for_model(model, batch, min(max_len, window) if window else max_len) if use_cache else None
+        length = min(max_len, window) if window else max_len
+        self.cache = make_kv_cache(model, batch, length, kv_cache_dtype) if use_cache else None
         self.mask: torch.Tensor | None = None        # (B, L) padding mask, for recomputation
         self.memory: torch.Tensor | None = None      # encoder output (B, S, C)
         self.memory_mask: torch.Tensor | None = None

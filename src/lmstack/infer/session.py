@@ -247,7 +247,7 @@ class Session:
         self.stop_bytes = [s.encode("utf-8") for s in cfg.stop_strings]
         self.tails = [b""] * self.batch
         self.stats: dict[str, Any] = {"prompt_tokens": int(mask.sum()), "batch": self.batch}
-        self.runner = Runner(model, self.batch, width, cfg.use_cache, cfg.sliding_window)
+        self.runner = Runner(model, self.batch, width, cfg.use_cache, cfg.sliding_window, cfg.kv_cache_dtype)
 
     @property
     def speculative(self) -> bool:

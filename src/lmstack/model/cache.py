@@ -49,10 +49,14 @@ class KVCache:
         return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
                    dtype or param.dtype, device or param.device)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every per-slot buffer (B, G, max_len, ...): what reorder, shift and row copies move together."""
+        return self.k + self.v
+
     @property
     def bytes(self) -> int:
-        """Memory held by the K and V buffers."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Memory held by the K and V buffers (and their scales, when quantized)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def reset(self) -> None:
         """Forget every position (buffers are kept and overwritten)."""
@@ -104,7 +108,7 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Row i takes the cache of row ``index[i]`` (B,) (beam search: each beam continues its parent)."""
         end = self.pos
-        for buf in self.k + self.v:
+        for buf in self.tensors():
             buf[:, :, :end] = buf[:, :, :end].index_select(0, index)
         self.mask[:, :end] = self.mask[:, :end].index_select(0, index)
         self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
@@ -118,7 +122,7 @@ class KVCache:
         if not 0 <= n <= self.pos:
             raise ValueError(f"cannot drop {n} of {self.pos} cached positions")
         keep = self.pos - n
-        for buf in self.k + self.v:
+        for buf in self.tensors():
             buf[:, :, :keep] = buf[:, :, n:self.pos].clone()
         self.mask[:, :keep] = self.mask[:, n:self.pos].clone()
         self.pos = keep
@@ -134,7 +138,7 @@ class KVCache:
         if n == 0:
             return
         end = self.pos
-        for buf in self.k + self.v:
+        for buf in self.tensors():
             buf[:, :, n:end + n] = buf[:, :, :end].clone()
         self.mask[:, n:end + n] = self.mask[:, :end].clone()
         self.mask[:, :n] = False
@@ -149,7 +153,7 @@ class KVCache:
         end = start + src.pos
         if start < 0 or end > self.pos:
             raise ValueError(f"slots [{start}, {end}) are outside the {self.pos} filled slots")
-        for dst, s in zip(self.k + self.v, src.k + src.v):
+        for dst, s in zip(self.tensors(), src.tensors()):
             dst[row, :, start:end] = s[0, :, :src.pos]
         self.mask[row, :start] = False
         self.mask[row, start:end] = src.mask[0, :src.pos]
@@ -159,3 +163,46 @@ class KVCache:
         """Mark every slot of ``row`` as padding (the row is free: nothing in it is attended to)."""
         self.mask[row] = False
         self.padded = True
+
+
+class Int8KVCache(KVCache):
+    """A KV cache stored in int8 with one fp32 scale per (row, KV head, position): ``k ~ q * s`` with
+    ``s = max|k[..., :]| / 127`` over the head dimension, so each cached vector keeps its own range.
+
+    It holds about a quarter of an fp32 cache (half of bf16) plus 4 bytes per head and position; the
+    attention reads the dequantized keys and values, so logits move by the rounding of each vector
+    (tested against the float cache). Moving slots (beam reordering, speculative rewind, sliding window,
+    left padding) moves codes and scales together.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__(n_layer, batch_size, n_kv_head, max_len, head_dim, torch.int8, device)  # the codes
+        scale_shape = (batch_size, n_kv_head, max_len, 1)
+        self.k_scale = [torch.zeros(scale_shape, device=device) for _ in range(n_layer)]
+        self.v_scale = [torch.zeros(scale_shape, device=device) for _ in range(n_layer)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k + self.v + self.k_scale + self.v_scale
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127     # (B, G, T, 1)
+        return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        qk, sk = self._quantize(k)
+        qv, sv = self._quantize(v)
+        self.k[layer][:, :, self.pos:end], self.k_scale[layer][:, :, self.pos:end] = qk, sk
+        self.v[layer][:, :, self.pos:end], self.v_scale[layer][:, :, self.pos:end] = qv, sv
+        keys = (self.k[layer][:, :, :end].float() * self.k_scale[layer][:, :, :end]).to(k.dtype)
+        values = (self.v[layer][:, :, :end].float() * self.v_scale[layer][:, :, :end]).to(v.dtype)
+        return keys, values
+
+
+def make_kv_cache(model: nn.Module, batch_size: int, max_len: int | None = None, kind: str = "auto") -> KVCache:
+    """The cache a generation config asks for: ``auto`` (the model's dtype) or ``int8``."""
+    if kind == "int8":
+        return Int8KVCache.for_model(model, batch_size, max_len)
+    return KVCache.for_model(model, batch_size, max_len)
