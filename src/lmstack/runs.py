@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmstack.errors import DataError
 
 
@@ -84,7 +82,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.dtype):
+    torch = sys.modules.get("torch")  # a torch dtype can only exist once torch is imported; never import it here
+    if torch is not None and isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
     if hasattr(obj, "item"):
         return obj.item()

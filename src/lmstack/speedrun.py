@@ -24,7 +24,6 @@ from lmstack.config import load_config, to_dict
 from lmstack.data.corpus import CorpusConfig
 from lmstack.errors import ConfigError
 from lmstack.runs import atomic_write_json, atomic_write_text, read_json
-from lmstack.runtime import seed_everything
 
 
 @dataclass
@@ -332,6 +331,8 @@ def run_speedrun(cfg: SpeedrunConfig, only: list[str] | None = None, fresh: bool
             print(f"[speedrun] {stage.name}: done, skipping (resume)", file=sys.stderr)
             continue
         print(f"[speedrun] {stage.name}: running", file=sys.stderr)
+        from lmstack.runtime import seed_everything
+
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
         result = stage.run(cfg, run)
