@@ -8,9 +8,12 @@ this file lists those modules in data-flow order. A handler returns an exit code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
 import os
 import sys
+from collections.abc import Callable
 
 from lmstack import __version__
 from lmstack.errors import LmstackError
@@ -62,13 +65,62 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(kept)  # again, so an override's value is never taken for a positional
         args.overrides = overrides
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except LmstackError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except BrokenPipeError:  # `lmstack ... | head`: the reader has gone; stop quietly like any Unix tool
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+    except UnicodeDecodeError as e:  # a data file that is not UTF-8, read by code that cannot name it
+        return _fail(f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8")
+    except OSError as e:
+        if e.filename is None:  # not about a user's path: a bug or the system; keep the traceback
+            raise
+        return _fail(f"{e.filename}: {e.strerror or e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    """The one place a user error is printed: one line on stderr, exit code 2."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at devnull so that flush cannot raise a second time
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for counts: an integer >= ``low``, so ``--top -1`` is refused, not ignored."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def split_overrides(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
@@ -92,7 +144,13 @@ def split_overrides(argv: list[str], names: set[str]) -> tuple[list[str], list[s
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = code or 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

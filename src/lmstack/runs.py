@@ -28,7 +28,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmstack.errors import DataError
+from lmstack.errors import DataError, LmstackError
+
+
+def _umask() -> int:
+    """The process umask (there is no call that reads it without setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, e: OSError) -> LmstackError:
+    """An OSError while creating an output (read-only folder, a file where a folder belongs) as one line."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(path.parent)) else ""
+    reason = e.strerror or str(e)
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        reason = "a parent of this path is a file, not a folder"
+    return LmstackError(f"{path}: cannot write here: {reason}{where}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,10 +66,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             save_file(tensors, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise LmstackError(f"{path}: is a folder; give a file path to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved model must be as readable as any file
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -108,8 +130,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at ``path`` is replaced only after the new one is fully written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if path.exists() and not path.is_dir():
+        raise LmstackError(f"{path}: exists and is not a folder; give a folder path (or remove the file)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from None
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; honour the umask like mkdir does
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -36,12 +36,17 @@ def read_column(path: str | os.PathLike, field: str | None = None) -> list[str]:
             with open(p, encoding="utf-8", newline="") as f:
                 rows = list(csv.DictReader(f))
         else:
-            return p.read_text(encoding="utf-8").splitlines()
+            rows = p.read_text(encoding="utf-8").splitlines()
+            if not rows:
+                raise DataError(f"{p}: no items (the file is empty)")
+            return rows
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:
         raise DataError(f"{p}: not UTF-8 text") from None
-    if rows and isinstance(rows[0], str):
+    if not rows:
+        raise DataError(f"{p}: no items (the file is empty)")
+    if isinstance(rows[0], str):
         return [str(r) for r in rows]
     field = field or "text"
     out = []

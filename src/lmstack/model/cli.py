@@ -15,7 +15,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.cli import HelpFormatter
+    from lmstack.cli import HelpFormatter, int_at_least
 
     group = subparsers.add_parser(
         "model", help="inspect model configs and convert checkpoints (lmstack <-> Hugging Face)",
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  lmstack model info path/to/hf_folder --json",
         formatter_class=HelpFormatter)
     info.add_argument("source", metavar="PATH_OR_PRESET")
-    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
+    info.add_argument("--seq-len", type=int_at_least(1), default=None, help="sequence length for FLOPs (default: max_seq_len)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info, accepts_overrides=True)
 
