@@ -135,6 +135,19 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
     ``tokenizer``: an object with ``encode``/``encode_batch``, ``vocab_size``, ``eos_id`` (and ``save``);
     when None it comes from ``config.tokenizer``.
     """
+    out = Path(config.out_dir)
+    created = not out.exists()
+    try:
+        return _prepare(config, tokenizer, progress)
+    except BaseException:
+        # a failed run leaves nothing half-made: no work files under their final names, no empty out_dir
+        shutil.rmtree(out / "work", ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(config: PrepareConfig, tokenizer: Any, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(config.out_dir)
     work = out / "work"
