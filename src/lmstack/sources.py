@@ -85,7 +85,9 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         for i, row in enumerate(rows):
             yield _field(row, text_field, f"{path}[{i}]")
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from lmstack.extras import require
+
+        pq = require("pyarrow.parquet", "reading Parquet files")
 
         try:
             pf = pq.ParquetFile(path)

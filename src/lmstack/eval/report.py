@@ -134,7 +134,11 @@ def evaluate_run(model: Any, tokenizer: Any, heldout_texts: Sequence[str], *, pr
         from lmstack.eval.llm import LocalLLM
 
         outputs = [r[0].text for r in LocalLLM(model, tokenizer).complete(list(prompts), max_tokens=max_new_tokens)]
-        names = ["bleu", "chrf", "rougeL"]
+        from lmstack.extras import available
+
+        names = ["bleu", "chrf", "rougeL"] if available("sacrebleu") and available("nltk") else []
+        if not names:
+            results["metrics_skipped"] = 'BLEU/chrF/ROUGE need the eval extra: pip install "lmstack[eval]"'
         try:
             from lmstack.eval.metrics.wordnet import load_wordnet
 
@@ -148,6 +152,8 @@ def evaluate_run(model: Any, tokenizer: Any, heldout_texts: Sequence[str], *, pr
                                              for p, o, r in list(zip(prompts, outputs, references))[:3]]}
         lines += ["- generation vs reference (" + str(len(prompts)) + " prompts): "
                   + ", ".join(f"{n} {v:.3f}" for n, v in scores.items())]
+        if "metrics_skipped" in results:
+            lines += [f"  ({results['metrics_skipped']})"]
         if "meteor_skipped" in results:
             lines += [f"  (METEOR skipped: {results['meteor_skipped']})"]
     if len(lines) == 2:

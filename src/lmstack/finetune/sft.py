@@ -78,7 +78,9 @@ def iter_rows(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> Iterato
             for i, row in enumerate(data):
                 yield f"{f}[{i}]", row
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
+            from lmstack.extras import require
+
+            pq = require("pyarrow.parquet", "reading Parquet SFT data")
 
             for i, row in enumerate(pq.read_table(f).to_pylist()):
                 yield f"{f} row {i}", row
