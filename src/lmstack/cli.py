@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lmstack import __version__
 from lmstack.errors import LmstackError
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code
     except LmstackError as e:
-        return _fail(str(e))
+        return _fail(_with_speedrun_hint(str(e)))
     except BrokenPipeError:  # `lmstack ... | head`: the reader has gone; stop quietly like any Unix tool
         _silence_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
@@ -88,6 +89,18 @@ def _fail(message: str) -> int:
     """The one place a user error is printed: one line on stderr, exit code 2."""
     print("error: " + " ".join(message.split()), file=sys.stderr)
     return 2
+
+
+def _with_speedrun_hint(message: str) -> str:
+    """The shipped configs (train, finetune, scaling) read the speedrun's outputs under runs/speedrun/; when
+    one of those is missing, say how to make it."""
+    from lmstack.speedrun import SpeedrunConfig
+
+    default = SpeedrunConfig.run_dir
+    if default in message and not (Path(default) / "report.md").is_file():
+        return (f"{message.rstrip('.')} ({default}/ is written by `lmstack speedrun`: run it first, or point the "
+                f"config at your own files)")
+    return message
 
 
 def _silence_stdout() -> None:

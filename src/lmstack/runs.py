@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def remove_if_failed(path: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """On an exception, remove the folder ``path`` if this call created it and ``keep(path)`` is false (e.g. it
+    holds a checkpoint to resume from): a failed run leaves no half-made run folder behind."""
+    path = Path(path)
+    created = not path.exists()
+    try:
+        yield path
+    except BaseException:
+        if created and path.is_dir() and not (keep is not None and keep(path)):
+            shutil.rmtree(path, ignore_errors=True)
         raise
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from lmstack.config import load_config, to_dict
 from lmstack.data.corpus import CorpusConfig
 from lmstack.errors import ConfigError
-from lmstack.runs import atomic_write_json, atomic_write_text, read_json
+from lmstack.runs import atomic_write_json, atomic_write_text, read_json, remove_if_failed
 
 
 @dataclass
@@ -324,17 +324,9 @@ def run_speedrun(cfg: SpeedrunConfig, only: list[str] | None = None, fresh: bool
     for name in only or []:
         if name not in names:
             raise ConfigError(f"--stages: unknown stage {name!r}; stages are {', '.join(names)}")
-    created = not run.exists()
-    try:
+    # a run that fails before finishing any stage leaves no folder behind (one with finished stages resumes)
+    with remove_if_failed(run, keep=lambda r: any((r / "stages").glob("*.json"))):
         stale = _run_stages(cfg, run, only, fresh)
-    except BaseException:
-        # a run that failed before finishing any stage leaves no folder behind (one that has finished
-        # stages is kept: it resumes)
-        if created and not any((run / "stages").glob("*.json")):
-            import shutil
-
-            shutil.rmtree(run, ignore_errors=True)
-        raise
     if stale:
         print(f"[speedrun] now stale (built from older inputs or settings): {', '.join(stale)}; "
               f"`lmstack speedrun --run-dir {run}` redoes them", file=sys.stderr)

@@ -135,16 +135,16 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
     ``tokenizer``: an object with ``encode``/``encode_batch``, ``vocab_size``, ``eos_id`` (and ``save``);
     when None it comes from ``config.tokenizer``.
     """
+    from lmstack.runs import remove_if_failed
+
     out = Path(config.out_dir)
-    created = not out.exists()
-    try:
-        return _prepare(config, tokenizer, progress)
-    except BaseException:
-        # a failed run leaves nothing half-made: no work files under their final names, no empty out_dir
-        shutil.rmtree(out / "work", ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    # a failed run leaves nothing half-made: no work files under their final names, no new out_dir
+    with remove_if_failed(out):
+        try:
+            return _prepare(config, tokenizer, progress)
+        except BaseException:
+            shutil.rmtree(out / "work", ignore_errors=True)
+            raise
 
 
 def _prepare(config: PrepareConfig, tokenizer: Any, progress: bool) -> dict[str, Any]:
