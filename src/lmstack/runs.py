@@ -163,12 +163,15 @@ def remove_if_failed(path: str | os.PathLike, keep: Callable[[Path], bool] | Non
     """On an exception, remove the folder ``path`` if this call created it and ``keep(path)`` is false (e.g. it
     holds a checkpoint to resume from): a failed run leaves no half-made run folder behind."""
     path = Path(path)
-    created = not path.exists()
+    top = path  # the outermost folder this call creates (runs/ as well as runs/x when neither exists)
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    created = not top.exists()
     try:
         yield path
     except BaseException:
-        if created and path.is_dir() and not (keep is not None and keep(path)):
-            shutil.rmtree(path, ignore_errors=True)
+        if created and top.is_dir() and not (keep is not None and path.is_dir() and keep(path)):
+            shutil.rmtree(top, ignore_errors=True)
         raise
 
 

@@ -320,6 +320,8 @@ def run_speedrun(cfg: SpeedrunConfig, only: list[str] | None = None, fresh: bool
     resume instead of being skipped as done.
     """
     run = Path(cfg.run_dir)
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"run_dir {run}: exists and is a file; give a folder (the file is kept)")
     names = [s.name for s in STAGES]
     for name in only or []:
         if name not in names:

@@ -138,6 +138,8 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
     from lmstack.runs import remove_if_failed
 
     out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config field 'out_dir': {out} exists and is a file; give a folder (the file is kept)")
     # a failed run leaves nothing half-made: no work files under their final names, no new out_dir
     with remove_if_failed(out):
         try:

@@ -149,6 +149,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from lmstack.eval.report import metrics_table, read_column, run_metrics
     from lmstack.eval.stats import paired_bootstrap, paired_permutation
 
+    if args.list and (args.pred or args.ref):
+        raise ConfigError("--list prints the metrics and scores nothing: drop --pred/--ref, or drop --list")
     if args.list:
         for name, spec in sorted(list_metrics().items()):
             opts = ", ".join(f"{k}={v!r}" for k, v in metric_options(spec).items())
@@ -252,13 +254,23 @@ def _field(rows: list[dict[str, Any]], name: str, path: str) -> list[Any]:
     return [r[name] for r in rows]
 
 
+def _numbers(rows: list[dict[str, Any]], name: str, path: str) -> list[float]:
+    out = []
+    for i, x in enumerate(_field(rows, name, path)):
+        try:
+            out.append(float(x))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: row {i} field {name!r}: expected a number, got {x!r}") from None
+    return out
+
+
 def cmd_correlate(args: argparse.Namespace) -> int:
     from lmstack.eval.correlate import correlate_table, table_markdown
     from lmstack.eval.metrics import compute_metric
 
     rows = _rows(args.file)
-    human = {h: [float(x) for x in _field(rows, h, args.file)] for h in _split(args.human)}
-    scores = {s: [float(x) for x in _field(rows, s, args.file)] for s in _split(args.scores)}
+    human = {h: _numbers(rows, h, args.file) for h in _split(args.human)}
+    scores = {s: _numbers(rows, s, args.file) for s in _split(args.scores)}
     if args.compute:
         preds = [str(x) for x in _field(rows, args.pred_field, args.file)]
         refs = [str(x) for x in _field(rows, args.ref_field, args.file)]

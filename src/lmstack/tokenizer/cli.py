@@ -107,6 +107,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from lmstack.tokenizer import load_tokenizer
     from lmstack.tokenizer.bpe import render_bytes
 
+    if args.decode is not None and (args.text is not None or args.lines or args.tokens or args.allow_special):
+        raise LmstackError("--decode takes ids and ignores --text, --lines, --tokens and --allow-special: "
+                           "give one or the other")
     tok = load_tokenizer(args.tokenizer)
     if args.decode is not None:
         print(tok.decode(args.decode))
