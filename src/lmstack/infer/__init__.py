@@ -1,5 +1,6 @@
 """lmstack.infer: the one generation engine (greedy, sampling, beam search, KV cache, batching, streaming,
-speculative decoding) that chat, serving, RAG, judges and RL rollouts call.
+speculative decoding) that chat, the judges and the evaluation harness call (serving, RAG and RL rollouts,
+when they land, are meant to call it too).
 
     from lmstack.infer import generate, GenerationConfig
     out = generate(model, input_ids, GenerationConfig(max_new_tokens=32, do_sample=True, top_p=0.9, seed=0))
