@@ -227,7 +227,7 @@ def stage_generate(cfg: SpeedrunConfig, run: Path) -> StageResult:
                    f"{spec['tokens_per_target_forward']:.2f} tokens per target forward; "
                    + ("the generated tokens are identical to the model alone's (compared). " if spec["identical"] else
                       "**the generated tokens differ from the model alone's** (compared; a bug to report). ") +
-                   f"`bench/generate.py` measures draft-model speculation.\n")
+                   "`bench/generate.py` measures draft-model speculation.\n")
     return StageResult({"speculative": spec}, report)
 
 

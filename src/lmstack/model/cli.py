@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  lmstack model info path/to/hf_folder --json",
         formatter_class=HelpFormatter)
     info.add_argument("source", metavar="PATH_OR_PRESET")
-    info.add_argument("--seq-len", type=int_at_least(1), default=None, help="sequence length for FLOPs (default: max_seq_len)")
+    info.add_argument("--seq-len", type=int_at_least(1), default=None,
+                      help="sequence length for FLOPs (default: max_seq_len)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info, accepts_overrides=True)
 
@@ -52,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="SRC with config.json (Hugging Face: gpt2, llama, mistral, qwen2, bert, bart) is written "
                     "as an lmstack folder (model.safetensors + model_config.json); SRC with model_config.json "
                     "(lmstack) is written as a Hugging Face folder that transformers loads. Tokenizer files "
-                    "found in SRC are copied. OUT is replaced atomically; an OUT that holds anything but a converted model's files (a run directory, your own files) is refused unless --force, and a file at OUT always is.",
+                    "found in SRC are copied. OUT is replaced atomically; an OUT that holds anything but a converted "
+                    "model's files (a run directory, your own files) is refused unless --force, and a file at "
+                    "OUT always is.",
         epilog="examples:\n"
                "  lmstack model convert hf_gpt2/ runs/gpt2\n"
                "  lmstack model convert runs/speedrun/model hf_export --dtype bf16",

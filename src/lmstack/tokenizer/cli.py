@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--pattern", default="gpt4", help="pre-tokenization split: gpt2, gpt4 or a regex")
     train.add_argument("--special-tokens", nargs="*", default=None, metavar="TOKEN",
                        help="special tokens (default: bos, eos, pad and the chat role markers)")
-    train.add_argument("--workers", type=int_at_least(1), default=None, help="processes counting pre-tokens (default: cores)")
+    train.add_argument("--workers", type=int_at_least(1), default=None,
+                       help="processes counting pre-tokens (default: cores)")
     train.add_argument("--tiktoken", action="store_true", help="also write OUT/tokenizer.tiktoken (rank file)")
     train.set_defaults(func=cmd_train)
 
@@ -73,8 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     stats.add_argument("--tokenizer", required=True, help="a run folder, tokenizer.json or .tiktoken file")
     stats.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or globs")
-    stats.add_argument("--max-chars", type=int_at_least(1), default=20_000_000, help="measure on at most this much text")
-    stats.add_argument("--top", type=int_at_least(0), default=10, help="how many longest / most frequent tokens to list")
+    stats.add_argument("--max-chars", type=int_at_least(1), default=20_000_000,
+                       help="measure on at most this much text")
+    stats.add_argument("--top", type=int_at_least(0), default=10,
+                       help="how many longest / most frequent tokens to list")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=cmd_stats)
 

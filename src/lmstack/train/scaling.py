@@ -75,8 +75,9 @@ def fit_chinchilla(n: list[float], d: list[float], loss: list[float], delta: flo
     if min(loss) <= 0 or min(n) <= 0 or min(d) <= 0:
         raise DataError("scaling fit: N, D and losses must be positive")
     if len(set(n)) < 2 or len(set(d)) < 2:
-        raise DataError(f"scaling fit: the rows need at least 2 different model sizes and 2 different token counts "
-                        f"(got {len(set(n))} and {len(set(d))}); with fewer, A/N^alpha and B/D^beta cannot be told apart")
+        raise DataError(f"scaling fit: the rows need at least 2 different model sizes and 2 different token "
+                        f"counts (got {len(set(n))} and {len(set(d))}); with fewer, A/N^alpha and B/D^beta "
+                        f"cannot be told apart")
     log_n = torch.tensor(n, dtype=torch.float64).log()
     log_d = torch.tensor(d, dtype=torch.float64).log()
     log_l = torch.tensor(loss, dtype=torch.float64).log()
