@@ -89,21 +89,26 @@ def peft_step_bench(repeats: int, batch: int, seq: int) -> tuple[float, float]:
     theirs = peft.get_peft_model(ref, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     add_lora(ours, LoraConfig(r=8, alpha=16, targets=["attention", "mlp"]))
     x = torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(1))
+    # The same objective for both: next-token prediction over the same T tokens. transformers shifts `labels`
+    # inside; ours takes the shifted targets, with the last position (no next token) ignored.
+    y = torch.cat([x[:, 1:], torch.full((batch, 1), -100)], dim=1)
 
     def stepper(model, hf_style):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
-        def step():
-            loss = model(input_ids=x, labels=x).loss if hf_style else model(x, targets=x)[1]
+        def step() -> float:
+            loss = model(input_ids=x, labels=x).loss if hf_style else model(x, targets=y)[1]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss.item()
         return step
 
     steps = {"ours": stepper(ours, False), "peft": stepper(theirs, True)}
     times: dict[str, list[float]] = {"ours": [], "peft": []}
-    for name in steps:
-        steps[name]()                                   # warm-up
+    first = {name: fn() for name, fn in steps.items()}  # warm-up; LoRA starts as the identity, so the same loss
+    if abs(first["ours"] - first["peft"]) > 1e-4:
+        raise SystemExit(f"objectives differ: first-step loss ours {first['ours']:.6f} vs peft {first['peft']:.6f}")
     for _ in range(repeats):
         for name, fn in steps.items():
             t0 = time.perf_counter()

@@ -22,6 +22,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(params=["fixtures", "shared"])
+def eval_data(request) -> Path:
+    """A data root holding ``eval/HumanEval.jsonl.gz`` and ``eval/reference_tests/``: the tiny in-repo copy in
+    tests/fixtures (always), and ``../shared/data`` (the real files; skipped where absent)."""
+    if request.param == "fixtures":
+        return FIXTURES
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (optional: see shared/data/README.md)")
+    return SHARED_DATA
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

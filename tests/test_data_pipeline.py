@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -195,14 +194,6 @@ def test_config_errors_name_the_field(tmp_path):
         prepare(config, tokenizer=ByteTokenizer(), progress=False)
 
 
-def _has_bpe() -> bool:
-    try:
-        return hasattr(importlib.import_module("lmstack.tokenizer"), "train_bpe")
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _has_bpe(), reason="lmstack.tokenizer.train_bpe is not available yet")
 def test_cli_runs_the_example_config_with_a_trained_bpe(tmp_path, monkeypatch, capsys):
     from lmstack import cli
 

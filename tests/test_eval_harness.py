@@ -105,14 +105,15 @@ def test_pass_at_k_estimator_matches_enumeration():
         assert pass_at_k(n, c, k) == pytest.approx(brute)
 
 
-def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(shared_data):
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(eval_data):
     task = load_task("humaneval")
     task.limit, task.n_samples, task.k = 6, 2, [1, 2]
     from lmstack.eval.harness import load_docs
 
-    docs, _ = load_docs(task, shared_data)
+    docs, _ = load_docs(task, eval_data)
+    assert len(docs) >= 4
     samples = {d["id"]: [d["canonical_solution"], "    return None\n"] for d in docs}
-    res = run_task(task, data_dir=shared_data, samples=samples)
+    res = run_task(task, data_dir=eval_data, samples=samples)
     assert res.metrics["pass@1"] == pytest.approx(0.5) and res.metrics["pass@2"] == pytest.approx(1.0)
     assert all(r["statuses"][0] == "passed" and r["statuses"][1] == "failed" for r in res.records)
 

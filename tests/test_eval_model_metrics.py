@@ -104,8 +104,8 @@ def test_gptscore_is_mean_token_logprob(tiny_lm):
 
 # ------------------------------------------------------------------------------------------------ BERTScore
 
-def _bert_inputs(shared_data):
-    base = shared_data / "eval" / "reference_tests" / "bert_score"
+def _bert_inputs(eval_data):
+    base = eval_data / "eval" / "reference_tests" / "bert_score"
     read = lambda name: (base / name).read_text(encoding="utf-8").splitlines()  # noqa: E731
     extra_h = ["The cat sat on the mat.", "Completely unrelated words: banana, carburettor, 1987!"]
     extra_r = ["A cat was sitting on the mat.", "The weather today is sunny and warm."]
@@ -123,9 +123,9 @@ def minilm_path():
 
 
 @pytest.mark.parametrize("num_layers,idf", [(6, False), (6, True), (2, False)])
-def test_bertscore_matches_bert_score(shared_data, minilm_path, num_layers, idf):
+def test_bertscore_matches_bert_score(eval_data, minilm_path, num_layers, idf):
     bert_score = pytest.importorskip("bert_score")
-    hyps, refs, _ = _bert_inputs(shared_data)
+    hyps, refs, _ = _bert_inputs(eval_data)
     ours = compute_metric("bertscore", hyps, refs, num_layers=num_layers, idf=idf)
     p, r, f = bert_score.score(hyps, refs, model_type=minilm_path, num_layers=num_layers, idf=idf)
     np.testing.assert_allclose(ours.per_item, f.numpy(), atol=1e-4)
@@ -134,9 +134,9 @@ def test_bertscore_matches_bert_score(shared_data, minilm_path, num_layers, idf)
     assert ours.score == pytest.approx(float(f.mean()), abs=1e-4)
 
 
-def test_bertscore_multi_reference_and_rescaling(shared_data, minilm_path, tmp_path):
+def test_bertscore_multi_reference_and_rescaling(eval_data, minilm_path, tmp_path):
     bert_score = pytest.importorskip("bert_score")
-    hyps, refs, refs2 = _bert_inputs(shared_data)
+    hyps, refs, refs2 = _bert_inputs(eval_data)
     multi = [[a, b] for a, b in zip(refs, refs2)]
     baseline = tmp_path / "baseline.tsv"
     rows = "".join(f"{layer},{0.2 + layer / 100},{0.22 + layer / 100},{0.21 + layer / 100}\n" for layer in range(7))

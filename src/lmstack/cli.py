@@ -8,9 +8,11 @@ this file lists those modules in data-flow order. A handler returns an exit code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from lmstack import __version__
 from lmstack.clihelp import HelpFormatter
@@ -59,13 +61,49 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(kept)  # again, so an override's value is never taken for a positional
         args.overrides = overrides
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except LmstackError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(_with_speedrun_hint(str(e)))
+    except BrokenPipeError:  # `lmstack ... | head`: the reader has gone; stop quietly like any Unix tool
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+    except UnicodeDecodeError as e:  # a data file that is not UTF-8, read by code that cannot name it
+        return _fail(f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8")
+    except OSError as e:
+        if e.filename is None:  # not about a user's path: a bug or the system; keep the traceback
+            raise
+        return _fail(f"{e.filename}: {e.strerror or e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    """The one place a user error is printed: one line on stderr, exit code 2."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
+
+
+def _with_speedrun_hint(message: str) -> str:
+    """The shipped configs (train, finetune, scaling) read the speedrun's outputs under runs/speedrun/; when
+    one of those is missing, say how to make it."""
+    from lmstack.speedrun import SpeedrunConfig
+
+    default = SpeedrunConfig.run_dir
+    if default in message and not (Path(default) / "report.md").is_file():
+        return (f"{message.rstrip('.')} ({default}/ is written by `lmstack speedrun`: run it first, or point the "
+                f"config at your own files)")
+    return message
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at devnull so that flush cannot raise a second time
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def split_overrides(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
@@ -89,7 +127,13 @@ def split_overrides(argv: list[str], names: set[str]) -> tuple[list[str], list[s
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = code or 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

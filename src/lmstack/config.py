@@ -33,10 +33,27 @@ T = TypeVar("T")
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file into a dict."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a .toml, .yaml or .json config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_config_text(raw, path.suffix, str(path))
+
+
+def parse_config_text(raw: bytes | str, suffix: str, name: str) -> dict[str, Any]:
+    """Parse config text by its file suffix; every parse problem becomes one ConfigError line naming ``name``."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    else:
+        text = raw
+    suffix = suffix.lower()
     try:
         if suffix == ".toml":
             data = tomllib.loads(text)
@@ -45,12 +62,21 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot parse ({e})") from None
+            raise ConfigError(f"{name}: unknown config format {suffix!r}; use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{name}: cannot parse ({_one_line(e)})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+        raise ConfigError(f"{name}: the top level must be a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def _one_line(e: Exception) -> str:
+    """A parser error as one line (PyYAML's messages span several lines with a caret diagram)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -24,13 +24,27 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
+from lmstack.errors import DataError, LmstackError
 
-from lmstack.errors import DataError
+
+def _umask() -> int:
+    """The process umask (there is no call that reads it without setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, e: OSError) -> LmstackError:
+    """An OSError while creating an output (read-only folder, a file where a folder belongs) as one line."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(path.parent)) else ""
+    reason = e.strerror or str(e)
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        reason = "a parent of this path is a file, not a folder"
+    return LmstackError(f"{path}: cannot write here: {reason}{where}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,10 +66,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             save_file(tensors, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise LmstackError(f"{path}: is a folder; give a file path to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved model must be as readable as any file
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -84,7 +104,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.dtype):
+    torch = sys.modules.get("torch")  # a torch dtype can only exist once torch is imported; never import it here
+    if torch is not None and isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
     if hasattr(obj, "item"):
         return obj.item()
@@ -109,8 +130,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at ``path`` is replaced only after the new one is fully written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if path.exists() and not path.is_dir():
+        raise LmstackError(f"{path}: exists and is not a folder; give a folder path (or remove the file)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from None
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; honour the umask like mkdir does
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -128,6 +155,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def remove_if_failed(path: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """On an exception, remove the folder ``path`` if this call created it and ``keep(path)`` is false (e.g. it
+    holds a checkpoint to resume from): a failed run leaves no half-made run folder behind."""
+    path = Path(path)
+    top = path  # the outermost folder this call creates (runs/ as well as runs/x when neither exists)
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    created = not top.exists()
+    try:
+        yield path
+    except BaseException:
+        if created and top.is_dir() and not (keep is not None and path.is_dir() and keep(path)):
+            shutil.rmtree(top, ignore_errors=True)
         raise
 
 

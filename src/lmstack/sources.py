@@ -102,7 +102,9 @@ def iter_file_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(rows):
             yield f"{path}[{i}]", row
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from lmstack.extras import require
+
+        pq = require("pyarrow.parquet", "reading Parquet files")
 
         try:
             pf = pq.ParquetFile(path)

@@ -23,8 +23,7 @@ from typing import Any, Literal
 from lmstack.config import load_config, to_dict
 from lmstack.data.corpus import CorpusConfig
 from lmstack.errors import ConfigError
-from lmstack.runs import atomic_write_json, atomic_write_text, read_json
-from lmstack.runtime import seed_everything
+from lmstack.runs import atomic_write_json, atomic_write_text, read_json, remove_if_failed
 
 
 @dataclass
@@ -225,8 +224,10 @@ def stage_generate(cfg: SpeedrunConfig, run: Path) -> StageResult:
         report += (f"\nSpeculative decoding by prompt lookup (greedy, batch 1, {len(openings)} held-out openings): "
                    f"**{spec['speedup']:.2f}x** wall-clock vs the model alone ({spec['speculative_s']:.2f} s vs "
                    f"{spec['plain_s']:.2f} s), acceptance {spec['acceptance']:.0%}, "
-                   f"{spec['tokens_per_target_forward']:.2f} tokens per target forward; the output is identical. "
-                   f"`bench/generate.py` measures draft-model speculation.\n")
+                   f"{spec['tokens_per_target_forward']:.2f} tokens per target forward; "
+                   + ("the generated tokens are identical to the model alone's (compared). " if spec["identical"] else
+                      "**the generated tokens differ from the model alone's** (compared; a bug to report). ") +
+                   "`bench/generate.py` measures draft-model speculation.\n")
     return StageResult({"speculative": spec}, report)
 
 
@@ -312,36 +313,62 @@ def _stage_hash(cfg: SpeedrunConfig, stage: Stage, upstream: str) -> str:
 
 
 def run_speedrun(cfg: SpeedrunConfig, only: list[str] | None = None, fresh: bool = False) -> Path:
-    """Run (or resume) every stage, then write the report. Returns the run directory."""
+    """Run (or resume) every stage, then write the report. Returns the run directory.
+
+    Each stage's marker records the id of the upstream stage output it was built from, so rerunning a stage
+    (``--stages tokenizer --fresh``) makes the later stages stale: they are listed, and redone on the next
+    resume instead of being skipped as done.
+    """
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "stages").mkdir(exist_ok=True)
-    atomic_write_json(run / "config.json", to_dict(cfg))
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"run_dir {run}: exists and is a file; give a folder (the file is kept)")
     names = [s.name for s in STAGES]
     for name in only or []:
         if name not in names:
             raise ConfigError(f"--stages: unknown stage {name!r}; stages are {', '.join(names)}")
-    upstream = ""
+    # a run that fails before finishing any stage leaves no folder behind (one with finished stages resumes)
+    with remove_if_failed(run, keep=lambda r: any((r / "stages").glob("*.json"))):
+        stale = _run_stages(cfg, run, only, fresh)
+    if stale:
+        print(f"[speedrun] now stale (built from older inputs or settings): {', '.join(stale)}; "
+              f"`lmstack speedrun --run-dir {run}` redoes them", file=sys.stderr)
+    write_report(run)
+    return run
+
+
+def _run_stages(cfg: SpeedrunConfig, run: Path, only: list[str] | None, fresh: bool) -> list[str]:
+    (run / "stages").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "config.json", to_dict(cfg))
+    upstream, upstream_id = "", ""
+    stale: list[str] = []
     for stage in STAGES:
         marker = run / "stages" / f"{stage.name}.json"
         h = _stage_hash(cfg, stage, upstream)
         upstream = h
-        if only and stage.name not in only:
-            continue
-        if not fresh and marker.is_file() and read_json(marker).get("config_hash") == h:
-            print(f"[speedrun] {stage.name}: done, skipping (resume)", file=sys.stderr)
+        info = read_json(marker) if marker.is_file() else None
+        current = (info is not None and info.get("config_hash") == h
+                   and info.get("upstream_id", upstream_id) == upstream_id)
+        if (only and stage.name not in only) or (not fresh and current):
+            if info is not None and not current:
+                stale.append(stage.name)
+            elif current:
+                print(f"[speedrun] {stage.name}: done, skipping (resume)", file=sys.stderr)
+            upstream_id = info.get("id", "") if info else ""
             continue
         print(f"[speedrun] {stage.name}: running", file=sys.stderr)
+        from lmstack.runtime import seed_everything
+
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
         result = stage.run(cfg, run)
         seconds = time.perf_counter() - t0
+        stage_id = f"{stage.name}-{time.time_ns()}"
         atomic_write_text(run / "stages" / f"{stage.name}.md", result.report)
-        atomic_write_json(marker, {"stage": stage.name, "config_hash": h, "seconds": round(seconds, 2),
-                                   "results": result.results})
+        atomic_write_json(marker, {"stage": stage.name, "config_hash": h, "id": stage_id, "upstream_id": upstream_id,
+                                   "seconds": round(seconds, 2), "results": result.results})
+        upstream_id = stage_id
         print(f"[speedrun] {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
-    write_report(run)
-    return run
+    return stale
 
 
 def write_report(run: str | Path) -> Path:
@@ -403,12 +430,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cli_speedrun(args: argparse.Namespace) -> int:
     overrides = list(args.overrides or [])
+    run_dir = Path(args.run_dir or SpeedrunConfig.run_dir)
+    base = None
+    if args.config is None and (run_dir / "config.json").is_file():
+        # an existing run keeps its own settings (`--stages tokenizer --fresh` must not reset it to defaults);
+        # overrides still apply on top
+        base = read_json(run_dir / "config.json")
+        print(f"[speedrun] settings from {run_dir / 'config.json'}"
+              + (f" with overrides {' '.join(overrides)}" if overrides else ""), file=sys.stderr)
     if args.run_dir:
         overrides += ["--run_dir", args.run_dir]
-    cfg = load_config(SpeedrunConfig, args.config, overrides)
-    only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    cfg = load_config(SpeedrunConfig, args.config, overrides, base=base)
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    if args.stages is not None and not only:
+        raise ConfigError("--stages: give at least one stage name: " + ",".join(s.name for s in STAGES))
     run = run_speedrun(cfg, only=only, fresh=args.fresh)
     print(f"report: {run / 'report.md'} and {run / 'report.html'}")
     return 0
-
-

@@ -348,7 +348,10 @@ _LANGID: Any = None
 def _identifier() -> Any:
     global _LANGID
     if _LANGID is None:  # loading the model takes about a second, so once per process
-        from langid.langid import LanguageIdentifier, model
+        from lmstack.extras import require
+
+        langid = require("langid.langid", "the language filter (clean step 'language')")
+        LanguageIdentifier, model = langid.LanguageIdentifier, langid.model
 
         _LANGID = LanguageIdentifier.from_modelstring(model, norm_probs=True)
     return _LANGID

@@ -137,6 +137,21 @@ def prepare(config: PrepareConfig, tokenizer: Any = None, progress: bool = True)
     ``tokenizer``: an object with ``encode``/``encode_batch``, ``vocab_size``, ``eos_id`` (and ``save``);
     when None it comes from ``config.tokenizer``.
     """
+    from lmstack.runs import remove_if_failed
+
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config field 'out_dir': {out} exists and is a file; give a folder (the file is kept)")
+    # a failed run leaves nothing half-made: no work files under their final names, no new out_dir
+    with remove_if_failed(out):
+        try:
+            return _prepare(config, tokenizer, progress)
+        except BaseException:
+            shutil.rmtree(out / "work", ignore_errors=True)
+            raise
+
+
+def _prepare(config: PrepareConfig, tokenizer: Any, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(config.out_dir)
     work = out / "work"

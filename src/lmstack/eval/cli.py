@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, LmstackError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.clihelp import HelpFormatter
+    from lmstack.clihelp import HelpFormatter, int_at_least, positive_float
 
     group = subparsers.add_parser(
         "eval", help="metrics, benchmarks, judges' meta-evaluation", formatter_class=HelpFormatter,
@@ -50,14 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="metric option, value parsed as YAML (repeatable)")
     m.add_argument("--ci", action="store_true", help="95%% bootstrap confidence intervals")
     m.add_argument("--compare", help="a second system's predictions: paired significance vs --pred")
-    m.add_argument("--resamples", type=int, default=1000)
+    m.add_argument("--resamples", type=int_at_least(1), default=1000)
     m.add_argument("--json", dest="json_out", help="write full results to this JSON file")
     m.add_argument("--list", action="store_true", help="list the metrics and their options")
     m.set_defaults(func=cmd_metrics)
 
     b = sub.add_parser(
         "bench", help="run benchmark tasks on a model", formatter_class=HelpFormatter,
-        description="Run tasks (YAML files, or names from configs/eval_tasks: hellaswag, gsm8k, humaneval, "
+        description="Run tasks (YAML files, or names of the built-in tasks: hellaswag, gsm8k, humaneval, "
                     "tinystories_ppl) on MODEL: a run directory or model folder (lmstack or Hugging Face) with "
                     "tokenizer.json, or an OpenAI-compatible endpoint URL#model for generative tasks. Data paths "
                     "in tasks are relative to --data-dir.",
@@ -68,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("model", metavar="MODEL")
     b.add_argument("--tasks", required=True, help="comma-separated task names or YAML paths")
     b.add_argument("--data-dir", default=None, help="root for task data paths (default $LMSTACK_DATA or ../shared/data)")
-    b.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
-    b.add_argument("--num-fewshot", type=int, default=None)
+    b.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate the first N items of each task")
+    b.add_argument("--num-fewshot", type=int_at_least(0), default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", dest="json_out")
     b.set_defaults(func=cmd_bench)
@@ -110,10 +110,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--ref-field", default="reference")
     t.add_argument("--rating-field", default="rating")
     t.add_argument("--base", default=None, help="encoder folder (default all-MiniLM-L6-v2)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--lr", type=float, default=3e-5)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--max-length", type=int, default=256)
+    t.add_argument("--epochs", type=int_at_least(1), default=1)
+    t.add_argument("--lr", type=positive_float, default=3e-5)
+    t.add_argument("--batch-size", type=int_at_least(1), default=16)
+    t.add_argument("--max-length", type=int_at_least(1), default=256)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train_metric)
 
@@ -149,6 +149,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from lmstack.eval.report import metrics_table, read_column, run_metrics
     from lmstack.eval.stats import paired_bootstrap, paired_permutation
 
+    if args.list and (args.pred or args.ref):
+        raise ConfigError("--list prints the metrics and scores nothing: drop --pred/--ref, or drop --list")
     if args.list:
         for name, spec in sorted(list_metrics().items()):
             opts = ", ".join(f"{k}={v!r}" for k, v in metric_options(spec).items())
@@ -190,6 +192,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lmstack.eval.harness import load_task, results_table, run_task
 
+    tasks = [load_task(name) for name in _split(args.tasks)]  # every task file is checked before any runs
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name or YAML path")
     model = tokenizer = llm = None
     if args.model.startswith(("http://", "https://")):
         from lmstack.eval.llm import load_llm
@@ -199,22 +204,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from lmstack.infer.text import load_run
 
         model, tokenizer = load_run(args.model, device=args.device)
-    results = []
-    for name in _split(args.tasks):
-        task = load_task(name)
+    results, failures = [], []
+    for task in tasks:
         if args.limit:
             task.limit = args.limit
         if args.num_fewshot is not None:
             task.num_fewshot = args.num_fewshot
-        res = run_task(task, model=model, tokenizer=tokenizer, llm=llm, data_dir=args.data_dir)
+        try:
+            res = run_task(task, model=model, tokenizer=tokenizer, llm=llm, data_dir=args.data_dir)
+        except LmstackError as e:  # keep what finished; one bad task file must not cost the others
+            failures.append({"name": task.name, "error": str(e)})
+            print(f"{task.name}: failed: {e}", file=sys.stderr)
+            continue
         print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()) + f" ({res.seconds:.1f}s)",
               file=sys.stderr)
         results.append(res)
-    print(results_table(results))
-    if args.json_out:
+    if results:
+        print(results_table(results))
+    if args.json_out and (results or not failures):
         from lmstack.runs import atomic_write_json
 
-        atomic_write_json(args.json_out, {"model": args.model, "tasks": [r.to_dict() for r in results]})
+        atomic_write_json(args.json_out, {"model": args.model, "tasks": [r.to_dict() for r in results],
+                                          "failed": failures})
+    if failures:
+        kept = f"; the {len(results)} finished are in {args.json_out}" if args.json_out and results else ""
+        raise LmstackError(f"{len(failures)} of {len(tasks)} tasks failed ({', '.join(f['name'] for f in failures)})"
+                           f"{kept}")
     return 0
 
 
@@ -239,13 +254,23 @@ def _field(rows: list[dict[str, Any]], name: str, path: str) -> list[Any]:
     return [r[name] for r in rows]
 
 
+def _numbers(rows: list[dict[str, Any]], name: str, path: str) -> list[float]:
+    out = []
+    for i, x in enumerate(_field(rows, name, path)):
+        try:
+            out.append(float(x))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: row {i} field {name!r}: expected a number, got {x!r}") from None
+    return out
+
+
 def cmd_correlate(args: argparse.Namespace) -> int:
     from lmstack.eval.correlate import correlate_table, table_markdown
     from lmstack.eval.metrics import compute_metric
 
     rows = _rows(args.file)
-    human = {h: [float(x) for x in _field(rows, h, args.file)] for h in _split(args.human)}
-    scores = {s: [float(x) for x in _field(rows, s, args.file)] for s in _split(args.scores)}
+    human = {h: _numbers(rows, h, args.file) for h in _split(args.human)}
+    scores = {s: _numbers(rows, s, args.file) for s in _split(args.scores)}
     if args.compute:
         preds = [str(x) for x in _field(rows, args.pred_field, args.file)]
         refs = [str(x) for x in _field(rows, args.ref_field, args.file)]

@@ -32,7 +32,6 @@ from lmstack.errors import ConfigError, DataError
 
 KINDS = ("multiple_choice", "generate", "code", "perplexity")
 FORMATS = ("generic", "hellaswag", "arc", "gsm8k", "humaneval", "text")
-TASKS_DIR = Path(__file__).resolve().parents[3] / "configs" / "eval_tasks"
 
 
 @dataclass
@@ -87,19 +86,36 @@ class TaskResult:
                 "records": self.records}
 
 
+def builtin_tasks() -> dict[str, Any]:
+    """The built-in task files shipped as package data (``lmstack/eval/tasks/*.yaml``), by name."""
+    from importlib.resources import files
+
+    folder = files("lmstack.eval") / "tasks"
+    return {f.name.rsplit(".", 1)[0]: f for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
 def load_task(name_or_path: str | os.PathLike, tasks_dir: str | os.PathLike | None = None) -> TaskConfig:
-    """A task from a YAML/JSON/TOML file, or by name from ``tasks_dir`` (default ``configs/eval_tasks``)."""
-    from lmstack.config import from_dict, read_config_file
+    """A task from a YAML/JSON/TOML file, or by name from ``tasks_dir`` (default: the built-in tasks)."""
+    from lmstack.config import from_dict, parse_config_text, read_config_file
 
     p = Path(name_or_path)
-    if not p.is_file():
-        folder = Path(tasks_dir) if tasks_dir else TASKS_DIR
+    if p.is_file():
+        data, stem = read_config_file(p), p.stem
+    elif tasks_dir is not None:
+        folder = Path(tasks_dir)
         p = folder / f"{name_or_path}.yaml"
         if not p.is_file():
             known = sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
             raise ConfigError(f"no task {str(name_or_path)!r} (not a file; known in {folder}: {', '.join(known) or 'none'})")
-    data = read_config_file(p)
-    data.setdefault("name", p.stem)
+        data, stem = read_config_file(p), p.stem
+    else:
+        builtin = builtin_tasks()
+        if str(name_or_path) not in builtin:
+            raise ConfigError(f"no task {str(name_or_path)!r} (not a file, not a built-in task: "
+                              f"{', '.join(sorted(builtin))})")
+        stem = str(name_or_path)
+        data = parse_config_text(builtin[stem].read_bytes(), ".yaml", f"built-in task {stem}")
+    data.setdefault("name", stem)
     return from_dict(TaskConfig, data)
 
 
@@ -108,16 +124,20 @@ def load_task(name_or_path: str | os.PathLike, tasks_dir: str | os.PathLike | No
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl / .jsonl.gz / .json / .parquet file (:func:`lmstack.sources.iter_file_rows`), or the
-    paragraphs of a .txt/.md file as ``{"text"}``."""
+    paragraphs of a .txt/.md file as ``{"text"}``; an empty file is an error."""
     from lmstack.sources import iter_file_rows, read_text_file, row_suffix
 
     if not path.is_file():
         raise DataError(f"{path}: no such data file (task paths are relative to --data-dir)")
     if row_suffix(path) is not None:
-        return [row for _, row in iter_file_rows(path)]
-    if path.suffix.lower() in (".txt", ".md"):
-        return [{"text": p.strip()} for p in re.split(r"\n\s*\n", read_text_file(path)) if p.strip()]
-    raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .parquet, .txt, .md; .jsonl may be .gz)")
+        rows = [row for _, row in iter_file_rows(path)]
+    elif path.suffix.lower() in (".txt", ".md"):
+        rows = [{"text": p.strip()} for p in re.split(r"\n\s*\n", read_text_file(path)) if p.strip()]
+    else:
+        raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .parquet, .txt, .md; .jsonl may be .gz)")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
 
 
 def _hellaswag_clean(text: str) -> str:

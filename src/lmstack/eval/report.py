@@ -36,12 +36,17 @@ def read_column(path: str | os.PathLike, field: str | None = None) -> list[str]:
             with open(p, encoding="utf-8", newline="") as f:
                 rows = list(csv.DictReader(f))
         else:
-            return p.read_text(encoding="utf-8").splitlines()
+            rows = p.read_text(encoding="utf-8").splitlines()
+            if not rows:
+                raise DataError(f"{p}: no items (the file is empty)")
+            return rows
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:
         raise DataError(f"{p}: not UTF-8 text") from None
-    if rows and isinstance(rows[0], str):
+    if not rows:
+        raise DataError(f"{p}: no items (the file is empty)")
+    if isinstance(rows[0], str):
         return [str(r) for r in rows]
     field = field or "text"
     out = []
@@ -129,7 +134,11 @@ def evaluate_run(model: Any, tokenizer: Any, heldout_texts: Sequence[str], *, pr
         from lmstack.eval.llm import LocalLLM
 
         outputs = [r[0].text for r in LocalLLM(model, tokenizer).complete(list(prompts), max_tokens=max_new_tokens)]
-        names = ["bleu", "chrf", "rougeL"]
+        from lmstack.extras import available
+
+        names = ["bleu", "chrf", "rougeL"] if available("sacrebleu") and available("nltk") else []
+        if not names:
+            results["metrics_skipped"] = 'BLEU/chrF/ROUGE need the eval extra: pip install "lmstack[eval]"'
         try:
             from lmstack.eval.metrics.wordnet import load_wordnet
 
@@ -143,6 +152,8 @@ def evaluate_run(model: Any, tokenizer: Any, heldout_texts: Sequence[str], *, pr
                                              for p, o, r in list(zip(prompts, outputs, references))[:3]]}
         lines += ["- generation vs reference (" + str(len(prompts)) + " prompts): "
                   + ", ".join(f"{n} {v:.3f}" for n, v in scores.items())]
+        if "metrics_skipped" in results:
+            lines += [f"  ({results['metrics_skipped']})"]
         if "meteor_skipped" in results:
             lines += [f"  (METEOR skipped: {results['meteor_skipped']})"]
     if len(lines) == 2:

@@ -331,6 +331,13 @@ def prepare_sft_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list, list, d
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``cfg.base`` on the SFT data with ``cfg.method``; write the run directory; return the summary."""
+    from lmstack.runs import list_checkpoints, remove_if_failed
+
+    with remove_if_failed(cfg.run_dir, keep=lambda run: bool(list_checkpoints(run))):  # no empty run on failure
+        return _finetune(cfg, resume)
+
+
+def _finetune(cfg: FinetuneConfig, resume: bool) -> dict[str, Any]:
     from lmstack.finetune.sft import SFTLoader, eval_batches, heldout_loss
     from lmstack.runtime import resolve_device, seed_everything
     from lmstack.train.config import DataConfig, OptimConfig, TrainConfig

@@ -72,6 +72,8 @@ def _setup(args: argparse.Namespace, max_new_default: int, prefer: tuple[str, ..
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmstack.infer.text import generate_text, load_run, stream_text
 
+    if args.stream and args.json:
+        raise LmstackError("--stream prints text as it comes and --json prints records: choose one")
     cfg, model, tok, dtype = _setup(args, 64)
     draft = load_run(args.draft, device=args.device, dtype=dtype)[0] if args.draft else None
     if args.stream:

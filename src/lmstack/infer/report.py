@@ -48,28 +48,30 @@ def speculative_speedup(model: nn.Module, tokenizer: Any, prompts: Sequence[str]
                         max_new_tokens: int = 64, num_assistant_tokens: int = 4, repeats: int = 3) -> dict[str, float]:
     """Greedy decoding of each prompt (batch 1) by the model alone and speculatively (with ``draft_model``,
     else prompt lookup); median wall-clock over ``repeats``. The outputs are identical by construction
-    (greedy); returns seconds, speedup, acceptance and tokens per target forward."""
+    (greedy) but compared anyway: ``identical`` says whether every prompt's new tokens matched; returns
+    seconds, speedup, acceptance and tokens per target forward."""
     base = _with_defaults(tokenizer, GenerationConfig(max_new_tokens=max_new_tokens))
     spec = base.replace(num_assistant_tokens=num_assistant_tokens) if draft_model is not None else \
         base.replace(prompt_lookup_num_tokens=num_assistant_tokens)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
 
-    def run(cfg: GenerationConfig, draft: nn.Module | None) -> tuple[float, list[dict[str, Any]]]:
+    def run(cfg: GenerationConfig, draft: nn.Module | None) -> tuple[float, list[dict[str, Any]], list[list[int]]]:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            stats = [generate_result(model, [p], cfg, draft_model=draft).stats for p in ids]
+            results = [generate_result(model, [p], cfg, draft_model=draft) for p in ids]
             times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2], stats
+        return sorted(times)[len(times) // 2], [r.stats for r in results], [r.new_tokens(0) for r in results]
 
-    plain_s, _ = run(base, None)
-    spec_s, stats = run(spec, draft_model)
+    plain_s, _, plain_out = run(base, None)
+    spec_s, stats, spec_out = run(spec, draft_model)
     proposed = sum(s.get("proposed", 0) for s in stats)
     accepted = sum(s.get("accepted", 0) for s in stats)
     per_fwd = sum(s["new_tokens"] for s in stats) / max(sum(s.get("target_forwards", 1) for s in stats), 1)
     return {"plain_s": plain_s, "speculative_s": spec_s, "speedup": plain_s / spec_s,
             "acceptance": accepted / proposed if proposed else 0.0, "tokens_per_target_forward": per_fwd,
-            "method": "draft model" if draft_model is not None else "prompt lookup"}
+            "method": "draft model" if draft_model is not None else "prompt lookup",
+            "identical": plain_out == spec_out}
 
 
 def speculative_summary(model: nn.Module, tokenizer: Any, prompts: Sequence[str],

@@ -10,17 +10,23 @@ Our own checkpoint format is a folder with ``model.safetensors`` and ``model_con
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lmstack.config import from_dict, to_dict
 from lmstack.errors import ConfigError
-from lmstack.model.cache import KVCache
-from lmstack.model.config import PRESETS, ModelConfig, preset
-from lmstack.model.layers import init_weights, retie_weights
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lmstack.model.config import ModelConfig
+
+# Names loaded on first use, so that importing lmstack.model.cli (``lmstack --help``) does not import torch.
+_LAZY = {"KVCache": "cache", "PRESETS": "config", "ModelConfig": "config", "preset": "config",
+         "init_weights": "layers", "retie_weights": "layers", "sentence_embeddings": "encoder"}
 
 __all__ = ["ModelConfig", "KVCache", "PRESETS", "preset", "build_model", "init_weights", "save", "load",
            "sentence_embeddings", "hf"]
@@ -60,8 +66,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     The model is built on the meta device (no random init, no second copy of the weights) and the stored
     tensors are assigned into it, as :func:`lmstack.model.hf.load` does.
     """
+    import torch
     from safetensors.torch import load_file
 
+    from lmstack.model.layers import retie_weights
+
+    from lmstack.model.config import ModelConfig
     from lmstack.runs import read_json
 
     path = Path(path)
@@ -91,12 +101,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     return model.to(device)
 
 
-def __getattr__(name: str):
-    # hf and sentence_embeddings pull in more code; load them on first use
+def __getattr__(name: str) -> Any:
+    # hf, sentence_embeddings and everything that needs torch load on first use
     if name == "hf":
-        import importlib
         return importlib.import_module("lmstack.model.hf")
-    if name == "sentence_embeddings":
-        from lmstack.model.encoder import sentence_embeddings
-        return sentence_embeddings
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"lmstack.model.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'lmstack.model' has no attribute {name!r}")

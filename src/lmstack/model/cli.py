@@ -15,7 +15,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.clihelp import HelpFormatter
+    from lmstack.clihelp import HelpFormatter, int_at_least
 
     group = subparsers.add_parser(
         "model", help="inspect model configs and convert checkpoints (lmstack <-> Hugging Face)",
@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  lmstack model info path/to/hf_folder --json",
         formatter_class=HelpFormatter)
     info.add_argument("source", metavar="PATH_OR_PRESET")
-    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
+    info.add_argument("--seq-len", type=int_at_least(1), default=None,
+                      help="sequence length for FLOPs (default: max_seq_len)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info, accepts_overrides=True)
 
@@ -52,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="SRC with config.json (Hugging Face: gpt2, llama, mistral, qwen2, bert, bart) is written "
                     "as an lmstack folder (model.safetensors + model_config.json); SRC with model_config.json "
                     "(lmstack) is written as a Hugging Face folder that transformers loads. Tokenizer files "
-                    "found in SRC are copied. OUT is replaced atomically.",
+                    "found in SRC are copied. OUT is replaced atomically; an OUT that holds anything but a converted "
+                    "model's files (a run directory, your own files) is refused unless --force, and a file at "
+                    "OUT always is.",
         epilog="examples:\n"
                "  lmstack model convert hf_gpt2/ runs/gpt2\n"
                "  lmstack model convert runs/speedrun/model hf_export --dtype bf16",
@@ -60,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("src", metavar="SRC")
     conv.add_argument("out", metavar="OUT")
     conv.add_argument("--dtype", default=None, help="cast weights (fp32, bf16, fp16); default: keep")
+    conv.add_argument("--force", action="store_true",
+                      help="replace an existing OUT folder that holds more than a model's files")
     conv.set_defaults(func=cmd_convert)
 
 
@@ -148,6 +153,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from lmstack.runtime import parse_dtype
 
     src, out = Path(args.src), Path(args.out)
+    check_convert_target(src, out, force=args.force)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if (src / "model_config.json").is_file():
         model = lm.load(src, dtype=dtype)
@@ -168,3 +174,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"{direction}: {src} -> {out} ({model.num_parameters():,} parameters, {model.config.arch}"
           f"{'; copied ' + ', '.join(copied) if copied else ''})")
     return 0
+
+
+# The files a converted model folder holds; an existing OUT with anything else is somebody's data.
+MODEL_FILES = frozenset({"model.safetensors", "model_config.json", "config.json", *TOKENIZER_FILES})
+
+
+def check_convert_target(src: Path, out: Path, force: bool = False) -> None:
+    """Refuse an OUT whose replacement would destroy data: SRC itself, a folder holding SRC, a file, or (unless
+    ``force``) a folder with more than a model's files (a run directory keeps checkpoints and metrics)."""
+    if not src.exists():
+        raise ConfigError(f"{src}: no such model folder")
+    if not out.exists():
+        return
+    s, o = src.resolve(), out.resolve()
+    if s == o or o in s.parents:
+        raise ConfigError(f"OUT {out} is SRC or holds it; converting would overwrite the source: "
+                          f"choose a new folder for OUT")
+    if not out.is_dir():
+        raise ConfigError(f"OUT {out} exists and is a file; choose a folder path for OUT (the file is kept)")
+    extra = sorted(p.name for p in out.iterdir() if p.name not in MODEL_FILES)
+    if extra and not force:
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise ConfigError(f"OUT {out} exists and is not a model folder (it holds {shown}); choose a new folder "
+                          f"or pass --force to replace it")

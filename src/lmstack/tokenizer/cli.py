@@ -12,7 +12,7 @@ from lmstack.errors import LmstackError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmstack.clihelp import HelpFormatter
+    from lmstack.clihelp import HelpFormatter, int_at_least
 
     group = subparsers.add_parser(
         "tokenizer", help="train, apply and measure byte-level BPE tokenizers",
@@ -37,13 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     train.add_argument("--input", nargs="+", required=True, metavar="PATH",
                        help="files, folders or globs (.txt .md .jsonl .json .parquet)")
-    train.add_argument("--vocab-size", type=int, required=True,
+    train.add_argument("--vocab-size", type=int_at_least(1), required=True,
                        help="total size: 256 bytes + merges + special tokens")
     train.add_argument("--out", required=True, help="output folder (tokenizer.json is written there)")
     train.add_argument("--pattern", default="gpt4", help="pre-tokenization split: gpt2, gpt4 or a regex")
     train.add_argument("--special-tokens", nargs="*", default=None, metavar="TOKEN",
                        help="special tokens (default: bos, eos, pad and the chat role markers)")
-    train.add_argument("--workers", type=int, default=None, help="processes counting pre-tokens (default: cores)")
+    train.add_argument("--workers", type=int_at_least(1), default=None,
+                       help="processes counting pre-tokens (default: cores)")
     train.add_argument("--tiktoken", action="store_true", help="also write OUT/tokenizer.tiktoken (rank file)")
     train.set_defaults(func=cmd_train)
 
@@ -73,8 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     stats.add_argument("--tokenizer", required=True, help="a run folder, tokenizer.json or .tiktoken file")
     stats.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or globs")
-    stats.add_argument("--max-chars", type=int, default=20_000_000, help="measure on at most this much text")
-    stats.add_argument("--top", type=int, default=10, help="how many longest / most frequent tokens to list")
+    stats.add_argument("--max-chars", type=int_at_least(1), default=20_000_000,
+                       help="measure on at most this much text")
+    stats.add_argument("--top", type=int_at_least(0), default=10,
+                       help="how many longest / most frequent tokens to list")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=cmd_stats)
 
@@ -107,6 +110,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from lmstack.tokenizer import load_tokenizer
     from lmstack.tokenizer.bpe import render_bytes
 
+    if args.decode is not None and (args.text is not None or args.lines or args.tokens or args.allow_special):
+        raise LmstackError("--decode takes ids and ignores --text, --lines, --tokens and --allow-special: "
+                           "give one or the other")
     tok = load_tokenizer(args.tokenizer)
     if args.decode is not None:
         print(tok.decode(args.decode))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmstack.clihelp import HelpFormatter
+    from lmstack.clihelp import HelpFormatter, positive_float
 
     p = sub.add_parser(
         "train",
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  lmstack scaling fit results.jsonl --budget 6e20     # rows with params, tokens, loss\n",
     )
     ft.add_argument("source", help="a sweep run directory (its sweep.jsonl) or a JSONL file of {params, tokens, loss}")
-    ft.add_argument("--budget", type=float, action="append", help="FLOP budget(s) to report (repeatable)")
+    ft.add_argument("--budget", type=positive_float, action="append", help="FLOP budget(s) to report (repeatable)")
     ft.set_defaults(func=_cli_fit)
 
 

@@ -68,8 +68,16 @@ def fit_chinchilla(n: list[float], d: list[float], loss: list[float], delta: flo
         raise DataError("scaling fit: N, D and loss lists must have the same length")
     if len(n) < 5:
         raise DataError(f"scaling fit: need at least 5 runs to fit 5 parameters, got {len(n)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*n, *d, *loss)):
+        raise DataError("scaling fit: params, tokens and loss must be numbers")
+    if not all(math.isfinite(v) for v in (*n, *d, *loss)):
+        raise DataError("scaling fit: N, D and losses must be finite numbers (a run diverged?)")
     if min(loss) <= 0 or min(n) <= 0 or min(d) <= 0:
         raise DataError("scaling fit: N, D and losses must be positive")
+    if len(set(n)) < 2 or len(set(d)) < 2:
+        raise DataError(f"scaling fit: the rows need at least 2 different model sizes and 2 different token "
+                        f"counts (got {len(set(n))} and {len(set(d))}); with fewer, A/N^alpha and B/D^beta "
+                        f"cannot be told apart")
     log_n = torch.tensor(n, dtype=torch.float64).log()
     log_d = torch.tensor(d, dtype=torch.float64).log()
     log_l = torch.tensor(loss, dtype=torch.float64).log()
@@ -131,6 +139,17 @@ class SweepConfig:
             raise ConfigError("sizes and tokens: name at least one model size and one token budget")
         if len(self.sizes) * len(self.tokens) < 5:
             raise ConfigError("sizes x tokens: the fit needs at least 5 runs")
+        bad = [t for t in self.tokens if t <= 0]
+        if bad:
+            raise ConfigError(f"config field 'tokens': token budgets must be > 0, got {bad[0]}")
+        bad = [b for b in self.budgets if not math.isfinite(b) or b <= 0]
+        if bad:
+            raise ConfigError(f"config field 'budgets': FLOP budgets must be finite and > 0, got {bad[0]}")
+        if not self.train.data.train:
+            raise ConfigError("config field 'train.data.train': give the training text, e.g. --train.data.train "
+                              "runs/speedrun/corpus/train.jsonl")
+        if len(set(self.tokens)) < 2:
+            raise ConfigError("config field 'tokens': the fit needs at least two different token budgets")
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -142,11 +161,13 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     from lmstack.runs import atomic_write_json, read_jsonl
     from lmstack.train.trainer import pretrain
 
+    from lmstack.runs import remove_if_failed
+
     root = Path(cfg.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    with remove_if_failed(root):  # bad data or tokenizer fails here, and a sweep that never started leaves nothing
+        base = _tokenize_once(cfg.train, root)
     atomic_write_json(root / "config.json", to_dict(cfg))
     done = {row["name"]: {k: v for k, v in row.items() if k != "time"} for row in read_jsonl(root / "sweep.jsonl")}
-    base = _tokenize_once(cfg.train, root)
     tokens_per_step = base.batch_size * base.grad_accum * base.data.seq_len
     from lmstack.runs import JsonlLogger
 

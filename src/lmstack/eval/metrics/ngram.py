@@ -59,7 +59,9 @@ def bleu(predictions: list[str], references: list[list[str]], sources=None, *, t
     ``tokenize``: 13a (default), none, zh, intl, char, ja-mecab, ko-mecab, flores101, flores200;
     ``smooth_method``: exp, floor, add-k, none.
     """
-    from sacrebleu.metrics import BLEU
+    from lmstack.extras import require
+
+    BLEU = require("sacrebleu.metrics", "the bleu metric").BLEU
 
     failures = empty_failures(predictions, on_empty)
     opts = dict(tokenize=tokenize, smooth_method=smooth_method, smooth_value=smooth_value, lowercase=lowercase,
@@ -77,7 +79,9 @@ def chrf(predictions: list[str], references: list[list[str]], sources=None, *, c
          word_order: int = 0, beta: int = 2, lowercase: bool = False, whitespace: bool = False,
          eps_smoothing: bool = False, on_empty: str = "record") -> MetricResult:
     """Corpus chrF (sacreBLEU semantics, 0-100); ``word_order=2`` gives chrF++. Per item: sentence chrF."""
-    from sacrebleu.metrics import CHRF
+    from lmstack.extras import require
+
+    CHRF = require("sacrebleu.metrics", "the chrf metric").CHRF
 
     failures = empty_failures(predictions, on_empty)
     metric = CHRF(char_order=char_order, word_order=word_order, beta=beta, lowercase=lowercase,
@@ -101,7 +105,9 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 @lru_cache(maxsize=1)
 def _porter():
-    from nltk.stem.porter import PorterStemmer
+    from lmstack.extras import require
+
+    PorterStemmer = require("nltk.stem.porter", "ROUGE's Porter stemmer").PorterStemmer
 
     stemmer = PorterStemmer()
     return lru_cache(maxsize=200_000)(stemmer.stem)

@@ -72,7 +72,8 @@ def _distance_fn(engine: str):
             return Levenshtein.distance
         except ImportError:
             if engine == "rapidfuzz":
-                raise ConfigError("levenshtein engine 'rapidfuzz' needs the package: pip install rapidfuzz") from None
+                raise ConfigError("levenshtein engine 'rapidfuzz' needs the package: "
+                                  'pip install "lmstack[eval]"') from None
     return levenshtein_distance
 
 

@@ -84,7 +84,9 @@ def build_wordnet(source: str | os.PathLike | None = None, data_dir: str | os.Pa
 @lru_cache(maxsize=1)
 def load_wordnet():
     """nltk's WordNet reader: nltk's own data if it has WordNet, else the folder built by :func:`build_wordnet`."""
-    import nltk
+    from lmstack.extras import require
+
+    nltk = require("nltk", "METEOR's WordNet synonyms")
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     try:

@@ -1,0 +1,42 @@
+"""Optional dependencies: one place that imports them and names the extra to install when one is missing.
+
+The core (tokenizer, model, train, infer, the speedrun's corpus and tokenizer) needs only the required
+dependencies of ``pyproject.toml``. The rest are extras::
+
+    pip install "lmstack[data]"   # pyarrow (Parquet), trafilatura (HTML main text), langid (language filter)
+    pip install "lmstack[eval]"   # sacrebleu (BLEU/chrF), nltk (ROUGE stemming, METEOR), rapidfuzz (fast edit distance)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from lmstack.errors import LmstackError
+
+# the extra that provides each optional top-level package (its pip name where that differs)
+EXTRAS = {"pyarrow": "data", "trafilatura": "data", "langid": "data",
+          "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval"}
+
+
+class MissingExtraError(LmstackError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` (e.g. ``"pyarrow.parquet"``) or raise :class:`MissingExtraError` naming its extra."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        top = module.split(".")[0]
+        if e.name is None or e.name.split(".")[0] != top:  # a broken install of it, not a missing one: a bug
+            raise
+        extra = EXTRAS.get(top)
+        hint = f'pip install "lmstack[{extra}]"' if extra else f"pip install {top}"
+        raise MissingExtraError(f"{purpose} needs the package {top!r}, which is not installed: {hint}") from None
+
+
+def available(module: str) -> bool:
+    """Whether an optional package can be imported (for code with a fallback)."""
+    return importlib.util.find_spec(module.split(".")[0]) is not None
