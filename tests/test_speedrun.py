@@ -11,7 +11,11 @@ from lmstack.runs import read_json
 def _write_inputs(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"text": f"Document number {i} talks about tokenizers, models and training loops."} for i in range(40)]
+    import random
+
+    rng = random.Random(0)   # distinct documents: the corpus stage removes exact and near duplicates
+    words = "tokenizer model training loop batch loss gradient layer attention cache decode sample".split()
+    rows = [{"text": " ".join(rng.choice(words) for _ in range(30))} for i in range(40)]
     (data / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return data
 
@@ -88,7 +92,7 @@ def test_every_subcommand_has_help_with_examples(capsys):
 
 
 def test_cloze_items_cut_on_spaces_and_hide_the_answer_position():
-    from lmstack.speedrun import cloze_items
+    from lmstack.eval.cloze import cloze_items
 
     texts = [f"Document {i} says that alpha{i} beta{i} gamma{i} delta{i} epsilon{i} zeta{i} eta{i} theta{i}."
              for i in range(8)]

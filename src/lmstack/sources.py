@@ -131,7 +131,9 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """Documents of one file (see the module docstring for what a document is)."""
     suffix = row_suffix(path)
     if suffix == ".parquet":  # only the text column is read
-        import pyarrow.parquet as pq
+        from lmstack.extras import require
+
+        pq = require("pyarrow.parquet", "reading Parquet files")
 
         try:
             pf = pq.ParquetFile(path)

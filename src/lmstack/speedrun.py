@@ -108,37 +108,15 @@ class Stage:
 
 
 def stage_corpus(cfg: SpeedrunConfig, run: Path) -> StageResult:
-    from lmstack.data.corpus import build_default_corpus
+    """The built-in corpus, or the user's ``inputs``, through the data pipeline's cleaning, dedup and split."""
+    from lmstack.data.corpus import build_default_corpus, build_user_corpus, corpus_report
 
     out = run / "corpus"
     if cfg.inputs:
-        from lmstack.sources import iter_documents
-
-        from lmstack.runs import atomic_path
-
-        docs = 0
-        nbytes = 0
-        out.mkdir(parents=True, exist_ok=True)
-        valid_every = max(2, int(1 / max(cfg.corpus.valid_fraction, 1e-6)))
-        with atomic_path(out / "train.jsonl") as t_tmp, atomic_path(out / "valid.jsonl") as v_tmp:
-            with open(t_tmp, "w", encoding="utf-8") as tf, open(v_tmp, "w", encoding="utf-8") as vf:
-                for i, text in enumerate(iter_documents(cfg.inputs, cfg.text_field)):
-                    line = json.dumps({"text": text, "source": "user"}, ensure_ascii=False) + "\n"
-                    (vf if i % valid_every == valid_every - 1 else tf).write(line)
-                    docs += 1
-                    nbytes += len(text.encode("utf-8"))
-        stats = {"documents": docs, "bytes": nbytes, "sources": {"user": {"documents": docs, "bytes": nbytes}}}
-        atomic_write_json(out / "stats.json", stats)
+        stats = build_user_corpus(cfg.inputs, out, cfg.corpus, cfg.text_field)
     else:
         stats = build_default_corpus(out, cfg.corpus)
-    rows = "\n".join(f"| {name} | {s['documents']:,} | {s['bytes'] / 1e6:.2f} |" for name, s in stats["sources"].items())
-    removed = stats.get("removed", {})
-    report = (
-        f"Documents: **{stats['documents']:,}**, {stats['bytes'] / 1e6:.2f} MB of text"
-        + (f" (removed: {removed.get('short', 0):,} too short, {removed.get('duplicate', 0):,} duplicates)" if removed else "")
-        + ".\n\n| source | documents | MB |\n|---|---:|---:|\n" + rows + "\n"
-    )
-    return StageResult(stats, report)
+    return StageResult(stats, corpus_report(stats))
 
 
 def stage_tokenizer(cfg: SpeedrunConfig, run: Path) -> StageResult:
@@ -243,44 +221,14 @@ def stage_sft(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(results, report)
 
 
-def _split_at_space(text: str, at: int, length: int) -> tuple[str, str] | None:
-    """Cut ``text`` at the first space at or after ``at``: (opening, the next ``length`` chars cut at a space)."""
-    k = text.find(" ", at)
-    if k < 0:
-        return None
-    rest = text[k + 1: k + 1 + length]
-    end = rest.rfind(" ")
-    rest = rest[:end] if end > 0 else rest
-    return (text[:k], rest.strip()) if rest.strip() else None
-
-
-def cloze_items(texts: list[str], n: int, prompt_chars: int, continuation_chars: int, seed: int) -> list[dict]:
-    """Multiple-choice items from held-out text: the true continuation of an opening vs three continuations
-    taken from other documents at the same offset (a HellaSwag-style cloze that needs no labelled data).
-    Cuts fall on spaces, because the scorer joins query and choice with one space, as lm-eval does."""
-    import random
-
-    pairs = [p for t in texts if (p := _split_at_space(t, prompt_chars, continuation_chars))]
-    rng = random.Random(seed)
-    items = []
-    for i, (query, true) in enumerate(pairs[:n]):
-        others = [j for j in range(len(pairs)) if j != i and pairs[j][1] != true]
-        if len(others) < 3:
-            break
-        wrong = [pairs[j][1] for j in rng.sample(others, 3)]
-        gold = rng.randrange(4)
-        items.append({"query": query, "choices": wrong[:gold] + [true] + wrong[gold:], "gold": gold})
-    return items
-
-
 def stage_evaluate(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.eval.cloze import cloze_items, generation_pairs
     from lmstack.eval.report import evaluate_run
 
     model, tok = _pretrained(run)
     e = cfg.evaluate
     texts = _heldout_texts(run)
-    pairs = [p for t in texts if (p := _split_at_space(t, e.prompt_chars, e.continuation_chars))]
-    pairs = pairs[: e.generation_items]
+    pairs = generation_pairs(texts, e.generation_items, e.prompt_chars, e.continuation_chars)
     results, report = evaluate_run(
         model, tok, texts, max_heldout=e.heldout_documents,
         prompts=[q for q, _ in pairs], references=[r for _, r in pairs],

@@ -151,13 +151,16 @@ def build_user_corpus(inputs: list[str], out_dir: str | Path, config: CorpusConf
 
     config = config or CorpusConfig()
     docs = (Document(text, "user", "user", "text") for text in iter_documents(inputs, text_field))
-    return build_corpus(docs, out_dir, config, config.input_steps)
+    return build_corpus(docs, out_dir, config, config.input_steps, min_chars=0)
 
 
 def build_corpus(documents: Iterable[Document], out_dir: str | Path, config: CorpusConfig,
-                 steps: Sequence[str]) -> dict[str, Any]:
+                 steps: Sequence[str], min_chars: int | None = None) -> dict[str, Any]:
     """Clean (``steps`` of :mod:`lmstack.data.clean`), dedup (exact + MinHash) and split (``is_heldout``)
-    ``documents``; write ``train.jsonl``, ``valid.jsonl`` and ``stats.json`` under ``out_dir``."""
+    ``documents``; write ``train.jsonl``, ``valid.jsonl`` and ``stats.json`` under ``out_dir``.
+    Texts shorter than ``min_chars`` (default ``config.min_chars``; a user's own inputs keep every text)
+    are skipped first."""
+    min_chars = config.min_chars if min_chars is None else min_chars
     out_dir = Path(out_dir)
     clean = CleanConfig()
     clean.quality.min_words = config.min_words
@@ -170,7 +173,7 @@ def build_corpus(documents: Iterable[Document], out_dir: str | Path, config: Cor
 
     def long_enough(docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:
-            if len(doc.text) < config.min_chars:
+            if len(doc.text) < min_chars:
                 stats["removed"]["short"] += 1
             else:
                 yield doc
