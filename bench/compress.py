@@ -70,7 +70,7 @@ def quality(args) -> list[dict]:
     from lmstack.compress import QuantConfig, model_bytes, quantize_model
     from lmstack.compress.awq import awq_model
     from lmstack.compress.gptq import gptq_model
-    from lmstack.compress.report import compare, render, token_chunks
+    from lmstack.eval.compression import compare, render, token_chunks
     from lmstack.model import hf
     from lmstack.runtime import resolve_dtype
     from lmstack.tokenizer import load_tokenizer

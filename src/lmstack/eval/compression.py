@@ -1,4 +1,4 @@
-"""What compression cost: size, perplexity, KL divergence against the reference, top-1 agreement, speed.
+"""What compression cost (lmstack.compress), measured: size, perplexity, KL divergence against the reference, top-1
 
 The quality figures follow llama.cpp's ``perplexity --kl-divergence`` method: both models read the same
 token chunks; at every position the next-token distributions are compared,
