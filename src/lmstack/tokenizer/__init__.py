@@ -18,7 +18,15 @@ from lmstack.errors import DataError
 from lmstack.tokenizer.base import DEFAULT_SPECIAL_TOKENS, PATTERNS, Tokenizer
 from lmstack.tokenizer.bpe import BPETokenizer, train_bpe
 
-__all__ = ["BPETokenizer", "DEFAULT_SPECIAL_TOKENS", "PATTERNS", "Tokenizer", "load_tokenizer", "train_bpe"]
+__all__ = ["BPETokenizer", "DEFAULT_SPECIAL_TOKENS", "PATTERNS", "Tokenizer", "load_chat_template", "load_tokenizer",
+           "train_bpe"]
+
+
+def load_chat_template(path: str | os.PathLike):
+    """The Hugging Face chat template of a folder or file; see :mod:`lmstack.tokenizer.template`."""
+    from lmstack.tokenizer.template import load_chat_template as load
+
+    return load(path)
 
 
 def load_tokenizer(path: str | os.PathLike, *, pattern: str = "gpt4",
