@@ -71,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
     b.add_argument("--num-fewshot", type=int, default=None)
     b.add_argument("--device", default="auto")
+    b.add_argument("--add-bos", default=None, choices=["auto", "true", "false"],
+                   help="BOS before each context (default auto: the tokenizer's own rule, as lm-eval >= 0.4.9.2)")
     b.add_argument("--json", dest="json_out")
     b.set_defaults(func=cmd_bench)
 
@@ -206,6 +208,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             task.limit = args.limit
         if args.num_fewshot is not None:
             task.num_fewshot = args.num_fewshot
+        if args.add_bos in ("true", "false"):
+            task.add_bos = args.add_bos == "true"
         res = run_task(task, model=model, tokenizer=tokenizer, llm=llm, data_dir=args.data_dir)
         print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()) + f" ({res.seconds:.1f}s)",
               file=sys.stderr)
