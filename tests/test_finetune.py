@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pathlib import Path
 import torch
 
 from lmstack.config import from_dict
@@ -201,12 +202,26 @@ def test_adapter_for_a_different_base_is_refused(base_dir, tok, tmp_path):
     with pytest.raises(LmstackError, match="different checkpoint of this architecture"):
         load_adapter(_model(tok, seed=5), tmp_path / "r")
     load_adapter(_model(tok, seed=5), tmp_path / "r", check_base=False)
-    with pytest.raises(LmstackError, match="only LoRA adapters merge"):
-        cfg2 = from_dict(FinetuneConfig, {**{"run_dir": str(tmp_path / "p"), "base": str(folder), "steps": 1,
-                                             "n_samples": 0, "method": "prefix",
-                                             "data": {"train": [str(data)], "max_len": 48}}})
-        finetune(cfg2)
-        merge_run(tmp_path / "p", tmp_path / "m")
+    # Prefix (and adapter) runs load directly (base + adapter) and merge into a self-contained folder.
+    from lmstack.infer.text import load_run
+
+    cfg2 = from_dict(FinetuneConfig, {**{"run_dir": str(tmp_path / "p"), "base": str(folder), "steps": 1,
+                                         "n_samples": 0, "method": "prefix",
+                                         "data": {"train": [str(data)], "max_len": 48}}})
+    finetune(cfg2)
+    import json as _json
+
+    assert _json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base"] == str(Path(folder).resolve())
+    direct, tok2 = load_run(tmp_path / "p")
+    with pytest.raises(LmstackError, match="no Hugging Face form"):
+        merge_run(tmp_path / "p", tmp_path / "m", hf_format=True)
+    merge_run(tmp_path / "p", tmp_path / "m")
+    bundled, _ = load_run(tmp_path / "m")
+    x = torch.tensor([tok2.encode("hello world")])
+    with torch.no_grad():
+        plain = load_base(folder).eval()(x)
+        assert (direct(x) - bundled(x)).abs().max() <= 1e-6
+        assert (direct(x) - plain).abs().max() > 0
 
 
 def test_merge_cli_writes_a_model_that_matches(base_dir, tmp_path, monkeypatch):

@@ -150,8 +150,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if (src / "model_config.json").is_file():
+        from lmstack.tokenizer import has_tokenizer, load_tokenizer
+
         model = lm.load(src, dtype=dtype)
-        hf.save(model, out)
+        # With the tokenizer, the export also gets tokenizer_config.json + generation_config.json (EOS for HF).
+        hf.save(model, out, tokenizer=load_tokenizer(src) if has_tokenizer(src) else None)
         direction = "lmstack -> Hugging Face"
     elif src.is_dir():
         model = hf.load(src, dtype=dtype)
