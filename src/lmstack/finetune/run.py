@@ -123,15 +123,15 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     if not str(path):
         raise ConfigError("base: name the pre-trained model folder to fine-tune")
     check_base_exists(p)
-    if (p / "model_config.json").is_file():
-        from lmstack.model import load
+    from lmstack.infer.text import find_model_folder, load_model_folder
 
-        return load(p, device=device, dtype=torch.float32)
-    if (p / "config.json").is_file():
-        from lmstack.model import hf
-
-        return hf.load(p, dtype=torch.float32, device=device)
-    raise ConfigError(f"base: {p} holds neither model_config.json (lmstack) nor config.json (Hugging Face)")
+    try:
+        folder = find_model_folder(p)
+    except LmstackError:
+        raise ConfigError(f"base: {p} holds no model (neither model_config.json (lmstack) nor config.json "
+                          f"(Hugging Face), also not in model/ or final/)") from None
+    # The same loader as generate/chat/eval: a damaged safetensors or config gives one line, not a traceback.
+    return load_model_folder(folder, device, torch.float32)
 
 
 def check_base_exists(p: Path) -> None:

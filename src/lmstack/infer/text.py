@@ -6,8 +6,9 @@
     for delta in stream_text(model, tok, "Once upon a time", cfg):
         print(delta, end="", flush=True)
 
-Conventions: the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat); special tokens are
-not printed; text is cut before a stop string (the ids keep it, as in ``transformers``). An empty
+Conventions: the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat, or a Hugging Face
+template's ``eos_token``); more stop ids go in ``GenerationConfig.eos_token_id`` (a list; the CLI's
+``--stop-id``/``--stop-token`` add to the EOS); special tokens are not printed; text is cut before a stop string (the ids keep it, as in ``transformers``). An empty
 prompt starts from the tokenizer's BOS id, else its EOS id (the document separator the data packer
 puts between documents), else is refused.
 """
@@ -183,6 +184,10 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
         return tokenizer.encode(hf_template.render(list(messages), add_generation_prompt=True), allowed_special="all")
     from lmstack.tokenizer.chat import render_chat
 
+    if END_OF_TURN not in tokenizer.special_tokens and getattr(tokenizer, "chat_template", False) is None:
+        raise LmstackError("this model has no chat template (no chat_template in its tokenizer_config.json or "
+                           "chat_template.jinja, and not lmstack's chat tokens); use lmstack generate, or add "
+                           "a chat template to the folder")
     return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
 
 

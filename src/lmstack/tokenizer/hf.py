@@ -254,7 +254,12 @@ class HFTokenizer(SpecialTokenIds):
         self.model_type = data["model"].get("type", "?")
         self._byte_fallback = bool(data["model"].get("byte_fallback"))
         self._bytes: dict[int, bytes] = {}
-        anchor = [i for i in self._plain(["a"])[0] if i not in self.special_tokens.values()] if self.vocab_size \
+        # SentencePiece-style decoders (Metaspace, or Replace "▁" + Strip) drop the leading space of a text, so a
+        # token decoded alone loses it; token_bytes then decodes after an anchor token. WordPiece etc. keep the
+        # plain per-token decode.
+        dec = json.dumps(data.get("decoder"), ensure_ascii=False)
+        sentencepiece = "Metaspace" in dec or "\u2581" in dec
+        anchor = [i for i in self._plain(["a"])[0] if i not in self.special_tokens.values()] if sentencepiece \
             else []
         self._anchor = anchor[-1] if anchor else None
         # The tokenizer's own rule for BOS (lm-evaluation-harness follows it; see lmstack.eval.lm.bos_prefix).
