@@ -177,6 +177,10 @@ def test_each_method_lowers_heldout_loss(base_dir, method, tmp_path):
         exs, _ = load_examples([data], load_tokenizer(folder), 64)
         assert heldout_loss(model, exs[:8]) == pytest.approx(
             heldout_loss(_trained(folder, tmp_path / method), exs[:8]), abs=1e-6)
+        from lmstack.infer.text import load_run  # generate/chat/eval load base + adapter directly
+
+        direct, _ = load_run(tmp_path / method)
+        assert heldout_loss(direct, exs[:8]) == pytest.approx(heldout_loss(model, exs[:8]), abs=1e-6)
 
 
 def load_tokenizer(folder):
@@ -217,6 +221,11 @@ def test_adapter_for_a_different_base_is_refused(base_dir, tok, tmp_path):
         merge_run(tmp_path / "p", tmp_path / "m", hf_format=True)
     merge_run(tmp_path / "p", tmp_path / "m")
     bundled, _ = load_run(tmp_path / "m")
+    from lmstack.cli import LAYER_CLIS, main
+
+    if "lmstack.infer.cli" not in LAYER_CLIS:
+        LAYER_CLIS.append("lmstack.infer.cli")
+    assert main(["generate", str(tmp_path / "p"), "--prompt", "hello", "--max_new_tokens", "4"]) == 0
     x = torch.tensor([tok2.encode("hello world")])
     with torch.no_grad():
         plain = load_base(folder).eval()(x)

@@ -189,11 +189,19 @@ def test_cli_chat_uses_the_folders_hf_template(folder, tmp_path, monkeypatch, ca
     assert "this model has no chat template" in capsys.readouterr().err
 
 
-def test_cli_eval_bench_perplexity(folder, shared_data, capsys):
+def test_cli_eval_bench_perplexity(folder, shared_data, capsys, tmp_path):
     assert cli("eval", "bench", str(folder), "--tasks", "tinystories_ppl", "--limit", "5", "--data-dir",
                str(shared_data), "--device", "cpu") == 0
     out = capsys.readouterr().out
     assert "tinystories_ppl" in out and "perplexity" in out
+    runs = {}
+    for flag in ("auto", "false"):
+        path = tmp_path / f"{flag}.json"
+        assert cli("eval", "bench", str(folder), "--tasks", "tinystories_ppl", "--limit", "5", "--data-dir",
+                   str(shared_data), "--device", "cpu", "--add-bos", flag, "--json", str(path)) == 0
+        runs[flag] = json.loads(path.read_text())["tasks"][0]["metrics"]
+    # Without BOS the first token of each text is context only: fewer tokens scored.
+    assert runs["false"]["tokens"] == runs["auto"]["tokens"] - 5
 
 
 def test_damaged_folders_give_one_line_errors(folder, tmp_path):
