@@ -152,12 +152,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if (src / "model_config.json").is_file():
         from lmstack.tokenizer import has_tokenizer, load_tokenizer
 
-        model = lm.load(src, dtype=dtype)
+        from lmstack.infer.text import load_model_folder  # the one loader: damaged files -> one line
+
+        model = load_model_folder(src, "cpu", dtype)
         # With the tokenizer, the export also gets tokenizer_config.json + generation_config.json (EOS for HF).
         hf.save(model, out, tokenizer=load_tokenizer(src) if has_tokenizer(src) else None)
         direction = "lmstack -> Hugging Face"
     elif src.is_dir():
-        model = hf.load(src, dtype=dtype)
+        from lmstack.infer.text import load_model_folder
+
+        model = load_model_folder(src, "cpu", dtype)
         lm.save(model, out)
         direction = "Hugging Face -> lmstack"
     else:
