@@ -228,3 +228,19 @@ def test_damaged_folders_give_one_line_errors(folder, tmp_path):
         load_run(cases["notok"])
     with pytest.raises(LmstackError, match="no such model folder"):
         load_run(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_hellaswag_matches_lm_eval(ours, shared_data):
+    """lm-eval 0.4.13 (hf backend, defaults) on these 1,000 items: acc 0.270, acc_norm 0.250 (issue 10);
+    without BOS lmstack gave 0.274 / 0.246."""
+    from lmstack.eval.harness import load_task, run_task
+
+    model, tok = ours
+    task = load_task("hellaswag")
+    res = run_task(task, model=model, tokenizer=tok, data_dir=shared_data)
+    assert res.n == 1000
+    assert (round(res.metrics["acc"], 3), round(res.metrics["acc_norm"], 3)) == (0.270, 0.250)
+    task.add_bos = False
+    res = run_task(task, model=model, tokenizer=tok, data_dir=shared_data)
+    assert (round(res.metrics["acc"], 3), round(res.metrics["acc_norm"], 3)) == (0.274, 0.246)
