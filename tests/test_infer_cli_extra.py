@@ -106,10 +106,13 @@ def test_chat_second_ctrl_c_at_prompt_quits(run_dir, monkeypatch, capsys):
 
 
 def test_finetune_base_that_does_not_exist(tmp_path, capsys):
-    assert cli("finetune", "configs/finetune_tiny.toml", "--base", str(tmp_path / "nope"),
-               "--run_dir", str(tmp_path / "r")) == 2
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_tiny.toml"
+    assert cli("finetune", str(config), "--base", str(tmp_path / "nope"), "--run_dir", str(tmp_path / "r")) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "no tokenizer.json" not in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
 
 
 TEXTS = ["Hello world", "It's 2024: naïve café — ünïcode 🙂 and 中文字符.\n\n\tTabs  and   spaces",

@@ -374,6 +374,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     from lmstack.train.config import DataConfig, OptimConfig, TrainConfig
     from lmstack.train.trainer import Task, Trainer
 
+    if cfg.base:
+        check_base_exists(Path(cfg.base))  # before the run folder exists: a typo leaves nothing behind
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
