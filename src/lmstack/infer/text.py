@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import codecs
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,6 @@ def load_model_folder(cand: Path, device: Any = "cpu", dtype: torch.dtype | None
 def find_tokenizer(*folders: Path) -> Any:
     """The tokenizer in the first of ``folders`` that holds one (``load_tokenizer`` rules)."""
     from lmstack.tokenizer import has_tokenizer, load_tokenizer
-
     from lmstack.tokenizer.template import find_chat_template
 
     for tdir in folders:

@@ -26,9 +26,9 @@ from typing import Any
 
 from lmstack.errors import DataError, LmstackError
 from lmstack.tokenizer.base import (
-    SpecialTokenIds,
     PATTERNS,
     AllowedSpecial,
+    SpecialTokenIds,
     split_specials,
 )
 from lmstack.tokenizer.bpe import BPETokenizer
