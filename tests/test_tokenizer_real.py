@@ -55,3 +55,15 @@ def test_load_tokenizer_loads_every_shared_folder(shared_data):
     assert stories.add_bos and stories.bos_id == 1 and stories.eos_id == 2
     gpt2 = load_tokenizer(shared_data / "tokenizers" / "gpt2")
     assert not gpt2.add_bos and gpt2.eos_id == 50256
+
+
+def test_tiktoken_folder_takes_its_special_tokens(shared_data, tmp_path):
+    import shutil
+
+    from lmstack.tokenizer import load_tokenizer
+
+    for f in ("gpt2.tiktoken", "special_tokens_map.json"):
+        shutil.copy(shared_data / "tokenizers" / "gpt2" / f, tmp_path / f)
+    tok = load_tokenizer(tmp_path, pattern="gpt2")
+    assert tok.special_tokens == {"<|endoftext|>": 50256}
+    assert tok.encode("Hello world") == [15496, 995]

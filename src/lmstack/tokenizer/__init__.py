@@ -74,6 +74,11 @@ def load_tokenizer(path: str | os.PathLike, *, pattern: str = "gpt4",
     if f.suffix == ".tiktoken":
         from lmstack.tokenizer.fast import load_tiktoken
 
+        if special_tokens is None and folder is not None:
+            # A folder's tokenizer_config/special_tokens_map names its specials (ids follow the last rank).
+            from lmstack.tokenizer.template import special_tokens_of
+
+            special_tokens = list(dict.fromkeys(special_tokens_of(folder).values())) or None
         return load_tiktoken(f, pattern=pattern, special_tokens=special_tokens)
     from lmstack.tokenizer.hf import from_hf_json
 
