@@ -38,7 +38,7 @@ def direct_nll(model, ids: list[int]) -> float:
 def test_perplexity_matches_direct_loss(tiny_lm):
     model, tok = tiny_lm
     texts = ["the quick brown fox", "all that glitters is not gold.", "a stitch"]
-    res = compute_metric("perplexity", texts, model=model, tokenizer=tok)
+    res = compute_metric("perplexity", texts, model=model, tokenizer=tok, add_bos=True)
     nll, n = 0.0, 0
     for text, ppl in zip(texts, res.per_item):
         ids = [tok.bos_id] + tok.encode(text)
@@ -49,9 +49,15 @@ def test_perplexity_matches_direct_loss(tiny_lm):
         n += len(ids) - 1
     assert res.score == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert res.details["tokens"] == n
-    bpb = compute_metric("bits_per_byte", texts, model=model, tokenizer=tok)
+    bpb = compute_metric("bits_per_byte", texts, model=model, tokenizer=tok, add_bos=True)
     assert bpb.score == pytest.approx(nll / (math.log(2) * sum(len(t.encode()) for t in texts)), rel=1e-5)
     assert not res.higher_is_better
+    # lmstack's own BPE does not put BOS first by default (its data has none): the first token is context only.
+    plain = compute_metric("perplexity", texts, model=model, tokenizer=tok)
+    assert tok.add_bos is False
+    assert plain.details["tokens"] == n - len(texts)
+    assert plain.per_item[0] == pytest.approx(math.exp(direct_nll(model, tok.encode(texts[0]))
+                                                       / (len(tok.encode(texts[0])) - 1)), rel=1e-5)
 
 
 @torch.no_grad()
@@ -77,7 +83,7 @@ def test_sliding_window_matches_the_hf_recipe(tiny_lm):
     model, tok = tiny_lm
     ids_len = len(tok.encode(TEXT)) + 1
     assert ids_len > 64  # longer than the model context, so the window is needed
-    res = compute_metric("perplexity", [TEXT], model=model, tokenizer=tok, max_length=32, stride=12)
+    res = compute_metric("perplexity", [TEXT], model=model, tokenizer=tok, max_length=32, stride=12, add_bos=True)
     nll, n = hf_recipe(model, [tok.bos_id] + tok.encode(TEXT), 32, 12)
     assert res.details["tokens"] == n == ids_len - 1
     assert res.score == pytest.approx(math.exp(nll / n), rel=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pathlib import Path
 import torch
 
 from lmstack.config import from_dict
@@ -176,6 +177,10 @@ def test_each_method_lowers_heldout_loss(base_dir, method, tmp_path):
         exs, _ = load_examples([data], load_tokenizer(folder), 64)
         assert heldout_loss(model, exs[:8]) == pytest.approx(
             heldout_loss(_trained(folder, tmp_path / method), exs[:8]), abs=1e-6)
+        from lmstack.infer.text import load_run  # generate/chat/eval load base + adapter directly
+
+        direct, _ = load_run(tmp_path / method)
+        assert heldout_loss(direct, exs[:8]) == pytest.approx(heldout_loss(model, exs[:8]), abs=1e-6)
 
 
 def load_tokenizer(folder):
@@ -201,12 +206,31 @@ def test_adapter_for_a_different_base_is_refused(base_dir, tok, tmp_path):
     with pytest.raises(LmstackError, match="different checkpoint of this architecture"):
         load_adapter(_model(tok, seed=5), tmp_path / "r")
     load_adapter(_model(tok, seed=5), tmp_path / "r", check_base=False)
-    with pytest.raises(LmstackError, match="only LoRA adapters merge"):
-        cfg2 = from_dict(FinetuneConfig, {**{"run_dir": str(tmp_path / "p"), "base": str(folder), "steps": 1,
-                                             "n_samples": 0, "method": "prefix",
-                                             "data": {"train": [str(data)], "max_len": 48}}})
-        finetune(cfg2)
-        merge_run(tmp_path / "p", tmp_path / "m")
+    # Prefix (and adapter) runs load directly (base + adapter) and merge into a self-contained folder.
+    from lmstack.infer.text import load_run
+
+    cfg2 = from_dict(FinetuneConfig, {**{"run_dir": str(tmp_path / "p"), "base": str(folder), "steps": 1,
+                                         "n_samples": 0, "method": "prefix",
+                                         "data": {"train": [str(data)], "max_len": 48}}})
+    finetune(cfg2)
+    import json as _json
+
+    assert _json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base"] == str(Path(folder).resolve())
+    direct, tok2 = load_run(tmp_path / "p")
+    with pytest.raises(LmstackError, match="no Hugging Face form"):
+        merge_run(tmp_path / "p", tmp_path / "m", hf_format=True)
+    merge_run(tmp_path / "p", tmp_path / "m")
+    bundled, _ = load_run(tmp_path / "m")
+    from lmstack.cli import LAYER_CLIS, main
+
+    if "lmstack.infer.cli" not in LAYER_CLIS:
+        LAYER_CLIS.append("lmstack.infer.cli")
+    assert main(["generate", str(tmp_path / "p"), "--prompt", "hello", "--max_new_tokens", "4"]) == 0
+    x = torch.tensor([tok2.encode("hello world")])
+    with torch.no_grad():
+        plain = load_base(folder).eval()(x)
+        assert (direct(x) - bundled(x)).abs().max() <= 1e-6
+        assert (direct(x) - plain).abs().max() > 0
 
 
 def test_merge_cli_writes_a_model_that_matches(base_dir, tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def test_chat_stream_stops_at_end_of_turn(model, tok):
 def test_load_run_and_errors(run_dir, tmp_path):
     model, tok = load_run(run_dir)
     assert model.config.vocab_size == tok.vocab_size
-    with pytest.raises(LmstackError, match="no such run"):
+    with pytest.raises(LmstackError, match="no such model folder or run directory"):
         load_run(tmp_path / "missing")
     with pytest.raises(LmstackError, match="no model"):
         load_run(tmp_path)
@@ -205,6 +205,6 @@ def test_load_run_finds_a_speedrun_model_and_names_adapter_runs(run_dir, tmp_pat
     adapter_run = tmp_path / "sft"
     adapter_run.mkdir()
     (adapter_run / "config.json").write_text('{"method": "lora"}')
-    (adapter_run / "adapter_config.json").write_text("{}")
-    with pytest.raises(LmstackError, match="holds an adapter, not a model; merge it first"):
+    (adapter_run / "adapter_config.json").write_text('{"base": "nope"}')
+    with pytest.raises(LmstackError, match="the adapter's base model 'nope' does not exist"):
         load_run(adapter_run)

@@ -415,7 +415,7 @@ def test_bad_tokenizer_files(tok, tmp_path):
     cases = {
         "truncated.json": "not valid JSON", "empty.json": "empty", "other.json": "no 'model' section",
         "binary.json": "not UTF-8", "badmerge.json": "merge 3", "badtype.json": "cannot read it",
-        "bad.tiktoken": "not a tiktoken rank file", "emptydir": "no tokenizer.json", "nothing": "no such",
+        "bad.tiktoken": "not a tiktoken rank file", "emptydir": "no tokenizer in this folder", "nothing": "no such",
     }
     for name, msg in cases.items():
         with pytest.raises(DataError, match=msg) as err:

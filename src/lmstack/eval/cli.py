@@ -71,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate the first N items of each task")
     b.add_argument("--num-fewshot", type=int_at_least(0), default=None)
     b.add_argument("--device", default="auto")
+    b.add_argument("--add-bos", default=None, choices=["auto", "true", "false"],
+                   help="BOS before each context (default auto: the tokenizer's own rule, as lm-eval >= 0.4.9.2)")
     b.add_argument("--json", dest="json_out")
     b.set_defaults(func=cmd_bench)
 
@@ -210,6 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             task.limit = args.limit
         if args.num_fewshot is not None:
             task.num_fewshot = args.num_fewshot
+        if args.add_bos in ("true", "false"):
+            task.add_bos = args.add_bos == "true"
         try:
             res = run_task(task, model=model, tokenizer=tokenizer, llm=llm, data_dir=args.data_dir)
         except LmstackError as e:  # keep what finished; one bad task file must not cost the others

@@ -60,6 +60,7 @@ class TaskConfig:
     memory_mb: int = 512
     batch_size: int = 8
     workers: int = 2
+    add_bos: bool | None = None           # BOS before each context/text: None = the tokenizer's rule (lm-eval)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -227,7 +228,7 @@ def run_multiple_choice(task: TaskConfig, docs: list[dict[str, Any]], pool: list
             contexts.append(ctx)
             conts.append(task.target_delimiter + c)
             owner.append(i)
-    scored = loglikelihoods(model, tokenizer, contexts, conts, task.batch_size)
+    scored = loglikelihoods(model, tokenizer, contexts, conts, task.batch_size, add_bos=task.add_bos)
     lls: list[list[float]] = [[] for _ in docs]
     for i, s in zip(owner, scored):
         lls[i].append(s.logprob)
@@ -323,7 +324,7 @@ def run_perplexity(task: TaskConfig, docs: list[dict[str, Any]], model: Any, tok
     from lmstack.eval.metrics import compute_metric
 
     res = compute_metric("perplexity", [d["text"] for d in docs], model=model, tokenizer=tokenizer,
-                         batch_size=task.batch_size)
+                         batch_size=task.batch_size, add_bos=task.add_bos)
     return ({"perplexity": res.score, "bits_per_byte": res.details["bits_per_byte"], "tokens": res.details["tokens"]},
             [{"perplexity": p} for p in res.per_item])
 

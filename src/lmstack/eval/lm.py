@@ -43,8 +43,8 @@ def score_tails(model: nn.Module, sequences: Sequence[Sequence[int]], n_scored: 
     """
     ctx = model_context(model)
     for i, (seq, k) in enumerate(zip(sequences, n_scored)):
-        if len(seq) > ctx:
-            raise ConfigError(f"sequence {i}: {len(seq)} tokens exceed the model context ({ctx})")
+        if len(seq) > ctx + 1:  # the model sees seq[:-1]; the last token is only a target
+            raise ConfigError(f"sequence {i}: {len(seq)} tokens exceed the model context ({ctx}) + 1")
         if not 0 < k < len(seq):
             raise ConfigError(f"sequence {i}: cannot score {k} of {len(seq)} tokens (the first is context only)")
     device = next(model.parameters()).device
@@ -74,6 +74,21 @@ def score_tails(model: nn.Module, sequences: Sequence[Sequence[int]], n_scored: 
     return out  # type: ignore[return-value]
 
 
+def bos_prefix(tokenizer: Any, add_bos: bool | None = None) -> list[int]:
+    """The ids put before every scored text: ``[bos]`` or ``[]``. The one BOS rule of perplexity and
+    multiple choice, as lm-evaluation-harness >= 0.4.9.2 applies it: ``add_bos=None`` follows the tokenizer's
+    own default (``tokenizer.add_bos``: a Hugging Face post-processor / ``add_bos_token`` that adds BOS;
+    False for lmstack's BPE, whose training data has no BOS); True/False override it."""
+    if add_bos is None:
+        add_bos = bool(getattr(tokenizer, "add_bos", False))
+    if not add_bos:
+        return []
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None:
+        raise ConfigError("add_bos: true, but the tokenizer has no BOS token; set add_bos = false")
+    return [bos]
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Ids of a context and its continuation, the way lm-evaluation-harness splits them.
 
@@ -92,20 +107,26 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 def loglikelihoods(model: nn.Module, tokenizer: Any, contexts: Sequence[str], continuations: Sequence[str],
-                   batch_size: int = 8) -> list[Scored]:
-    """log p(continuation | context) for each pair; the context is cut from the left to fit the model."""
+                   batch_size: int = 8, add_bos: bool | None = None) -> list[Scored]:
+    """log p(continuation | context) for each pair, the context after :func:`bos_prefix` (lm-eval's rule);
+    an empty context without BOS is conditioned on BOS, else EOS (lm-eval's prefix token). The sequence is
+    cut from the left to fit the model (the last token is a target only, so context + 1 tokens fit)."""
     ctx_len = model_context(model)
-    bos = getattr(tokenizer, "bos_id", None)
+    prefix = bos_prefix(tokenizer, add_bos)
+    start = getattr(tokenizer, "bos_id", None)
+    start = start if start is not None else getattr(tokenizer, "eos_id", None)
     seqs, ks = [], []
     for i, (c, x) in enumerate(zip(contexts, continuations)):
         c_ids, x_ids = encode_pair(tokenizer, c, x)
         if not x_ids:
             raise ConfigError(f"item {i}: the continuation {x!r} encodes to no tokens")
+        c_ids = prefix + c_ids
         if not c_ids:
-            if bos is None:
-                raise ConfigError(f"item {i}: empty context and the tokenizer has no BOS token to condition on")
-            c_ids = [bos]
-        seq = (c_ids + x_ids)[-ctx_len:]
+            if start is None:
+                raise ConfigError(f"item {i}: empty context and the tokenizer has no BOS or EOS token to "
+                                  f"condition on")
+            c_ids = [start]
+        seq = (c_ids + x_ids)[-(ctx_len + 1):]
         if len(x_ids) >= len(seq):
             raise ConfigError(f"item {i}: the continuation alone ({len(x_ids)} tokens) fills the model context")
         seqs.append(seq)
@@ -132,14 +153,14 @@ def token_bytes_len(tokenizer: Any, ids: Sequence[int]) -> int:
 
 
 def text_nll(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int | None = None,
-             stride: int | None = None, add_bos: bool = True, batch_size: int = 8) -> list[TextNLL]:
+             stride: int | None = None, add_bos: bool | None = None, batch_size: int = 8) -> list[TextNLL]:
     """Negative log-likelihood of each text, long texts through a sliding window.
 
     Windows of ``max_length`` tokens (default the model context) advance by ``stride`` (default half
     of it); each token is scored once, in the first window that reaches it, with up to
     ``max_length - stride`` tokens of context from the window before (the Hugging Face perplexity recipe).
-    With ``add_bos`` and a tokenizer that has a BOS id, the first token of a text is scored too (given
-    BOS); otherwise it is context only. Bytes are those of the scored tokens, for bits-per-byte.
+    When :func:`bos_prefix` gives BOS (``add_bos=None``: the tokenizer's rule), the first token of a text is
+    scored too (given BOS); otherwise it is context only. Bytes are those of the scored tokens, for bits-per-byte.
     """
     max_length = max_length or model_context(model)
     stride = stride or max(1, max_length // 2)
@@ -148,11 +169,11 @@ def text_nll(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length:
     if max_length > model_context(model):
         raise ConfigError(f"perplexity option 'max_length' {max_length} exceeds the model context "
                           f"{model_context(model)}")
-    bos = getattr(tokenizer, "bos_id", None) if add_bos else None
+    prefix = bos_prefix(tokenizer, add_bos)
     windows, scored, owner = [], [], []
     byte_counts = []
     for t, text in enumerate(texts):
-        ids = ([bos] if bos is not None else []) + list(tokenizer.encode(text))
+        ids = prefix + list(tokenizer.encode(text))
         byte_counts.append(token_bytes_len(tokenizer, ids[1:]))
         prev_end = 1  # ids[0] is context only
         begin = 0

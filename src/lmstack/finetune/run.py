@@ -122,20 +122,31 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     p = Path(path)
     if not str(path):
         raise ConfigError("base: name the pre-trained model folder to fine-tune")
-    if (p / "model_config.json").is_file():
-        from lmstack.model import load
+    check_base_exists(p)
+    from lmstack.infer.text import find_model_folder, load_model_folder
 
-        return load(p, device=device, dtype=torch.float32)
-    if (p / "config.json").is_file():
-        from lmstack.model import hf
+    try:
+        folder = find_model_folder(p)
+    except LmstackError:
+        raise ConfigError(f"base: {p} holds no model (neither model_config.json (lmstack) nor config.json "
+                          f"(Hugging Face), also not in model/ or final/)") from None
+    # The same loader as generate/chat/eval: a damaged safetensors or config gives one line, not a traceback.
+    return load_model_folder(folder, device, torch.float32)
 
-        return hf.load(p, dtype=torch.float32, device=device)
-    raise ConfigError(f"base: {p} holds neither model_config.json (lmstack) nor config.json (Hugging Face)")
+
+def check_base_exists(p: Path) -> None:
+    if not p.exists():
+        raise ConfigError(f"base: {p} does not exist; name a model folder (an lmstack model, e.g. runs/speedrun/"
+                          f"pretrain after 'lmstack speedrun', or a Hugging Face folder)")
+    if not p.is_dir():
+        raise ConfigError(f"base: {p} is not a folder; name the model folder")
 
 
 def load_sft_tokenizer(cfg: FinetuneConfig):
     from lmstack.tokenizer import load_tokenizer
 
+    if cfg.base:
+        check_base_exists(Path(cfg.base))
     for cand in ([cfg.tokenizer] if cfg.tokenizer else [cfg.base, str(Path(cfg.base).parent)]):
         p = Path(cand)
         if (p / "tokenizer.json").is_file() or (p.is_file() and p.suffix == ".json"):
@@ -194,7 +205,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, cfg: FinetuneConfi
     with atomic_path(folder / "adapter.safetensors") as tmp:
         save_file(state, str(tmp))
     atomic_write_json(folder / "adapter_config.json", {
-        "method": cfg.method, "config": method_config(cfg), "base": cfg.base, "base_config": base_config,
+        # Absolute: the run must find its base from any working directory.
+        "method": cfg.method, "config": method_config(cfg), "base": str(Path(cfg.base).resolve()),
+        "base_config": base_config,
         "base_fingerprint": fingerprint})
     return folder
 
@@ -242,6 +255,31 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     return meta
 
 
+def _bundle_run(run_dir: Path, out: Path, meta: dict[str, Any], base: str | None, hf_format: bool) -> Path:
+    """Prefix-tuning and adapter runs add modules, so they cannot fold into the base weights: write one folder
+    holding the base model and the adapter, which ``load_run`` (generate, chat, eval) loads directly."""
+    import shutil
+
+    from lmstack.infer.text import adapter_base, find_model_folder
+
+    if hf_format:
+        raise LmstackError(f"{run_dir}: a {meta['method']} run adds modules transformers' Llama/GPT-2 classes do "
+                           f"not have, so it has no Hugging Face form; merge without --hf")
+    base_dir = find_model_folder(Path(base).resolve() if base else adapter_base(run_dir, meta))
+    model = load_base(base_dir)
+    load_adapter(model, run_dir)  # checks that the adapter fits this base before anything is written
+    from lmstack.model import save
+
+    save(load_base(base_dir), out)
+    shutil.copyfile(run_dir / "adapter.safetensors", out / "adapter.safetensors")
+    atomic_write_json(out / "adapter_config.json", {**meta, "base": str(out.resolve())})
+    for name in ("tokenizer.json", "tokenizer_vocab.txt"):
+        src = run_dir / name if (run_dir / name).is_file() else base_dir / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    return out
+
+
 def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, base: str | None = None, hf_format: bool = False
               ) -> Path:
     """Fold a LoRA/QLoRA run's adapter into its base and write a plain model (ours, or HF with ``hf_format``)."""
@@ -250,16 +288,16 @@ def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, base: str | No
     if meta is None:
         raise DataError(f"{run_dir}: no adapter_config.json to merge (full fine-tuning runs are already merged)")
     if meta["method"] not in ("lora", "qlora"):
-        raise LmstackError(f"{run_dir}: only LoRA adapters merge into the base weights; a {meta['method']} "
-                           f"adapter stays a separate module")
+        return _bundle_run(run_dir, Path(out), meta, base, hf_format)
     model = load_base(base or meta["base"])
     load_adapter(model, run_dir)
     merge_and_unload(model)
     out = Path(out)
     if hf_format:
         from lmstack.model import hf
+        from lmstack.tokenizer import has_tokenizer, load_tokenizer
 
-        hf.save(model, out)
+        hf.save(model, out, tokenizer=load_tokenizer(run_dir) if has_tokenizer(run_dir) else None)
     else:
         from lmstack.model import save
 
@@ -343,6 +381,8 @@ def _finetune(cfg: FinetuneConfig, resume: bool) -> dict[str, Any]:
     from lmstack.train.config import DataConfig, OptimConfig, TrainConfig
     from lmstack.train.trainer import Task, Trainer
 
+    if cfg.base:
+        check_base_exists(Path(cfg.base))  # before the run folder exists: a typo leaves nothing behind
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)

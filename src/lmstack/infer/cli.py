@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(gen)
     gen.add_argument("--draft", default=None, metavar="RUN_DIR", help="draft model for speculative decoding")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
-    gen.add_argument("--json", action="store_true", help="print JSON lines: prompt, completion")
+    gen.add_argument("--json", action="store_true",
+                     help="print JSON lines: prompt, completion, finish_reason ('stop' | 'length'), new_tokens")
     gen.set_defaults(func=cmd_generate, accepts_overrides=True)
 
     chat = subparsers.add_parser(
@@ -51,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="GenerationConfig file (JSON/TOML/YAML)")
+    p.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID",
+                   help="also stop on this token id (repeat; added to the tokenizer's EOS), e.g. --stop-id 1 "
+                        "for models that end a text with BOS")
+    p.add_argument("--stop-token", action="append", default=[], metavar="TOKEN",
+                   help="also stop on this token (a special token such as '<s>'; repeat)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default=None, help="cast weights: fp32, bf16, fp16 (default: as stored)")
 
@@ -66,11 +72,27 @@ def _setup(args: argparse.Namespace, max_new_default: int, prefer: tuple[str, ..
     cfg = load_config(GenerationConfig, args.config, getattr(args, "overrides", None), base=base)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     model, tok = load_run(args.run_dir, device=args.device, dtype=dtype, prefer=prefer)
+    if args.stop_id or args.stop_token:
+        from lmstack.infer.text import stop_ids
+
+        extra = stop_ids(tok, args.stop_id, args.stop_token)
+        eos = list(cfg.eos_token_id) if cfg.eos_token_id is not None else (
+            [tok.eos_id] if tok.eos_id is not None else [])
+        cfg = cfg.replace(eos_token_id=list(dict.fromkeys(eos + extra)))
     return cfg, model, tok, dtype
 
 
+def _timing(n_tokens: int, seconds: float, first: float | None = None) -> str:
+    """One stderr line: new tokens, wall time, tokens/s, and time to first token when streamed."""
+    rate = n_tokens / seconds if seconds > 0 else float("inf")
+    ttft = f", first token {first * 1000:.0f} ms" if first is not None else ""
+    return f"[generate] {n_tokens} new tokens in {seconds:.2f}s ({rate:.1f} tokens/s{ttft})"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmstack.infer.text import generate_text, load_run, stream_text
+    import time
+
+    from lmstack.infer.text import generate_completions, load_run, stream_text
 
     if args.stream and args.json:
         raise LmstackError("--stream prints text as it comes and --json prints records: choose one")
@@ -80,38 +102,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(args.prompt) != 1:
             raise LmstackError("--stream takes one --prompt")
         sys.stdout.write(args.prompt[0])
+        t0, first, parts = time.perf_counter(), None, []
         for delta in stream_text(model, tok, args.prompt[0], cfg, draft_model=draft):
+            first = time.perf_counter() - t0 if first is None else first
+            parts.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        # The stream yields text, not ids: the printed text's token count (stop tokens are not printed).
+        print(_timing(len(tok.encode("".join(parts))), time.perf_counter() - t0, first), file=sys.stderr)
         return 0
-    texts = generate_text(model, tok, list(args.prompt), cfg, draft_model=draft)
-    n = len(texts) // len(args.prompt)
-    for i, text in enumerate(texts):
+    t0 = time.perf_counter()
+    done = generate_completions(model, tok, list(args.prompt), cfg, draft_model=draft)
+    seconds = time.perf_counter() - t0
+    n = len(done) // len(args.prompt)
+    for i, c in enumerate(done):
         prompt = args.prompt[i // n]
         if args.json:
-            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, "completion": c.text, "finish_reason": c.finish_reason,
+                              "new_tokens": c.n_tokens}, ensure_ascii=False))
         else:
-            print(prompt + text)
-            if i + 1 < len(texts):
+            print(prompt + c.text)
+            if i + 1 < len(done):
                 print("-" * 40)
+    sys.stdout.flush()
+    print(_timing(sum(c.n_tokens for c in done), seconds), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmstack.infer.text import chat_stream
+    from lmstack.infer.text import chat_prompt_ids, chat_stream
 
     cfg, model, tok, _ = _setup(args, 256, prefer=("chat_model", "pretrain"))
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     interactive = sys.stdin.isatty()
+    budget = model.config.max_seq_len - cfg.max_new_tokens
+    if budget < 1:
+        raise LmstackError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                           f"context ({model.config.max_seq_len}); lower --max_new_tokens")
     if interactive:
-        print("lmstack chat: /reset forgets the conversation, /exit quits.", file=sys.stderr)
+        print("lmstack chat: /reset forgets the conversation, /exit or Ctrl-D quits; Ctrl-C stops a reply.",
+              file=sys.stderr)
+    interrupted = False
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            if interrupted:  # a second Ctrl-C in a row at the prompt quits
+                print(file=sys.stderr)
+                break
+            interrupted = True
+            print("\n(Ctrl-C again or Ctrl-D to quit)", file=sys.stderr)
+            continue
+        interrupted = False
         text = line.strip()
         if not text:
             continue
@@ -120,23 +167,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text == "/reset":
             history = list(base)
             continue
-        history.append({"role": "user", "content": line})
-        history = _fit(tok, history, len(base), model.config.max_seq_len - cfg.max_new_tokens)
+        trial = history + [{"role": "user", "content": line}]
+        fitted, dropped = _fit(tok, trial, len(base), budget, chat_prompt_ids)
+        if fitted is None:
+            print(f"error: this message does not fit the model's context ({model.config.max_seq_len} tokens, "
+                  f"{cfg.max_new_tokens} kept for the reply); it was not sent, the conversation is kept",
+                  file=sys.stderr)
+            continue
+        if dropped:
+            print(f"(dropped the {dropped} oldest message(s) to fit the context)", file=sys.stderr)
+        history = fitted
         sys.stdout.write("assistant> " if interactive else "")
         reply = []
-        for delta in chat_stream(model, tok, history, cfg):
-            reply.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+        try:
+            for delta in chat_stream(model, tok, history, cfg):
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the session and what was said so far
+            sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
+        sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
     return 0
 
 
-def _fit(tok, history: list[dict[str, str]], keep: int, budget: int) -> list[dict[str, str]]:
-    """Drop the oldest turns (after the ``keep`` system messages) until the prompt fits ``budget`` tokens."""
-    from lmstack.tokenizer.chat import render_chat
-
-    while len(history) > keep + 1 and len(render_chat(tok, history, add_generation_prompt=True)[0]) > budget:
+def _fit(tok, history: list[dict[str, str]], keep: int, budget: int, prompt_ids
+         ) -> tuple[list[dict[str, str]] | None, int]:
+    """Drop the oldest turns (after the ``keep`` system messages) until the prompt fits ``budget`` tokens.
+    Returns (history, number dropped), or (None, 0) when the last message alone does not fit."""
+    history = list(history)
+    dropped = 0
+    while len(prompt_ids(tok, history)) > budget:
+        if len(history) <= keep + 1:
+            return None, 0
         del history[keep]
-    return history
+        dropped += 1
+    return history, dropped

@@ -6,8 +6,9 @@
     for delta in stream_text(model, tok, "Once upon a time", cfg):
         print(delta, end="", flush=True)
 
-Conventions: the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat); special tokens are
-not printed; text is cut before a stop string (the ids keep it, as in ``transformers``). An empty
+Conventions: the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat, or a Hugging Face
+template's ``eos_token``); more stop ids go in ``GenerationConfig.eos_token_id`` (a list; the CLI's
+``--stop-id``/``--stop-token`` add to the EOS); special tokens are not printed; text is cut before a stop string (the ids keep it, as in ``transformers``). An empty
 prompt starts from the tokenizer's BOS id, else its EOS id (the document separator the data packer
 puts between documents), else is refused.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,22 +98,59 @@ def _skip_ids(tokenizer: Any, cfg: GenerationConfig) -> set[int]:
     return set(tokenizer.special_tokens.values()) | set(cfg.eos_token_id or [])
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompts: str | Sequence[str], config: GenerationConfig | None = None,
-                  *, draft_model: nn.Module | None = None) -> str | list[str]:
-    """Completions of ``prompts`` (a string gives a string; a list gives a list, ``num_return_sequences``
-    per prompt, grouped by prompt). Prompts of different lengths are batched with left padding."""
-    single = isinstance(prompts, str)
-    items = [prompts] if single else list(prompts)
+def stop_ids(tokenizer: Any, ids: Sequence[int] = (), tokens: Sequence[str] = ()) -> list[int]:
+    """Stop ids from ids and token strings (special tokens, or strings that encode to one id), checked."""
+    out = []
+    n = tokenizer.vocab_size
+    for i in ids:
+        if not isinstance(i, int) or not 0 <= i < n:
+            raise LmstackError(f"--stop-id {i!r}: not a token id of this tokenizer (0..{n - 1})")
+        out.append(i)
+    for t in tokens:
+        if t in tokenizer.special_tokens:
+            out.append(tokenizer.special_tokens[t])
+            continue
+        enc = tokenizer.encode(t)
+        if len(enc) != 1:
+            raise LmstackError(f"--stop-token {t!r}: not a special token and encodes to {len(enc)} ids, not 1; "
+                               f"use --stop-id, or --stop_strings for text")
+        out.append(enc[0])
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str      # "stop" (EOS, a stop id or a stop string) or "length" (max_new_tokens / context)
+    n_tokens: int           # new tokens, a final stop token included
+
+
+def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig | None = None,
+                         *, draft_model: nn.Module | None = None) -> list[Completion]:
+    """Completions of ``prompts`` with their finish reasons, ``num_return_sequences`` per prompt, grouped
+    by prompt. Prompts of different lengths are batched with left padding."""
+    items = list(prompts)
     if not items:
         raise LmstackError("no prompts given")
     cfg = _with_defaults(tokenizer, config)
     res = generate_result(model, [encode_prompt(tokenizer, p) for p in items], cfg, tokenizer=tokenizer,
                           draft_model=draft_model)
     skip = _skip_ids(tokenizer, cfg)
-    texts = []
+    out = []
     for row in range(res.sequences.shape[0]):
         ts = TextStream(tokenizer, cfg.stop_strings, skip)
-        texts.append(ts.push(res.new_tokens(row)) + ts.finish())
+        out.append(Completion(ts.push(res.new_tokens(row)) + ts.finish(), res.finish_reasons[row],
+                              res.num_generated[row]))
+    return out
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompts: str | Sequence[str], config: GenerationConfig | None = None,
+                  *, draft_model: nn.Module | None = None) -> str | list[str]:
+    """Completions of ``prompts`` (a string gives a string; a list gives a list, ``num_return_sequences``
+    per prompt, grouped by prompt). Prompts of different lengths are batched with left padding."""
+    single = isinstance(prompts, str)
+    items = [prompts] if single else list(prompts)
+    texts = [c.text for c in generate_completions(model, tokenizer, items, config, draft_model=draft_model)]
     return texts[0] if single and len(texts) == 1 else texts
 
 
@@ -136,22 +175,44 @@ def _deltas(steps: Iterator[list[list[int]]], ts: TextStream) -> Iterator[str]:
         yield tail
 
 
-def chat_stream(model: nn.Module, tokenizer: Any, messages: Sequence[Mapping[str, str]],
-                config: GenerationConfig | None = None, *, draft_model: nn.Module | None = None) -> Iterator[str]:
-    """The assistant's reply to ``messages`` (lmstack chat template), streamed; ends at ``<|end|>``."""
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """The ids of a conversation up to the assistant's turn: the Hugging Face chat template of the model's
+    folder when it has one (``tokenizer.chat_template``, set by :func:`load_run`), else lmstack's own."""
+    hf_template = getattr(tokenizer, "chat_template", None)
+    if hf_template is not None:
+        # The rendered text holds the template's special tokens (<|im_start|>, <s>, ...) as text: parse them.
+        return tokenizer.encode(hf_template.render(list(messages), add_generation_prompt=True), allowed_special="all")
     from lmstack.tokenizer.chat import render_chat
 
-    ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
+    if END_OF_TURN not in tokenizer.special_tokens and getattr(tokenizer, "chat_template", False) is None:
+        raise LmstackError("this model has no chat template (no chat_template in its tokenizer_config.json or "
+                           "chat_template.jinja, and not lmstack's chat tokens); use lmstack generate, or add "
+                           "a chat template to the folder")
+    return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+def chat_stream(model: nn.Module, tokenizer: Any, messages: Sequence[Mapping[str, str]],
+                config: GenerationConfig | None = None, *, draft_model: nn.Module | None = None) -> Iterator[str]:
+    """The assistant's reply to ``messages``, streamed. lmstack's template: ends at ``<|end|>``; a Hugging
+    Face template: ends at the tokenizer's EOS or the template's ``eos_token`` (plus any stop ids in config)."""
+    ids = chat_prompt_ids(tokenizer, messages)
     config = chat_config(tokenizer, config)
-    end = tokenizer.special_tokens.get(END_OF_TURN)
-    return stream_text(model, tokenizer, ids, config, draft_model=draft_model,
-                       stop_ids=[end] if end is not None else [])
+    return stream_text(model, tokenizer, ids, config, draft_model=draft_model)
 
 
 def chat_config(tokenizer: Any, config: GenerationConfig | None = None) -> GenerationConfig:
-    """``config`` for an assistant turn: stops at ``<|end|>`` and never emits the other special tokens
-    (a role marker or ``<|bos|>`` inside a reply would break the conversation's format)."""
+    """``config`` for an assistant turn: stops at the end-of-turn token. With lmstack's template that is
+    ``<|end|>`` and the other special tokens are never emitted (a role marker or ``<|bos|>`` inside a reply
+    would break the conversation's format); with a Hugging Face template, the EOS ids plus its ``eos_token``."""
     config = config or GenerationConfig()
+    hf_template = getattr(tokenizer, "chat_template", None)
+    if hf_template is not None:
+        eos = list(config.eos_token_id) if config.eos_token_id is not None else (
+            [tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        end = tokenizer.special_tokens.get(hf_template.special_tokens.get("eos_token", ""))
+        if end is not None and end not in eos:
+            eos.append(end)
+        return config.replace(eos_token_id=eos or None)
     end = tokenizer.special_tokens.get(END_OF_TURN)
     others = sorted(set(config.suppress_tokens) | {i for i in tokenizer.special_tokens.values() if i != end})
     eos = list(config.eos_token_id or [])
@@ -160,44 +221,127 @@ def chat_config(tokenizer: Any, config: GenerationConfig | None = None) -> Gener
     return config.replace(suppress_tokens=others, eos_token_id=eos or None)
 
 
+def _is_model_folder(cand: Path) -> bool:
+    """lmstack (``model_config.json``) or Hugging Face (``config.json`` with a ``model_type``)."""
+    if (cand / "model_config.json").is_file():
+        return True
+    hf_config = cand / "config.json"
+    if hf_config.is_file():
+        from lmstack.tokenizer.template import read_json_config
+
+        try:
+            return "model_type" in read_json_config(hf_config)
+        except LmstackError:
+            # A folder whose only model file is a broken config.json is a model folder with a bad config:
+            # say so (when it is the folder itself) rather than "no model found".
+            return (cand / "model.safetensors").is_file()
+    return False
+
+
 def find_model_folder(folder: Path, prefer: Sequence[str] = ("pretrain", "chat_model")) -> Path:
     """The folder holding the model of a run: the run itself, ``model/`` or ``final/``, else (for a speedrun
-    directory) the first of ``prefer`` that holds one. An adapter-only fine-tuning run is named as such."""
-    import json
-
+    directory) the first of ``prefer`` that holds one."""
     for cand in (folder, folder / "model", folder / "final", *(folder / p for p in prefer)):
-        if (cand / "model_config.json").is_file():
+        if _is_model_folder(cand):
             return cand
-        hf_config = cand / "config.json"
-        if hf_config.is_file():
-            try:
-                if "model_type" in json.loads(hf_config.read_text(encoding="utf-8")):
-                    return cand
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-    if (folder / "adapter_config.json").is_file():
-        raise LmstackError(f"{folder}: this fine-tuning run holds an adapter, not a model; merge it first: "
-                           f"lmstack finetune merge {folder} --out {folder}/merged")
-    raise LmstackError(f"{folder}: no model found (expected model_config.json or a Hugging Face config.json)")
+    raise LmstackError(f"{folder}: no model found (expected model_config.json, a Hugging Face config.json, "
+                       f"or a fine-tuning run's adapter_config.json)")
+
+
+def adapter_base(run: Path, meta: Mapping[str, Any]) -> Path:
+    """The base model folder an adapter run names: absolute as recorded; older runs stored it relative to the
+    directory ``finetune`` ran in, so also try it relative to the run and to the current directory."""
+    base = meta.get("base")
+    if not isinstance(base, str) or not base:
+        raise LmstackError(f"{run}/adapter_config.json: no 'base' model recorded; pass the base folder")
+    p = Path(base)
+    if p.is_absolute():
+        cands = [p]
+    else:
+        cands = [run / p, Path.cwd() / p, run.parent / p]
+    for c in cands:
+        if c.is_dir():
+            return c.resolve()
+    raise LmstackError(f"{run}: the adapter's base model {base!r} does not exist (looked in "
+                       f"{', '.join(str(c) for c in cands)}); move it back or re-run fine-tuning")
+
+
+def load_model_folder(cand: Path, device: Any = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model in ``cand`` (lmstack or Hugging Face format); bad files -> one-line LmstackError."""
+    from lmstack.model import hf, load
+
+    try:
+        if (cand / "model_config.json").is_file():
+            return load(cand, device=device, dtype=dtype)
+        return hf.load(cand, dtype=dtype, device=device)
+    except LmstackError:
+        raise
+    except (UnicodeDecodeError, ValueError, OSError, RuntimeError, KeyError) as e:
+        # safetensors raises SafetensorError (an Exception) or OSError/RuntimeError on truncated or random
+        # files, json ValueError on a broken config: all are "this folder's files are damaged".
+        raise LmstackError(f"{cand}: cannot load the model ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:200]}); is a file truncated or not a model?") from None
+    except Exception as e:  # safetensors_rust.SafetensorError derives from Exception only
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise LmstackError(f"{cand}: model.safetensors is damaged ({' '.join(str(e).split())[:200]}); "
+                           f"is the file truncated?") from None
+
+
+def find_tokenizer(*folders: Path) -> Any:
+    """The tokenizer in the first of ``folders`` that holds one (``load_tokenizer`` rules)."""
+    from lmstack.tokenizer import has_tokenizer, load_tokenizer
+    from lmstack.tokenizer.template import find_chat_template
+
+    for tdir in folders:
+        if has_tokenizer(tdir):
+            tok = load_tokenizer(tdir)
+            # A Hugging Face folder's chat template travels with its tokenizer (chat uses it).
+            tok.chat_template = find_chat_template(tdir) if (tdir / "tokenizer_config.json").is_file() or \
+                (tdir / "chat_template.jinja").is_file() else None
+            return tok
+    raise LmstackError(f"{folders[0]}: no tokenizer next to the model (expected tokenizer.json, vocab.json + "
+                       f"merges.txt, or a .tiktoken file); copy the tokenizer the model was trained with there")
 
 
 def load_run(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
              prefer: Sequence[str] = ("pretrain", "chat_model")) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a run directory or model folder: lmstack format (``model_config.json``) or
-    Hugging Face (``config.json``), with ``tokenizer.json`` beside it (or one folder up). For a speedrun
-    directory, ``prefer`` orders its model folders (``chat`` prefers the fine-tuned ``chat_model``)."""
-    from lmstack.model import hf, load
+    """(model, tokenizer) from any model folder, in eval mode. ``path`` may be:
+
+    - an lmstack model folder (``model_config.json`` + ``model.safetensors``);
+    - a run directory: ``lmstack train`` (its ``model/``/``final/``), a speedrun (the first of ``prefer``
+      among its stage folders: ``pretrain``, ``chat_model``; ``chat`` prefers ``chat_model``), a full
+      fine-tuning run;
+    - a Hugging Face folder (``config.json`` + ``model.safetensors``, tokenizer files beside it);
+    - a LoRA/QLoRA, prefix-tuning or adapter fine-tuning run (``adapter_config.json``): its base is loaded
+      and the adapter applied, unmerged; also a folder written by ``finetune merge`` for prefix/adapter runs.
+
+    The tokenizer is the first found in the model folder, the run, or one folder up. Missing folders,
+    damaged files and a model without a tokenizer raise a one-line :class:`LmstackError`.
+    """
     from lmstack.runtime import resolve_device
-    from lmstack.tokenizer import load_tokenizer
 
     folder = Path(path)
+    if not folder.exists():
+        raise LmstackError(f"{folder}: no such model folder or run directory")
     if not folder.is_dir():
-        raise LmstackError(f"{folder}: no such run directory")
-    cand = find_model_folder(folder, prefer)
+        raise LmstackError(f"{folder}: not a folder; pass the model folder or run directory")
     dev = resolve_device(device)
-    model = load(cand, device=dev, dtype=dtype) if (cand / "model_config.json").is_file() else \
-        hf.load(cand, dtype=dtype, device=dev)
-    for tdir in (cand, folder, cand.parent, folder.parent):
-        if (tdir / "tokenizer.json").is_file():
-            return model.eval(), load_tokenizer(tdir)
-    raise LmstackError(f"{folder}: no tokenizer.json next to the model")
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file() and not _is_model_folder(folder):
+        from lmstack.finetune.run import load_adapter
+        from lmstack.tokenizer.template import read_json_config
+
+        base = adapter_base(folder, read_json_config(adapter))
+        model = load_model_folder(find_model_folder(base, prefer), dev, dtype)
+        load_adapter(model, folder)
+        tok = find_tokenizer(folder, base, base.parent)
+        return model.to(dev).eval(), tok
+    cand = find_model_folder(folder, prefer)
+    model = load_model_folder(cand, dev, dtype)
+    if (cand / "adapter_config.json").is_file():  # a prefix/adapter model written by ``finetune merge``
+        from lmstack.finetune.run import load_adapter
+
+        load_adapter(model, cand)
+        model.to(dev)
+    return model.eval(), find_tokenizer(cand, folder, cand.parent, folder.parent)

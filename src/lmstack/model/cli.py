@@ -156,11 +156,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_convert_target(src, out, force=args.force)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if (src / "model_config.json").is_file():
-        model = lm.load(src, dtype=dtype)
-        hf.save(model, out)
+        from lmstack.tokenizer import has_tokenizer, load_tokenizer
+
+        from lmstack.infer.text import load_model_folder  # the one loader: damaged files -> one line
+
+        model = load_model_folder(src, "cpu", dtype)
+        # With the tokenizer, the export also gets tokenizer_config.json + generation_config.json (EOS for HF).
+        hf.save(model, out, tokenizer=load_tokenizer(src) if has_tokenizer(src) else None)
         direction = "lmstack -> Hugging Face"
     elif src.is_dir():
-        model = hf.load(src, dtype=dtype)
+        from lmstack.infer.text import load_model_folder
+
+        model = load_model_folder(src, "cpu", dtype)
         lm.save(model, out)
         direction = "Hugging Face -> lmstack"
     else:

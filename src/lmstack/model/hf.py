@@ -465,9 +465,26 @@ def _tied_hf_keys(family: str) -> set[str]:
             }.get(family, {"lm_head.weight"})
 
 
+def tokenizer_files(tokenizer: Any, max_len: int | None = None) -> dict[str, dict[str, Any]]:
+    """``tokenizer_config.json`` and ``generation_config.json`` for a tokenizer, so that ``AutoTokenizer``
+    knows BOS/EOS/PAD and HF ``generate`` stops at EOS (a tokenizer.json alone carries neither)."""
+    names = {i: s for s, i in tokenizer.special_tokens.items()}
+    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                               "add_bos_token": bool(getattr(tokenizer, "add_bos", False))}
+    gen: dict[str, Any] = {"_from_model_config": False}
+    for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
+        if i is not None:
+            tok_cfg[f"{key}_token"] = names[i]
+            gen[f"{key}_token_id"] = i
+    if max_len:
+        tok_cfg["model_max_length"] = int(max_len)
+    return {"tokenizer_config.json": tok_cfg, "generation_config.json": gen}
+
+
 def save(model: nn.Module, path: str | os.PathLike, family: str | None = None,
-         dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that Hugging Face transformers loads.
+         dtype: torch.dtype | None = None, tokenizer: Any = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that Hugging Face transformers loads; with ``tokenizer``
+    also its ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``.
 
     The family follows from the config (learned positions -> gpt2, RoPE -> llama or qwen2 (QKV bias
     without other biases), encoder -> bert, encoder-decoder -> bart) unless given.
@@ -497,4 +514,8 @@ def save(model: nn.Module, path: str | os.PathLike, family: str | None = None,
     with atomic_dir(path) as tmp:
         save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            for name, data in tokenizer_files(tokenizer, getattr(cfg, "max_seq_len", None)).items():
+                (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return Path(path)

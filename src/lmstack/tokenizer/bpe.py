@@ -412,6 +412,9 @@ class BPETokenizer(SpecialTokenIds):
                     raise DataError(f"tokenizer merges: merge {r} makes a token that is not in the vocab")
                 self._pair_rank.setdefault((a, b), (r, z))
         self._cache: dict[str, list[int]] = {}
+        # Whether this tokenizer's own default puts BOS before a text (False for lmstack's: its data pipeline
+        # separates documents with EOS); imported tokenizers set it from their post-processor / config.
+        self.add_bos = False
         self.use_fast = use_fast
         self._fast: Any = None
         self._fast_tried = False

@@ -26,9 +26,9 @@ from typing import Any
 
 from lmstack.errors import DataError, LmstackError
 from lmstack.tokenizer.base import (
-    SpecialTokenIds,
     PATTERNS,
     AllowedSpecial,
+    SpecialTokenIds,
     split_specials,
 )
 from lmstack.tokenizer.bpe import BPETokenizer
@@ -136,6 +136,61 @@ def _split_pattern(pre: Any) -> str | None:
     return None
 
 
+def bos_from_post_processor(post: Any, special_tokens: dict[str, int]) -> bool:
+    """Whether a ``tokenizer.json`` post-processor puts a BOS-like special token before a single sequence
+    (``TemplateProcessing`` whose ``single`` starts with a special token, possibly inside a ``Sequence``;
+    ``BertProcessing``/``RobertaProcessing`` add ``[CLS]``/``<s>``)."""
+    if not isinstance(post, dict):
+        return False
+    kind = post.get("type")
+    if kind == "Sequence":
+        return any(bos_from_post_processor(p, special_tokens) for p in post.get("processors") or [])
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return True
+    if kind == "TemplateProcessing":
+        single = post.get("single") or []
+        return bool(single) and isinstance(single[0], dict) and "SpecialToken" in single[0]
+    return False
+
+
+def from_vocab_merges(folder: str | os.PathLike) -> BPETokenizer:
+    """GPT-2-style ``vocab.json`` + ``merges.txt`` (HF's slow byte-level BPE) as our BPETokenizer.
+
+    The special tokens are the named tokens of ``tokenizer_config.json``/``special_tokens_map.json`` found in
+    the vocab, else ``<|endoftext|>`` when the vocab has it; ``add_prefix_space`` must be false (as GPT-2's).
+    """
+    from lmstack.tokenizer.template import read_json_config, special_tokens_of
+
+    folder = Path(folder)
+    vocab = read_json_config(folder / "vocab.json")
+    try:
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{folder / 'merges.txt'}: not UTF-8 text") from None
+    merges = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise DataError(f"{folder / 'merges.txt'} line {n}: expected two tokens separated by a space")
+        merges.append(parts)
+    config = read_json_config(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() \
+        else {}
+    if config.get("add_prefix_space"):
+        raise DataError(f"{folder}: add_prefix_space=true is not supported for vocab.json + merges.txt; "
+                        f"use its tokenizer.json")
+    names = set(special_tokens_of(folder, config).values()) or {"<|endoftext|>"}
+    added = [{"id": vocab[t], "content": t, "special": True} for t in sorted(names) if t in vocab]
+    data = {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "normalizer": None,
+            "decoder": {"type": "ByteLevel"}, "added_tokens": added,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    tok = byte_level_bpe_from_hf(data, str(folder / "merges.txt"))
+    if tok is None:
+        raise DataError(f"{folder}: vocab.json + merges.txt are not a byte-level BPE lmstack can read")
+    return tok
+
+
 def byte_level_bpe_from_hf(data: dict[str, Any], source: str = "tokenizer.json") -> BPETokenizer | None:
     """Our BPETokenizer for a plain byte-level BPE ``tokenizer.json`` (see the module docstring), else None."""
     model = data.get("model") or {}
@@ -172,10 +227,12 @@ def byte_level_bpe_from_hf(data: dict[str, Any], source: str = "tokenizer.json")
     ignore = bool(model.get("ignore_merges", False))
     rank_rule = ignore and merges == rank_rule_merges(vocab)
     try:
-        return BPETokenizer(vocab, pattern=pattern, special_tokens=specials, merges=merges,
-                            rank_rule=rank_rule, ignore_merges=ignore)
+        tok = BPETokenizer(vocab, pattern=pattern, special_tokens=specials, merges=merges,
+                           rank_rule=rank_rule, ignore_merges=ignore)
     except LmstackError:
-        return None  # e.g. a regex our engine rejects, or missing byte tokens: leave it to the HF wrapper
+        return None
+    tok.add_bos = bos_from_post_processor(data.get("post_processor"), specials) and tok.bos_id is not None
+    return tok  # e.g. a regex our engine rejects, or missing byte tokens: leave it to the HF wrapper
 
 
 class HFTokenizer(SpecialTokenIds):
@@ -193,7 +250,21 @@ class HFTokenizer(SpecialTokenIds):
         self.special_tokens: dict[str, int] = {
             t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special
         }
-        self.model_type = json.loads(tok.to_str())["model"].get("type", "?")
+        data = json.loads(tok.to_str())
+        self.model_type = data["model"].get("type", "?")
+        self._byte_fallback = bool(data["model"].get("byte_fallback"))
+        self._bytes: dict[int, bytes] = {}
+        # SentencePiece-style decoders (Metaspace, or Replace "▁" + Strip) drop the leading space of a text, so a
+        # token decoded alone loses it; token_bytes then decodes after an anchor token. WordPiece etc. keep the
+        # plain per-token decode.
+        dec = json.dumps(data.get("decoder"), ensure_ascii=False)
+        sentencepiece = "Metaspace" in dec or "\u2581" in dec
+        anchor = [i for i in self._plain(["a"])[0] if i not in self.special_tokens.values()] if sentencepiece \
+            else []
+        self._anchor = anchor[-1] if anchor else None
+        # The tokenizer's own rule for BOS (lm-evaluation-harness follows it; see lmstack.eval.lm.bos_prefix).
+        self.add_bos = bos_from_post_processor(data.get("post_processor"), self.special_tokens) \
+            and self.bos_id is not None
 
     @property
     def vocab_size(self) -> int:
@@ -232,9 +303,31 @@ class HFTokenizer(SpecialTokenIds):
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
-        if self._tok.id_to_token(token_id) is None:
+        """The bytes this token adds to a text, as a streaming decoder must print them: SentencePiece's
+        ``▁the`` is b" the" (decoding it alone would strip the space), a byte-fallback ``<0x0A>`` is b"\\n"."""
+        piece = self._tok.id_to_token(token_id) if isinstance(token_id, int) else None
+        if piece is None:
             raise LmstackError(f"token id {token_id!r} is not in the vocab (size {self.vocab_size})")
-        return self.decode([token_id]).encode("utf-8")
+        cached = self._bytes.get(token_id)
+        if cached is not None:
+            return cached
+        if self._byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                out = bytes([int(piece[3:5], 16)])
+            except ValueError:
+                out = None
+            if out is not None:
+                self._bytes[token_id] = out
+                return out
+        if token_id in self.special_tokens.values() or self._anchor is None:
+            out = self.decode([token_id]).encode("utf-8")
+        else:
+            # Decoders strip a leading space of the whole text only: decode after an anchor token and cut it.
+            head = self.decode([self._anchor])
+            both = self.decode([self._anchor, token_id])
+            out = (both[len(head):] if both.startswith(head) else self.decode([token_id])).encode("utf-8")
+        self._bytes[token_id] = out
+        return out
 
     def save(self, directory: str | os.PathLike) -> Path:
         from lmstack.runs import atomic_write_text

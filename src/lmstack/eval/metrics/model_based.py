@@ -32,7 +32,7 @@ def _bpb_aggregate(stats: np.ndarray) -> float:
 
 
 def _nll_result(name: str, predictions: list[str], model: Any, tokenizer: Any, max_length: int | None,
-                stride: int | None, add_bos: bool, batch_size: int, on_empty: str) -> MetricResult:
+                stride: int | None, add_bos: bool | None, batch_size: int, on_empty: str) -> MetricResult:
     from lmstack.eval.lm import text_nll
 
     _need_model(name, model, tokenizer)
@@ -55,7 +55,7 @@ def _nll_result(name: str, predictions: list[str], model: Any, tokenizer: Any, m
 
 @register("perplexity", needs="none", scale="tokens (lower is better)", higher_is_better=False)
 def perplexity(predictions: list[str], references=None, sources=None, *, model: Any = None, tokenizer: Any = None,
-               max_length: int | None = None, stride: int | None = None, add_bos: bool = True, batch_size: int = 8,
+               max_length: int | None = None, stride: int | None = None, add_bos: bool | None = None, batch_size: int = 8,
                on_empty: str = "record") -> MetricResult:
     """Token perplexity of the texts under a decoder (sliding window for long texts); details hold bits/byte."""
     return _nll_result("perplexity", predictions, model, tokenizer, max_length, stride, add_bos, batch_size, on_empty)
@@ -63,7 +63,7 @@ def perplexity(predictions: list[str], references=None, sources=None, *, model: 
 
 @register("bits_per_byte", needs="none", scale="bits (lower is better)", higher_is_better=False)
 def bits_per_byte(predictions: list[str], references=None, sources=None, *, model: Any = None, tokenizer: Any = None,
-                  max_length: int | None = None, stride: int | None = None, add_bos: bool = True, batch_size: int = 8,
+                  max_length: int | None = None, stride: int | None = None, add_bos: bool | None = None, batch_size: int = 8,
                   on_empty: str = "record") -> MetricResult:
     """Bits per UTF-8 byte of the texts under a decoder: tokenizer-independent, so models compare."""
     return _nll_result("bits_per_byte", predictions, model, tokenizer, max_length, stride, add_bos, batch_size,
