@@ -344,6 +344,7 @@ class Trainer:
         self.tb = None
         self._started = False
         self._stop_signal: int | None = None
+        self._peak_raised = False
 
     def _start_run(self) -> None:
         """Write the run directory's start: config, tokenizer, a fresh or trimmed metrics log (main rank)."""
@@ -659,14 +660,14 @@ class Trainer:
             signal.signal(signum, on_signal)
         return previous
 
-    def _stop_if_signalled(self, saved_step: int | None) -> None:
-        """At a step boundary after a signal: checkpoint the last completed step (unless just saved), stop."""
+    def _stop_if_signalled(self) -> None:
+        """At a step boundary after a signal: checkpoint the last completed step (unless saved already), stop."""
         signum = self._stop_signal
         if signum is None:
             return
-        path = checkpoint_dir(self.run, self.step) if saved_step == self.step else None
-        if path is None and self.step > 0:
-            path = self.save_checkpoint()
+        path: Path | None = checkpoint_dir(self.run, self.step)
+        if not path.is_dir():
+            path = self.save_checkpoint() if self.step > 0 else None
         where = f"checkpoint {path}" if path else "no checkpoint (no step completed)"
         print(f"[train] stopped at step {self.step}: {where}; continue with `lmstack train resume {self.run}`",
               file=sys.stderr)
@@ -687,8 +688,7 @@ class Trainer:
         if self.peak_flops is None:  # the peak of the dtype the matmuls run in (bf16's when autocasting to it)
             self.peak_flops = self._measure_peak()
         start_step, t_start = self.step, time.perf_counter()
-        saved_step: int | None = None
-        self._stop_if_signalled(saved_step)
+        self._stop_if_signalled()
         progress = Progress(cfg.steps, desc="train", unit="step", disable=not env.is_main)
         progress.done = self.step
         tok_per_step = cfg.batch_size * cfg.grad_accum * env.dp_size * tokens_per_example(
@@ -709,11 +709,11 @@ class Trainer:
                     achieved = self.flops_per_token * tps / env.world_size
                     if achieved > self.peak_flops:
                         # the square-matmul probe missed a faster kernel path: the peak is at least what ran
-                        if env.is_main:
+                        if env.is_main and not self._peak_raised:
                             print(f"[train] note: step {step} ran {achieved / 1e12:.3g} TFLOP/s per process, "
                                   f"above the measured peak {self.peak_flops / 1e12:.3g}; using it as the peak",
                                   file=sys.stderr)
-                        self.peak_flops = achieved
+                        self.peak_flops, self._peak_raised = achieved, True
                     mfu = achieved / self.peak_flops
                     record = {"step": step, "loss": loss_v, "lr": lr_at(step - 1, cfg.steps, cfg.optim),
                               "grad_norm": float(norm), "tokens": self.tokens, "tokens_per_s": round(tps, 1),
@@ -738,9 +738,8 @@ class Trainer:
                     return {"stopped_at": step}
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or new_best or at_end:
                     self.save_checkpoint()
-                    saved_step = step
                 if not at_end:
-                    self._stop_if_signalled(saved_step)
+                    self._stop_if_signalled()
         except KeyboardInterrupt as e:
             if not isinstance(e, Interrupted) and env.is_main:
                 # mid-step state is not a consistent checkpoint: the newest saved one stays the resume point
