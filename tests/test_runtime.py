@@ -109,3 +109,10 @@ def test_low_peak_warning_suggests_one_thread():
     assert msg == ("the matmul peak measured 2.1 GFLOP/s on 2 thread(s), under 5 GFLOP/s per thread: another "
                    "process is likely busy on these cores; set threads = 1, or check `top` for a busy core")
     assert "threads = 1" not in low_peak_warning(1e9, 1)
+
+
+def test_a_slow_matmul_is_timed_once_within_the_budget(monkeypatch):
+    """An emulated dtype: the warm-up alone overruns the budget, so it is the measurement (no more runs)."""
+    clock = iter([0.0, 0.3, 10.0, 10.1])                   # one 0.3 s run, then anything else would show
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
+    assert runtime.measure_matmul_peak(CPU, torch.float32, n=8, repeats=5, budget_s=0.1) == pytest.approx(2 * 8**3 / 0.3)

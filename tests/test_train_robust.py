@@ -253,3 +253,12 @@ def test_auto_dtype_resolves_through_the_one_rule(tmp_path, shards, monkeypatch)
     summary = T.pretrain(tiny(tmp_path / "r", shards, steps=2, dtype="auto"))
     assert (summary["dtype"], summary["dtype_reason"]) == ("fp32", "CPU without native bf16 (no AMX/AVX512-BF16 flag)")
     assert TrainConfig().dtype == "auto" and TrainConfig().threads == "auto"
+
+
+def test_an_implausibly_low_fp32_peak_warns_about_busy_cores(tmp_path, shards, monkeypatch, capsys):
+    import lmstack.train.trainer as T
+
+    monkeypatch.setattr(T, "measure_matmul_peak", lambda device, dtype=torch.float32, n=None, repeats=5: 3e9)
+    T.pretrain(tiny(tmp_path / "r", shards, steps=1, peak_tflops=0.0, threads=2))
+    assert ("[train] warning: the matmul peak measured 3 GFLOP/s on 2 thread(s), under 5 GFLOP/s per thread"
+            in capsys.readouterr().err)

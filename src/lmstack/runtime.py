@@ -70,17 +70,19 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
-                        repeats: int = 5) -> float:
+                        repeats: int = 5, budget_s: float = 1.0) -> float:
     """FLOP/s of a square matmul on ``device`` (median of ``repeats``): the practical peak MFU is quoted against.
 
-    A dtype the device emulates slowly (bf16 on a CPU without native bf16 runs ~100x below fp32) would make
-    this take seconds, so when the warm-up alone is slow the measurement stops after one timed run.
+    A dtype the device emulates (bf16 on a CPU without native bf16 runs ~100x below fp32) would make this
+    take many seconds, so timing stops once ``budget_s`` is spent; a single run that is slow on its own
+    is measurement enough (its warm-up overhead is small against it).
     """
     n = n or (8192 if device.type == "cuda" else 1024)
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what the original drew
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
     times: list[float] = []
+    spent = 0.0
     for i in range(repeats + 1):
         _sync(device)
         t0 = time.perf_counter()
@@ -89,7 +91,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
         elapsed = time.perf_counter() - t0
         if i:  # the first run warms up
             times.append(elapsed)
-        if elapsed > 0.5 and times:
+        spent += elapsed
+        if spent > budget_s:
+            times = times or [elapsed]
             break
     return 2 * n**3 / statistics.median(times)
 
@@ -119,11 +123,12 @@ def cpu_native_bf16() -> str | None:
 
 @functools.cache
 def matmul_speeds(dtype: torch.dtype, threads: int | None = None) -> tuple[float, float]:
-    """(FLOP/s in ``dtype``, FLOP/s in fp32) of a 512x512 CPU matmul: the short probe (~0.03 s with native
-    bf16, under a second where it is emulated; cached per process and thread count) that decides whether a
-    low-precision dtype is really fast here."""
+    """(FLOP/s in ``dtype``, FLOP/s in fp32) of a 512x512 CPU matmul: the short probe (a few ms with native
+    bf16, ~0.3 s where bf16 is emulated at ~1 GFLOP/s; cached per process and thread count) that decides
+    whether a low-precision dtype is really fast here."""
     cpu = torch.device("cpu")
-    return measure_matmul_peak(cpu, dtype, n=512, repeats=3), measure_matmul_peak(cpu, torch.float32, n=512, repeats=3)
+    return (measure_matmul_peak(cpu, dtype, n=512, repeats=3, budget_s=0.1),
+            measure_matmul_peak(cpu, torch.float32, n=512, repeats=3, budget_s=0.1))
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -163,8 +168,8 @@ def resolve_dtype(name: str, device: torch.device, announce: bool = True) -> Dty
             low, fp32 = matmul_speeds(dtype, torch.get_num_threads())
             if low < 0.9 * fp32:
                 choice = dataclasses.replace(choice, warning=(
-                    f"{choice.name} matmul ran {fp32 / low:.3g}x slower than fp32 here ({low / 1e9:.3g} vs "
-                    f"{fp32 / 1e9:.3g} GFLOP/s); use dtype=auto or fp32"))
+                    f"{choice.name} matmul ran {fp32 / low:.3g}x slower than fp32 here ({low / 1e9:.4g} vs "
+                    f"{fp32 / 1e9:.4g} GFLOP/s); use dtype=auto or fp32"))
     if announce:
         line = f"[dtype] {name} -> {choice.name} on {device.type}: {choice.reason}"
         for msg in (line, f"warning: {choice.warning}" if choice.warning else None):
@@ -185,7 +190,7 @@ def _auto_dtype(device: torch.device) -> DtypeChoice:
     if unit is None:
         return DtypeChoice(torch.float32, "fp32", "CPU without native bf16 (no AMX/AVX512-BF16 flag)")
     low, fp32 = matmul_speeds(torch.bfloat16, torch.get_num_threads())
-    speeds = f"bf16 {low / 1e9:.3g} vs fp32 {fp32 / 1e9:.3g} GFLOP/s"
+    speeds = f"bf16 {low / 1e9:.4g} vs fp32 {fp32 / 1e9:.4g} GFLOP/s"
     if low >= 0.9 * fp32:
         return DtypeChoice(torch.bfloat16, "bf16", f"CPU with {unit}, probe: {speeds}")
     return DtypeChoice(torch.float32, "fp32", f"CPU with {unit} but bf16 is not faster, probe: {speeds}")
