@@ -116,3 +116,23 @@ def test_a_slow_matmul_is_timed_once_within_the_budget(monkeypatch):
     clock = iter([0.0, 0.3, 10.0, 10.1])                   # one 0.3 s run, then anything else would show
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
     assert runtime.measure_matmul_peak(CPU, torch.float32, n=8, repeats=5, budget_s=0.1) == pytest.approx(2 * 8**3 / 0.3)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_generate_dtype_auto_runs_bf16_weights_in_fp32_only_where_bf16_is_emulated(tmp_path, monkeypatch, capsys,
+                                                                                   native):
+    import argparse
+
+    from lmstack.infer.cli import _setup
+    from lmstack.model import build_model, preset, save
+    from lmstack.train.trainer import byte_tokenizer
+
+    torch.manual_seed(0)
+    save(build_model(preset("tiny", vocab_size=257, d_model=32, n_layer=1, n_head=2)).to(torch.bfloat16), tmp_path)
+    byte_tokenizer().save(tmp_path)
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: "AMX-BF16" if native else None)
+    monkeypatch.setattr(runtime, "matmul_speeds", lambda dtype, threads=None: (700e9, 380e9))
+    args = argparse.Namespace(run_dir=str(tmp_path), config=None, device="cpu", dtype="auto", overrides=[])
+    model = _setup(args, 8)[1]
+    assert next(model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert ("weights run in fp32 here: CPU without native bf16" in capsys.readouterr().err) == (not native)
