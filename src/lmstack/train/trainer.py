@@ -689,8 +689,9 @@ class Trainer:
             self.peak_flops = self._measure_peak()
         start_step, t_start = self.step, time.perf_counter()
         self._stop_if_signalled()
-        progress = Progress(cfg.steps, desc="train", unit="step", disable=not env.is_main)
-        progress.done = self.step
+        # counts this run's steps only: its rate and ETA must not include the steps before a resume
+        progress = Progress(cfg.steps - start_step, desc=f"train (from step {start_step})" if start_step else "train",
+                            unit="step", disable=not env.is_main)
         tok_per_step = cfg.batch_size * cfg.grad_accum * env.dp_size * tokens_per_example(
             cfg.objective, cfg.data.seq_len, cfg.span_noise_density, cfg.span_mean_length)
         last_t, last_step, last_tokens = time.perf_counter(), self.step, self.tokens
