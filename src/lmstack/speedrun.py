@@ -41,7 +41,7 @@ class PretrainStageConfig:
     seq_len: int = 256
     lr: float = 3e-3
     warmup_steps: int = 40
-    dtype: str = "bf16"                  # bf16 autocast (also on CPU), or fp32
+    dtype: str = "auto"                  # auto: bf16 only where it is fast (lmstack.runtime.resolve_dtype); fp32, bf16
     eval_every: int = 100
     ckpt_every: int = 100
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
@@ -167,7 +167,8 @@ def stage_pretrain(cfg: SpeedrunConfig, run: Path) -> StageResult:
     ]
     table = "| measure | value |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     report = (f"A `{cfg.pretrain.model.get('preset', 'custom')}` decoder trained with the causal-LM objective on the "
-              f"corpus (AdamW, warmup + cosine, {cfg.pretrain.dtype}).\n\n{table}\n\n"
+              f"corpus (AdamW, warmup + cosine, dtype {cfg.pretrain.dtype} -> {summary.get('dtype')}: "
+              f"{summary.get('dtype_reason')}).\n\n{table}\n\n"
               f"![loss curve](pretrain/loss.png)\n\nSamples (top-k 40, temperature 0.8):\n\n" + render_samples(summary["samples"]))
     return StageResult({k: v for k, v in summary.items() if k != "samples"}, report)
 

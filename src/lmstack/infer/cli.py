@@ -58,20 +58,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token", action="append", default=[], metavar="TOKEN",
                    help="also stop on this token (a special token such as '<s>'; repeat)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default=None, help="cast weights: fp32, bf16, fp16 (default: as stored)")
+    p.add_argument("--dtype", default="auto",
+                   help="cast weights: fp32, bf16, fp16; auto (default): as stored, but bf16/fp16 weights run "
+                        "in fp32 where the device has no fast bf16/fp16 matmul")
 
 
 def _setup(args: argparse.Namespace, max_new_default: int, prefer: tuple[str, ...] = ("pretrain", "chat_model")):
+    import torch
+
     from lmstack.infer.config import GenerationConfig
     from lmstack.infer.text import load_run
-    from lmstack.runtime import parse_dtype
+    from lmstack.runtime import resolve_device, resolve_dtype
 
     base = {"max_new_tokens": max_new_default}
     from lmstack.config import load_config
 
     cfg = load_config(GenerationConfig, args.config, getattr(args, "overrides", None), base=base)
-    dtype = parse_dtype(args.dtype) if args.dtype else None
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, resolve_device(args.device)).dtype
     model, tok = load_run(args.run_dir, device=args.device, dtype=dtype, prefer=prefer)
+    if dtype is None:  # auto: keep what is stored unless it is a dtype this device only emulates
+        stored = next(model.parameters()).dtype
+        choice = resolve_dtype("auto", next(model.parameters()).device, announce=False)
+        if stored != torch.float32 and choice.dtype == torch.float32:
+            model, dtype = model.float(), torch.float32
+            print(f"[dtype] {stored} weights run in fp32 here: {choice.reason}", file=sys.stderr)
     if args.stop_id or args.stop_token:
         from lmstack.infer.text import stop_ids
 

@@ -23,12 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  lmstack train configs/train_tiny.toml --steps 1000 --optim.lr 1e-3 --run_dir runs/t2\n"
                "  lmstack train configs/train_tiny.toml --data.train 'data/*.jsonl' --model.n_layer 6\n"
                "  lmstack train configs/train_tiny.toml --objective mlm --run_dir runs/mlm\n"
-               "  lmstack train resume runs/tiny                    # after a crash or Ctrl-C\n"
+               "  lmstack train configs/train_tiny.toml --fresh      # start runs/train_tiny over\n"
+               "  lmstack train resume runs/tiny                    # after a crash, Ctrl-C or SIGTERM\n"
                "  lmstack train resume runs/tiny --steps 2000       # train longer\n"
                "  torchrun --nproc-per-node 2 -m lmstack.cli train configs/train_tiny.toml --dist.strategy fsdp\n",
     )
     p.add_argument("config", help="config file, or the word 'resume'")
     p.add_argument("run_dir", nargs="?", help="with 'resume': the run directory to continue")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in a run directory that already holds a run (deletes its checkpoints)")
     p.set_defaults(func=_cli_train, accepts_overrides=True)
 
     s = sub.add_parser(
@@ -65,20 +68,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli_train(args: argparse.Namespace) -> int:
-    from lmstack.config import load_config
     from lmstack.errors import ConfigError
-    from lmstack.train.config import TrainConfig
-    from lmstack.train.trainer import pretrain, resume_run
+    from lmstack.train.trainer import Interrupted, existing_run, load_train_config, pretrain, resume_run
 
     overrides = list(args.overrides or [])
-    if args.config == "resume":
-        if not args.run_dir:
-            raise ConfigError("train resume: name the run directory, e.g. lmstack train resume runs/tiny")
-        summary = resume_run(args.run_dir, overrides)
-    else:
-        if args.run_dir:
-            raise ConfigError(f"train: unexpected argument {args.run_dir!r} (set the output with --run_dir DIR)")
-        summary = pretrain(load_config(TrainConfig, args.config, overrides))
+    try:
+        if args.config == "resume":
+            if not args.run_dir:
+                raise ConfigError("train resume: name the run directory, e.g. lmstack train resume runs/tiny")
+            if args.fresh:
+                raise ConfigError("train resume: --fresh contradicts resume; use `lmstack train CFG --fresh`")
+            summary = resume_run(args.run_dir, overrides)
+        else:
+            if args.run_dir:
+                raise ConfigError(f"train: unexpected argument {args.run_dir!r} (set the output with --run_dir DIR)")
+            cfg = load_train_config(args.config, overrides)
+            what = existing_run(cfg.run_dir)
+            if what and not args.fresh:
+                raise ConfigError(f"run_dir: {cfg.run_dir} already holds a run ({what}); continue it with "
+                                  f"`lmstack train resume {cfg.run_dir}`, start over with --fresh, or set --run_dir")
+            summary = pretrain(cfg)
+    except Interrupted as e:
+        return 128 + e.signum   # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if summary:
         _print_summary(summary)
     return 0

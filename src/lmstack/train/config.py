@@ -18,6 +18,7 @@ and every field can be overridden on the command line (``--optim.lr 1e-3 --model
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,12 @@ from lmstack.errors import ConfigError
 
 OBJECTIVES = ("clm", "mlm", "span")
 STRATEGIES = ("none", "ddp", "fsdp", "tp", "pp")
+
+
+def _finite(name: str, value: float) -> None:
+    # nan passes every comparison-based range check (nan <= 0 is False): test it first
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value}")
 
 
 @dataclass
@@ -44,8 +51,14 @@ class OptimConfig:
     fused: bool | None = None           # None = fused AdamW where the device supports it
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "decay_fraction", "grad_clip"):
+            _finite(f"optim.{name}", getattr(self, name))
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps: must be positive, got {self.eps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
@@ -78,6 +91,7 @@ class DataConfig:
     workers: int = 2                     # tokenizer processes for text inputs
 
     def __post_init__(self) -> None:
+        _finite("data.valid_fraction", self.valid_fraction)
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len: must be >= 2, got {self.seq_len}")
         if self.workers < 1:
@@ -108,7 +122,11 @@ class TrainConfig:
     run_dir: str = "runs/train"
     seed: int = 1337
     device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    # autocast dtype; auto = bf16 where bf16 matmuls are really fast (CUDA with bf16, a CPU with AMX or
+    # AVX512-BF16 that a probe confirms), else fp32 (lmstack.runtime.resolve_dtype)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # CPU threads while training: auto = $OMP_NUM_THREADS if set, else the cores this process may run on
+    threads: int | Literal["auto"] = "auto"
     objective: Literal["clm", "mlm", "span"] = "clm"
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     steps: int = 200                     # optimizer steps
@@ -139,6 +157,11 @@ class TrainConfig:
         for name, cls in (("optim", OptimConfig), ("data", DataConfig), ("dist", DistConfig)):
             if isinstance(getattr(self, name), dict):  # TrainConfig(data={"train": [...]}) from Python
                 setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
+        for name in ("peak_tflops", "mlm_probability", "span_noise_density", "span_mean_length"):
+            _finite(name, getattr(self, name))
+        if self.threads != "auto" and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                       or self.threads < 1):
+            raise ConfigError(f"threads: must be 'auto' or a positive integer, got {self.threads!r}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "sample_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

@@ -25,8 +25,10 @@ import hashlib
 import json
 import math
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +41,9 @@ from torch import nn
 from lmstack.config import load_config, to_dict
 from lmstack.errors import ConfigError, DataError
 from lmstack.runs import (JsonlLogger, Progress, atomic_dir, atomic_path, atomic_write_json, atomic_write_text,
-                          checkpoint_dir, latest_checkpoint, list_checkpoints, prune_checkpoints, read_json,
-                          read_jsonl)
-from lmstack.runtime import resolve_device, seed_everything
+                          checkpoint_dir, latest_checkpoint, list_checkpoints, prune_checkpoints, read_json)
+from lmstack.runtime import (low_peak_warning, measure_matmul_peak, resolve_device, resolve_dtype, resolve_threads,
+                             seed_everything)
 from lmstack.train import distributed as D
 from lmstack.train.config import TrainConfig
 from lmstack.train.objectives import make_loss_fn, special_ids, step_generator, tokens_per_example
@@ -113,8 +115,6 @@ def prepare_data(cfg: TrainConfig, run: Path, env: D.DistEnv) -> RunData:
     if not cfg.data.train:
         raise ConfigError("data.train: name a shard folder (lmstack data prepare) or text files/folders/globs")
     tokenizer = load_train_tokenizer(cfg.data.tokenizer)
-    if env.is_main:
-        tokenizer.save(run)
     train = resolve_split(cfg.data.train, run / "data" / "train", tokenizer, cfg, env)
     valid = resolve_split(cfg.data.valid, run / "data" / "valid", tokenizer, cfg, env) if cfg.data.valid else None
     from lmstack.data.pack import open_shards
@@ -124,38 +124,15 @@ def prepare_data(cfg: TrainConfig, run: Path, env: D.DistEnv) -> RunData:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# throughput: matmul peak, MFU
+# interruption
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
-                        repeats: int = 5) -> float:
-    """FLOP/s of a square matmul on ``device`` (median of ``repeats``): the practical peak MFU is quoted against."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    gen = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what the original drew
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    times = []
-    for i in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        (a @ b).sum().item() if device.type != "cpu" else a @ b
-        _sync(device)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after a checkpoint of the last completed step was written."""
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    from lmstack.runtime import default_dtype, parse_dtype
-
-    return default_dtype(device) if name == "auto" else parse_dtype(name)
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,9 +207,57 @@ def _data_signature(data: RunData) -> list[Any]:
     return sig
 
 
+RESOLVED_KEY = "_resolved"   # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` rows, dropping a torn last line (a hard kill mid-write); a bad line elsewhere is an error."""
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"[train] {path}: dropping a torn last line", file=sys.stderr)
+                break
+            raise DataError(f"{path}: line {i + 1} is not JSON; fix or delete that line") from None
+    return rows
+
+
+def _earlier_checkpoint_hint(ckpt: Path) -> str:
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    if earlier:
+        return f"delete {ckpt} to resume from the previous checkpoint ({earlier[-1].name})"
+    return f"delete {ckpt} and train again from step 0"
+
+
+def _load_checkpoint_file(ckpt: Path, name: str) -> Any:
+    path = ckpt / name
+    if not path.is_file():
+        raise DataError(f"{path}: missing; {_earlier_checkpoint_hint(ckpt)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: pickle, zip and torch each raise their own types
+        raise DataError(f"{path}: corrupt ({type(e).__name__}); {_earlier_checkpoint_hint(ckpt)}") from None
+
+
+def existing_run(run_dir: str | Path) -> str | None:
+    """What makes ``run_dir`` a run already (checkpoints, a metrics log, a final model), or None."""
+    run = Path(run_dir)
+    if list_checkpoints(run):
+        return "checkpoints"
+    for name in ("metrics.jsonl", "model.safetensors"):
+        if (run / name).is_file() and (run / name).stat().st_size:
+            return name
+    return None
+
+
 # fields that change what is logged or kept, not what is trained
 _COSMETIC = ("run_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last", "sample_every",
-             "sample_prompts", "sample_tokens", "tensorboard", "peak_tflops")
+             "sample_prompts", "sample_tokens", "tensorboard", "peak_tflops", "threads")
 
 
 def config_fingerprint(cfg: TrainConfig, data_signature: Any = None) -> str:
@@ -242,7 +267,12 @@ def config_fingerprint(cfg: TrainConfig, data_signature: Any = None) -> str:
 
 
 class Trainer:
-    """Holds the model, optimizer, loader and counters of one run; :meth:`fit` trains to ``cfg.steps``."""
+    """Holds the model, optimizer, loader and counters of one run; :meth:`fit` trains to ``cfg.steps``.
+
+    Building one writes nothing into the run directory except the token-shard cache under ``RUN/data``
+    (and reads the checkpoint it resumes from): ``config.json``, the tokenizer, the metrics log and the
+    removal of a previous run's checkpoints all happen when :meth:`fit` starts.
+    """
 
     def __init__(self, cfg: TrainConfig, resume: bool | str = False, task: Task | None = None):
         self.cfg = cfg
@@ -251,11 +281,9 @@ class Trainer:
         self.env = D.init_distributed(cfg.dist, resolve_device(cfg.device))
         env = self.env
         self.device = env.device
-        self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
-        if env.is_main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run / "config.json", to_dict(cfg))
-        D.barrier(env)
+        self.dtype_choice = resolve_dtype(cfg.dtype, self.device, announce=env.is_main)
+        self.amp_dtype = self.dtype_choice.dtype
+        self.threads = resolve_threads(cfg.threads)
         seed_everything(cfg.seed)
 
         if task is not None and env.strategy != "none":
@@ -311,15 +339,35 @@ class Trainer:
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-        resumed = self._resume(strict=resume is True) if resume else False
-        if not resumed and env.is_main:
-            for old in list_checkpoints(self.run):  # a fresh run must not resume from another run's files
-                import shutil
+        self.resumed = self._resume(strict=resume is True) if resume else False
+        self.log: JsonlLogger | None = None
+        self.tb = None
+        self._started = False
+        self._stop_signal: int | None = None
+        self._peak_raised = False
 
-                shutil.rmtree(old, ignore_errors=True)
+    def _start_run(self) -> None:
+        """Write the run directory's start: config, tokenizer, a fresh or trimmed metrics log (main rank)."""
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            resolved = {**self.dtype_choice.as_dict(), "threads": self.threads}
+            atomic_write_json(self.run / "config.json", {**to_dict(cfg), RESOLVED_KEY: resolved})
+            if self.data.tokenizer is not None and self.task is None:
+                self.data.tokenizer.save(self.run)
+            if self.resumed:
+                # metrics after the checkpoint will be recomputed: drop them so the log reads as one run
+                rows = [r for r in read_metrics(self.run / "metrics.jsonl") if r.get("step", 0) <= self.step]
+                atomic_write_text(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            else:
+                for old in list_checkpoints(self.run):  # a fresh run must not resume from another run's files
+                    import shutil
+
+                    shutil.rmtree(old, ignore_errors=True)
         D.barrier(env)
-        self.log = JsonlLogger(self.run / "metrics.jsonl", truncate=not resumed) if env.is_main else None
+        self.log = JsonlLogger(self.run / "metrics.jsonl", truncate=not self.resumed) if env.is_main else None
         self.tb = self._tensorboard() if cfg.tensorboard and env.is_main else None
+        self._started = True
 
     # -- setup helpers --------------------------------------------------------------------------------
     def _model_config(self):
@@ -525,7 +573,11 @@ class Trainer:
             if self.env.is_main:
                 print(f"[train] {self.run}: no checkpoint, starting from step 0", file=sys.stderr)
             return False
-        state = read_json(ckpt / "state.json")
+        try:
+            state = read_json(ckpt / "state.json")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{ckpt / 'state.json'}: unreadable ({type(e).__name__}); "
+                            f"{_earlier_checkpoint_hint(ckpt)}") from None
         env = self.env
         if not strict and state.get("fingerprint") != self.fingerprint:
             if env.is_main:
@@ -543,37 +595,103 @@ class Trainer:
             self.task.load_weights(self.module, ckpt)
         else:
             full = build_model(self.model_cfg)
+            weights = ckpt / "model.safetensors"
+            if not weights.is_file():
+                raise DataError(f"{weights}: missing; {_earlier_checkpoint_hint(ckpt)}")
             try:
-                load_model(full, str(ckpt / "model.safetensors"))
+                load_model(full, str(weights))
             except RuntimeError as e:
                 raise ConfigError(f"{ckpt}: the checkpoint does not fit this run's model config "
                                   f"({str(e).splitlines()[0]})") from None
+            except Exception as e:  # safetensors' own error types for a truncated or foreign file
+                raise DataError(f"{weights}: not a readable safetensors file ({type(e).__name__}); "
+                                f"{_earlier_checkpoint_hint(ckpt)}") from None
             D.load_full_model_state(self.module, full.state_dict(), env)
-        blob = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-        D.load_full_optimizer_state(self.module, self.optimizer, blob["optimizer"], env)
-        self.scaler.load_state_dict(blob["scaler"])
+        blob = _load_checkpoint_file(ckpt, "optimizer.pt")
+        try:
+            D.load_full_optimizer_state(self.module, self.optimizer, blob["optimizer"], env)
+            self.scaler.load_state_dict(blob["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{ckpt / 'optimizer.pt'}: does not hold this run's optimizer state "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            f"{_earlier_checkpoint_hint(ckpt)}") from None
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.best_val, self.best_step = state.get("best_val"), state.get("best_step")
-        rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False)
+        rng = _load_checkpoint_file(ckpt, "rng.pt")
         _set_rng_state(rng[env.rank])
         if env.is_main:
-            # metrics after the checkpoint will be recomputed: drop them so the log reads as one run
-            rows = [r for r in read_jsonl(self.run / "metrics.jsonl") if r.get("step", 0) <= self.step]
-            atomic_write_text(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             print(f"[train] resumed from {ckpt} (step {self.step})", file=sys.stderr)
         return True
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict[str, Any]:
-        """Train to ``cfg.steps`` (or stop after step ``until`` without a checkpoint, as a crash would)."""
+        """Train to ``cfg.steps`` (or stop after step ``until`` without a checkpoint, as a crash would).
+
+        SIGINT (Ctrl-C) and SIGTERM finish the step under way, write a checkpoint of it and raise
+        :class:`Interrupted`; a second signal quits at once without one. The handlers and the CPU thread
+        count are set for the duration of ``fit`` only.
+        """
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        handlers = self._install_signal_handlers()
+        try:
+            return self._fit(until)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            torch.set_num_threads(threads_before)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        # several processes must agree on the step they stop at: under torchrun a signal ends the run without
+        # a checkpoint (resume from the newest periodic one); signal handlers exist only on the main thread
+        if self.env.distributed or threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:   # the second one: stop now, mid-step, without a checkpoint
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            print(f"\n[train] {signal.Signals(signum).name}: finishing step {self.step + 1} and saving a checkpoint "
+                  f"(send it again to quit at once, without one)", file=sys.stderr)
+
+        for signum in previous:
+            signal.signal(signum, on_signal)
+        return previous
+
+    def _stop_if_signalled(self) -> None:
+        """At a step boundary after a signal: checkpoint the last completed step (unless saved already), stop."""
+        signum = self._stop_signal
+        if signum is None:
+            return
+        path: Path | None = checkpoint_dir(self.run, self.step)
+        if not path.is_dir():
+            path = self.save_checkpoint() if self.step > 0 else None
+        where = f"checkpoint {path}" if path else "no checkpoint (no step completed)"
+        print(f"[train] stopped at step {self.step}: {where}; continue with `lmstack train resume {self.run}`",
+              file=sys.stderr)
+        raise Interrupted(signum, self.step, path)
+
+    def _measure_peak(self) -> float:
+        peak = measure_matmul_peak(self.device, self.amp_dtype)
+        if self.device.type == "cpu" and self.amp_dtype == torch.float32:
+            warning = low_peak_warning(peak, self.threads)
+            if warning and self.env.is_main:
+                print(f"[train] warning: {warning}", file=sys.stderr)
+        return peak
+
+    def _fit(self, until: int | None) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
-        if self.peak_flops is None:
-            self.peak_flops = measure_matmul_peak(self.device, self.amp_dtype if self.amp_dtype != torch.float16
-                                                  or self.device.type == "cuda" else torch.float32)
+        if not self._started:
+            self._start_run()
+        if self.peak_flops is None:  # the peak of the dtype the matmuls run in (bf16's when autocasting to it)
+            self.peak_flops = self._measure_peak()
         start_step, t_start = self.step, time.perf_counter()
-        progress = Progress(cfg.steps, desc="train", unit="step", disable=not env.is_main)
-        progress.done = self.step
+        self._stop_if_signalled()
+        # counts this run's steps only: its rate and ETA must not include the steps before a resume
+        progress = Progress(cfg.steps - start_step, desc=f"train (from step {start_step})" if start_step else "train",
+                            unit="step", disable=not env.is_main)
         tok_per_step = cfg.batch_size * cfg.grad_accum * env.dp_size * tokens_per_example(
             cfg.objective, cfg.data.seq_len, cfg.span_noise_density, cfg.span_mean_length)
         last_t, last_step, last_tokens = time.perf_counter(), self.step, self.tokens
@@ -589,7 +707,15 @@ class Trainer:
                             else tok_per_step * (step - last_step))
                     tps = done / max(now - last_t, 1e-9)
                     last_t, last_step, last_tokens = now, step, self.tokens
-                    mfu = self.flops_per_token * tps / (self.peak_flops * env.world_size)
+                    achieved = self.flops_per_token * tps / env.world_size
+                    if achieved > self.peak_flops:
+                        # the square-matmul probe missed a faster kernel path: the peak is at least what ran
+                        if env.is_main and not self._peak_raised:
+                            print(f"[train] note: step {step} ran {achieved / 1e12:.3g} TFLOP/s per process, "
+                                  f"above the measured peak {self.peak_flops / 1e12:.3g}; using it as the peak",
+                                  file=sys.stderr)
+                        self.peak_flops, self._peak_raised = achieved, True
+                    mfu = achieved / self.peak_flops
                     record = {"step": step, "loss": loss_v, "lr": lr_at(step - 1, cfg.steps, cfg.optim),
                               "grad_norm": float(norm), "tokens": self.tokens, "tokens_per_s": round(tps, 1),
                               "mfu": round(mfu, 6), "elapsed": round(now - t_start, 2)}
@@ -613,10 +739,13 @@ class Trainer:
                     return {"stopped_at": step}
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or new_best or at_end:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            if not env.distributed and self.step > start_step:
-                print(f"\n[train] interrupted: saving a checkpoint at step {self.step}", file=sys.stderr)
-                self.save_checkpoint()
+                if not at_end:
+                    self._stop_if_signalled()
+        except KeyboardInterrupt as e:
+            if not isinstance(e, Interrupted) and env.is_main:
+                # mid-step state is not a consistent checkpoint: the newest saved one stays the resume point
+                print(f"\n[train] interrupted during step {self.step + 1}: no checkpoint written; "
+                      f"`lmstack train resume {self.run}` continues from the newest one", file=sys.stderr)
             raise
         finally:
             progress.close()
@@ -642,7 +771,7 @@ class Trainer:
             else:
                 save(final, self.run)
             samples = self.samples(final)
-            rows = read_jsonl(self.run / "metrics.jsonl")
+            rows = read_metrics(self.run / "metrics.jsonl")
             evals = [r for r in rows if "val_loss" in r]
             steps_run = self.step - start_step
             tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > start_step + 1]
@@ -656,6 +785,7 @@ class Trainer:
                 "best_step": self.best_step,
                 "tokens_per_s": round(statistics.median(tps), 1) if tps else last.get("tokens_per_s"),
                 "mfu": last.get("mfu"), "peak_tflops": round(self.peak_flops / 1e12, 3), "steps_this_run": steps_run,
+                "dtype": self.dtype_choice.name, "dtype_reason": self.dtype_choice.reason, "threads": self.threads,
                 "samples": samples, "loss_curve": str(self.run / "loss.png"),
             }
             plot_loss_curve(rows, self.run / "loss.png")
@@ -729,5 +859,16 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict[
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: no config.json; is this a training run directory?")
-    cfg = load_config(TrainConfig, run_dir / "config.json", list(overrides or []) + ["--run_dir", str(run_dir)])
+    cfg = load_train_config(run_dir / "config.json", list(overrides or []) + ["--run_dir", str(run_dir)])
     return pretrain(cfg, resume=True)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from a config file (a run's ``config.json`` too: its resolved-settings record is
+    ignored), then ``overrides``. Validation happens here, before anything is written."""
+    from lmstack.config import read_config_file
+
+    data = read_config_file(path)
+    if isinstance(data, dict):
+        data.pop(RESOLVED_KEY, None)
+    return load_config(TrainConfig, None, overrides, base=data)
