@@ -26,8 +26,8 @@ import torch
 from lmstack.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-H10A = pytest.mark.xfail(reason="fixed in h10a (train config/resume/checkpoint errors)", strict=False)
-H10B = pytest.mark.xfail(reason="fixed in h10b (model loading, HF folders, chat templates)", strict=False)
+H10A = []  # were xfail until the h10a branch landed
+H10B = []  # were xfail until the h10b branch landed
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 CORPUS = ("the cat sat on the mat. the dog sat on the log. a bird flew over the tree.\n" * 20

@@ -75,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if e.filename is None:  # not about a user's path: a bug or the system; keep the traceback
             raise
         return _fail(f"{e.filename}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # a training run stopped by SIGINT/SIGTERM says which (exit 128 + signal: 130 or 143, as a shell does)
+        signum = getattr(e, "signum", 2)
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 128 + int(signum)
 
 
 def _fail(message: str) -> int:
