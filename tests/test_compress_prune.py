@@ -152,6 +152,19 @@ def test_structured_model_equals_the_original_with_the_pruned_units_zeroed(kw, g
     assert cfg.n_kv_head == ((1 if gqa == "group" else 2) if not kw else 2)
 
 
+def test_structured_pruning_of_a_post_norm_encoder_equals_the_zeroed_original():
+    cfg = lm.ModelConfig(arch="encoder", vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, norm_position="post",
+                         embed_norm=True, final_norm=False, max_seq_len=32, mlm_head=True)
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    ids = _ids()
+    plan = plan_structured(model, heads=0.5, neurons=0.5, score="activation", batches=[ids])
+    twin = copy.deepcopy(model)
+    zero_pruned(twin, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_plan(model, plan)(ids), twin(ids), rtol=0, atol=1e-12)
+
+
 def test_pruning_one_neuron_is_zeroing_its_down_column_and_one_head_its_o_slice():
     model = _model(**GPT2_LIKE)                   # MHA: a head is its own KV group
     ids = _ids()
