@@ -280,7 +280,7 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> nn.Module:
     state = {}
     for key, value in model.state_dict().items():
         if not key.startswith(prefix):
-            state[key] = value
+            state[key] = value.clone()              # own storage: training the pruned model leaves the input alone
             continue
         idx, rest = key[len(prefix):].split(".", 1)
         i = int(idx)
