@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 
 import pytest
@@ -320,6 +321,8 @@ def test_cli_prunes_an_lmstack_folder_and_reports(tmp_path, capsys):
     assert (again.config.n_layer, again.config.n_head, again.config.d_ff) == (3, 2, 72)
     assert _cli(["compress", "prune", str(tmp_path / "m"), "--pattern", "2:4", "--out", str(tmp_path / "s")]) == 0
     assert sparsity_report(lm.load(tmp_path / "s"))["total"] == 0.5
+    report = json.loads((tmp_path / "s" / "prune_report.json").read_text())
+    assert report["sparsity"] == 0.5 and set(report["sparsity_per_layer"].values()) == {0.5}
     with pytest.raises(ConfigError, match="nothing to do"):
         _cli(["compress", "prune", str(tmp_path / "m"), "--out", str(tmp_path / "x")])
 

@@ -130,7 +130,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.unstructured is not None or args.pattern is not None:
         prune_unstructured(model, args.unstructured if args.unstructured is not None else 0.5, args.method,
                            batches, args.scope, args.pattern)
-        report["sparsity"] = sparsity_report(model)["total"]
+        per_layer = sparsity_report(model)
+        report["sparsity"] = per_layer.pop("total")
+        report["sparsity_per_layer"] = per_layer
     report["parameters_after"] = model.num_parameters()
     out = Path(args.out)
     out_fmt = fmt if args.format == "same" else args.format
