@@ -28,9 +28,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lmstack.compress.calib import accumulate, flat_input
 from lmstack.compress.quantize import (QuantConfig, QuantLinear, layer_format, nf4_levels, quantizable_linears,
                                        quantize_weight)
-from lmstack.errors import ConfigError, DataError
+from lmstack.errors import ConfigError
 from lmstack.model.swap import set_module
 
 
@@ -122,35 +123,13 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, mode: str = "int
     return codes
 
 
-@torch.no_grad()
 def input_hessians(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``H = 2 X X^T / n`` for the inputs X of each named linear, over the calibration ``batches`` of ids."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
+    def xtx(inputs, output):
+        x = flat_input(inputs).double()                                         # (N, in)
+        return x.t() @ x, x.shape[0]
 
-    def hook(name: str):
-        def fn(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()   # (N, in)
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
-
-    for name in names:
-        hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
-    was = model.training
-    model.eval()
-    try:
-        n_batches = 0
-        for ids in batches:
-            model(ids)
-            n_batches += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    if not n_batches:
-        raise DataError("gptq: the calibration data is empty; pass --calib with some text")
+    sums, counts = accumulate(model, {name: xtx for name in names}, batches, who="gptq")
     return {n: 2 * sums[n] / counts[n] for n in sums}
 
 

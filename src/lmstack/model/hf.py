@@ -196,6 +196,10 @@ def family_of(cfg: ModelConfig) -> str:
     for field, value in want.items():
         if getattr(cfg, field) != value:
             raise _unsupported_export(field, getattr(cfg, field), f"{family} needs {value!r}")
+    if family in ("gpt2", "bert", "bart") and cfg.n_head * cfg.head_dim != cfg.d_model:
+        # these configs have no head_dim field: HF derives it as d_model / n_head (head-pruned models differ)
+        raise _unsupported_export("head_dim", cfg.head_dim, f"{family} needs d_model / n_head = "
+                                                           f"{cfg.d_model / cfg.n_head:g}")
     if cfg.dropout:
         pass  # dropout is a training setting; exported as the HF dropout fields
     return family
