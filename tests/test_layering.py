@@ -17,6 +17,16 @@ ORDER = [FOUNDATION, ("tokenizer",), ("data",), ("model",), ("compress",), ("inf
          ("finetune",), ("align",), ("rag",), ("prompts",), ("monitor",), ("serve",), ("speedrun",), ("cli",)]
 RANK = {name: i for i, group in enumerate(ORDER) for name in group}
 
+# Each layer's ``cli.py`` is a composition root (registered by lmstack.cli, thin: parse and call), so it may
+# call any layer, like speedrun; the library code of a layer may not.
+CLI_RANK = RANK["cli"]
+# Known exceptions, each with its reason. Keep this list short; the fix is to move code, not to add lines.
+ALLOWED = {
+    # the one model-folder loader applies LoRA/prefix/adapter runs through finetune's module swaps; the
+    # import happens inside load_run only, when an adapter run is loaded
+    ("infer/text.py", "finetune"),
+}
+
 
 def lmstack_imports(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -39,9 +49,10 @@ def test_every_package_imports_only_packages_before_it():
         if own == "__init__":
             continue
         assert own in RANK, f"{rel}: package {own!r} has no place in the layer order (add it to ORDER)"
+        rank = CLI_RANK if rel.name == "cli.py" else RANK[own]
         for line, target in lmstack_imports(path):
             assert target in RANK, f"{rel}:{line}: imports unknown package lmstack.{target}"
-            if RANK[target] > RANK[own]:
+            if RANK[target] > rank and (rel.as_posix(), target) not in ALLOWED:
                 violations.append(f"{rel}:{line}: {own} imports lmstack.{target}, which comes after it")
     assert not violations, "\n".join(violations)
 

@@ -23,6 +23,7 @@ LAYER_CLIS = [
     "lmstack.tokenizer.cli",
     "lmstack.data.cli",
     "lmstack.model.cli",
+    "lmstack.compress.cli",
     "lmstack.infer.cli",
     "lmstack.train.cli",
     "lmstack.finetune.cli",

@@ -19,16 +19,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from lmstack.clihelp import HelpFormatter
 
     group = subparsers.add_parser(
-        "compress", help="make a model smaller and faster (pruning)",
-        description="Model transforms: structured pruning (a smaller dense model) and unstructured / 2:4 "
-                    "pruning (zeroed weights).",
+        "compress", help="make a model smaller and faster (quantize, prune) and measure what it cost",
+        description="Model transforms: weight quantization (int8, int4, NF4, GPTQ, AWQ), structured pruning "
+                    "(a smaller dense model) and unstructured / 2:4 pruning (zeroed weights); `report` measures "
+                    "size, perplexity, KL divergence, top-1 agreement and decode speed against a reference.",
         epilog="examples:\n"
+               "  lmstack compress quantize runs/speedrun --method int8 --out runs/int8\n"
+               "  lmstack compress quantize hf_llama --method gptq --group-size 64 --calib text.txt --out q4\n"
+               "  lmstack compress report runs/speedrun runs/int8 q4 --text valid.txt\n"
                "  lmstack compress prune runs/train/final --heads 0.25 --neurons 0.25 --out runs/pruned\n"
                "  lmstack compress prune hf_llama --unstructured 0.5 --method wanda --calib text.txt --out sparse",
         formatter_class=HelpFormatter)
     sub = group.add_subparsers(dest="compress_command", metavar="COMMAND")
     group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
     _register_prune(sub)
+    _register_quantize(sub)
+    _register_report(sub)
 
 
 def amount(text: str) -> float | int:
@@ -83,24 +89,31 @@ def _register_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def load_model_folder(source: str) -> tuple[Any, Path, str]:
-    """(model, folder, "lmstack" | "hf") of an lmstack or Hugging Face model folder."""
-    import lmstack.model as lm
+    """(model, folder, "lmstack" | "hf") through the one loader's folder rules (a run directory finds its model)."""
+    from lmstack.infer.text import find_model_folder, load_model_folder as load_folder
 
-    folder = Path(source)
-    for cand in (folder, folder / "model", folder / "final"):
-        if (cand / "model_config.json").is_file():
-            return lm.load(cand), cand, "lmstack"
-        if (cand / "config.json").is_file():
-            return lm.hf.load(cand), cand, "hf"
-    raise LmstackError(f"{folder}: no model found (expected model_config.json or a Hugging Face config.json)")
+    folder = find_model_folder(Path(source))
+    fmt = "lmstack" if (folder / "model_config.json").is_file() else "hf"
+    return load_folder(folder), folder, fmt
+
+
+def _tokenizer_dir(folder: Path) -> Path | None:
+    return next((d for d in (folder, folder.parent) if (d / "tokenizer.json").is_file()), None)
+
+
+def _copy_tokenizer(folder: Path, out: Path) -> None:
+    from lmstack.model.cli import TOKENIZER_FILES
+
+    tok_dir = _tokenizer_dir(folder) or folder
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, out / name)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from lmstack.compress.calib import text_batches
     from lmstack.compress.prune import prune_unstructured, sparsity_report
     from lmstack.compress.prune_structured import prune_structured
-    from lmstack.model.cli import TOKENIZER_FILES
-
     structured = bool(args.heads or args.neurons or args.layers)
     if not structured and args.unstructured is None and args.pattern is None:
         raise ConfigError("prune: nothing to do; pass --heads, --neurons, --layers, --unstructured or --pattern")
@@ -115,7 +128,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if not args.calib:
             return None
         from lmstack.tokenizer import load_tokenizer
-        tdir = next((d for d in (folder, folder.parent) if (d / "tokenizer.json").is_file()), None)  # as load_run
+        tdir = _tokenizer_dir(folder)
         if tdir is None:
             raise LmstackError(f"{folder}: no tokenizer.json next to the model to tokenize --calib with")
         return text_batches(load_tokenizer(tdir), args.calib, args.seq_len, args.calib_seqs)
@@ -141,10 +154,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lm.hf.save(model, out)
     else:
         lm.save(model, out)
-    tok_dir = next((d for d in (folder, folder.parent) if (d / "tokenizer.json").is_file()), folder)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, out / name)
+    _copy_tokenizer(folder, out)
     from lmstack.runs import atomic_write_json
     atomic_write_json(out / "prune_report.json", report)
     if args.json:
@@ -156,3 +166,138 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"pruned {folder} -> {out}: {before:,} -> {report['parameters_after']:,} parameters{shape}{sparse}")
     return 0
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantize
+
+
+def _register_quantize(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter, int_at_least
+
+    p = sub.add_parser(
+        "quantize", help="store a model's linear weights in 8 or 4 bits (round-to-nearest, GPTQ or AWQ)",
+        description="Replace every linear layer but the output head by a quantized one and write a model folder "
+                    "that every lmstack command loads (generate, chat, eval, compress report). int8: per-row "
+                    "scales; int4: groups of --group-size weights (--asymmetric adds a zero point); nf4: "
+                    "NormalFloat levels; gptq / awq: calibrated int4 (or --bits 8) from --calib text.",
+        epilog="examples:\n"
+               "  lmstack compress quantize runs/speedrun --method int8 --out runs/int8\n"
+               "  lmstack compress quantize stories260K --method int4 --group-size 32 --on-mismatch row --out q4\n"
+               "  lmstack compress quantize runs/m --method gptq --calib data/valid.txt --out runs/m-gptq",
+        formatter_class=HelpFormatter)
+    p.add_argument("source", metavar="RUN_OR_HF_DIR")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--method", required=True, choices=("int8", "int4", "nf4", "gptq", "awq"))
+    p.add_argument("--group-size", type=int_at_least(2), default=128, help="weights per scale (4-bit formats)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="gptq/awq: the stored format")
+    p.add_argument("--asymmetric", action="store_true", help="int4 with a zero point per group")
+    p.add_argument("--on-mismatch", default="error", choices=("error", "row", "int8"),
+                   help="a layer whose width the group size does not divide: error, one group per row, or int8")
+    p.add_argument("--calib", nargs="+", default=None, metavar="FILES", help="calibration text (gptq, awq)")
+    p.add_argument("--calib-seqs", type=int_at_least(1), default=64, help="calibration sequences")
+    p.add_argument("--seq-len", type=int_at_least(2), default=256, help="calibration sequence length")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lmstack.compress import QuantConfig, model_bytes, quantize_model, save_quantized
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    calibrated = args.method in ("gptq", "awq")
+    if calibrated and not args.calib:
+        raise ConfigError(f"--method {args.method}: needs calibration text; pass --calib FILES")
+    if args.calib and not calibrated:
+        raise ConfigError(f"--calib: only gptq and awq use calibration data (not --method {args.method})")
+    fmt = ("int8" if args.bits == 8 else "int4") if calibrated else args.method
+    cfg = QuantConfig(fmt, args.group_size, not args.asymmetric, on_mismatch=args.on_mismatch)
+    model, folder, _ = load_model_folder(args.source)
+    model.eval()
+    before = model_bytes(model)
+    if calibrated:
+        from lmstack.compress.calib import text_batches
+        from lmstack.tokenizer import load_tokenizer
+
+        tdir = _tokenizer_dir(folder)
+        if tdir is None:
+            raise LmstackError(f"{folder}: no tokenizer.json next to the model to tokenize --calib with")
+        batches = text_batches(load_tokenizer(tdir), args.calib, args.seq_len, args.calib_seqs)
+        if args.method == "gptq":
+            from lmstack.compress.gptq import gptq_model
+            layers = gptq_model(model, batches, cfg)
+        else:
+            from lmstack.compress.awq import awq_model
+            layers = awq_model(model, batches, cfg)
+    else:
+        layers = quantize_model(model, cfg)
+    info = {"method": args.method, "format": fmt, "group_size": args.group_size, "symmetric": not args.asymmetric,
+            "source": str(folder.resolve())}
+    save_quantized(model, out, info)
+    _copy_tokenizer(folder, out)
+    result = {**info, "out": str(out), "layers": len(layers), "bytes_before": before, "bytes_after": model_bytes(model)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"quantized {folder} -> {out}: {len(layers)} linear layers as {args.method} ({fmt}); "
+              f"{before / 1e6:.2f} MB -> {result['bytes_after'] / 1e6:.2f} MB")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter, int_at_least
+
+    p = sub.add_parser(
+        "report", help="size, perplexity, KL divergence, top-1 agreement and decode speed vs a reference",
+        description="Each model reads the same token chunks of --text as REF_DIR: perplexity, mean KL divergence "
+                    "of the next-token distributions against the reference (llama.cpp's method), top-1 "
+                    "agreement, the weights' size on disk, and greedy batch-1 decode tokens/s.",
+        epilog="example:\n  lmstack compress report runs/speedrun runs/int8 runs/int4 --text data/valid.txt --json",
+        formatter_class=HelpFormatter)
+    p.add_argument("reference", metavar="REF_DIR")
+    p.add_argument("models", nargs="+", metavar="DIR")
+    p.add_argument("--text", required=True, nargs="+", metavar="FILE", help="held-out text")
+    p.add_argument("--seq-len", type=int_at_least(2), default=256)
+    p.add_argument("--chunks", type=int_at_least(1), default=32, help="chunks of --seq-len tokens")
+    p.add_argument("--new-tokens", type=int_at_least(1), default=64, help="tokens decoded for the speed figure")
+    p.add_argument("--json", action="store_true", help="print {name: {size_bytes, ppl, kld_mean, ...}} as JSON")
+    p.set_defaults(func=cmd_report)
+
+
+def _size_on_disk(folder: Path) -> int:
+    files = sorted(folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmstack.eval.compression import compare, render, token_chunks
+    from lmstack.infer.text import find_model_folder, load_run
+    from lmstack.sources import expand_paths, read_text_file
+
+    ref, tok = load_run(args.reference)
+    text = "\n".join(read_text_file(p) for p in expand_paths(args.text))
+    chunks = token_chunks(tok.encode(text), args.seq_len, args.chunks)
+    if int(chunks.max()) >= ref.config.vocab_size:
+        raise ConfigError(f"{args.reference}: its tokenizer gives ids beyond the model's vocabulary")
+    models, sizes = {}, {"reference": _size_on_disk(find_model_folder(Path(args.reference)))}
+    for d in args.models:
+        m, _ = load_run(d)
+        if m.config.vocab_size != ref.config.vocab_size:
+            raise ConfigError(f"{d}: vocabulary {m.config.vocab_size} differs from the reference's "
+                              f"{ref.config.vocab_size}; compare models of one tokenizer")
+        models[d] = m
+        sizes[d] = _size_on_disk(find_model_folder(Path(d)))
+    rows = compare(ref, models, chunks, sizes, args.new_tokens)
+    rows[0].name = args.reference
+    if args.json:
+        print(json.dumps({r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in rows}, indent=2))
+    else:
+        print(render(rows))
+    return 0

@@ -267,11 +267,15 @@ def adapter_base(run: Path, meta: Mapping[str, Any]) -> Path:
 
 
 def load_model_folder(cand: Path, device: Any = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The model in ``cand`` (lmstack or Hugging Face format); bad files -> one-line LmstackError."""
+    """The model in ``cand`` (lmstack, quantized lmstack or Hugging Face format); bad files -> one-line
+    LmstackError. ``dtype`` casts float models; a quantized model keeps its codes."""
+    from lmstack.compress.checkpoint import is_quantized_folder, load_quantized
     from lmstack.model import hf, load
 
     try:
         if (cand / "model_config.json").is_file():
+            if is_quantized_folder(cand):  # written by `lmstack compress quantize`: codes stay quantized
+                return load_quantized(cand, device=device)
             return load(cand, device=device, dtype=dtype)
         return hf.load(cand, dtype=dtype, device=device)
     except LmstackError:
