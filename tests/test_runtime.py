@@ -132,7 +132,8 @@ def test_generate_dtype_auto_runs_bf16_weights_in_fp32_only_where_bf16_is_emulat
     byte_tokenizer().save(tmp_path)
     monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: "AMX-BF16" if native else None)
     monkeypatch.setattr(runtime, "matmul_speeds", lambda dtype, threads=None: (700e9, 380e9))
-    args = argparse.Namespace(run_dir=str(tmp_path), config=None, device="cpu", dtype="auto", overrides=[])
+    args = argparse.Namespace(run_dir=str(tmp_path), config=None, device="cpu", dtype="auto", overrides=[],
+                              stop_id=[], stop_token=[])
     model = _setup(args, 8)[1]
     assert next(model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
     assert ("weights run in fp32 here: CPU without native bf16" in capsys.readouterr().err) == (not native)

@@ -229,7 +229,9 @@ def test_tiny_model_loss_falls_below_unigram_entropy_on_default_corpus(tmp_path)
     from lmstack.data.corpus import CorpusConfig, build_default_corpus
     from lmstack.train.trainer import pretrain
 
-    build_default_corpus(tmp_path / "corpus", CorpusConfig(sources=("topics",)))
+    # the raw topics (no cleaning steps; dedup only): the quality filter drops the most repetitive sections,
+    # which changes how fast a 2-layer byte model learns, and this test is about the trainer, not the corpus
+    build_default_corpus(tmp_path / "corpus", CorpusConfig(sources=("topics",), steps=()))
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), steps=60, batch_size=8, log_every=10, eval_every=0,
                       eval_batches=4, ckpt_every=0, dtype="bf16", sample_prompts=[], peak_tflops=1.0,
                       model={"preset": "tiny", "n_layer": 2, "d_model": 64, "n_head": 4},
