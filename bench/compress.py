@@ -3,7 +3,7 @@
 Part 1, quality, on the real pre-trained stories260K (../shared/data/models/stories260K) over held-out
 TinyStories text: file size, perplexity and its change, mean KL divergence of the next-token distributions
 against the fp32 model (llama.cpp's --kl-divergence method), top-1 agreement, batch-1 decode tokens/s.
-Rows: fp32, bf16 (where the CPU runs it natively), int8, int4-g128 / int4-g32 (symmetric and asymmetric),
+Rows: fp32, bf16 (where the CPU runs it natively), int8 (weight-only and W8A8), int4-g128 / int4-g32 (symmetric and asymmetric),
 NF4, GPTQ-int4, AWQ-int4 (both calibrated on TinyStories training text), torchao int8 / int4 weight-only.
 
 Part 2, speed, on the llama-style-125m preset (random weights are fine for speed): batch-1 and batch-8
@@ -57,7 +57,7 @@ def torchao_variants(ref):
     out["torchao-int8"] = m
     try:
         m4 = copy.deepcopy(ref)
-        quantize_(m4, Int4WeightOnlyConfig(group_size=32, int4_packing_format="opaque"),
+        quantize_(m4, Int4WeightOnlyConfig(group_size=32),
                   filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")
                   and mod.in_features % 32 == 0)
         out["torchao-int4-g32"] = m4
@@ -88,6 +88,7 @@ def quality(args) -> list[dict]:
     row = dict(on_mismatch="row")  # stories260K's FFN width (172) is divisible by no group size
     variants = {
         "int8": lambda m: quantize_model(m, QuantConfig("int8")),
+        "int8-w8a8": lambda m: quantize_model(m, QuantConfig("int8", activations="int8")),
         "int4-g128": lambda m: quantize_model(m, QuantConfig("int4", 128, **row)),
         "int4-g32": lambda m: quantize_model(m, QuantConfig("int4", 32, **row)),
         "int4-g32-asym": lambda m: quantize_model(m, QuantConfig("int4", 32, symmetric=False, **row)),
@@ -143,7 +144,8 @@ def speed(args) -> list[dict]:
     torch.manual_seed(0)
     base = build_model(preset(args.speed_preset)).eval()
     variants = {"fp32": base}
-    for name, cfg in (("int8", QuantConfig("int8")), ("int4-g128", QuantConfig("int4", 128))):
+    for name, cfg in (("int8", QuantConfig("int8")), ("int8-w8a8", QuantConfig("int8", activations="int8")),
+                      ("int4-g128", QuantConfig("int4", 128))):
         m = copy.deepcopy(base)
         quantize_model(m, cfg)
         variants[name] = m

@@ -102,3 +102,27 @@ def test_an_edited_quantized_config_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="a quantized model folder"):
         load(tmp_path / "q")
+
+
+def test_w8a8_dynamic_activations_stay_close_and_round_trip(tmp_path):
+    from lmstack.infer import GenerationConfig, generate
+
+    lin = _linear(256, 64)
+    q = QuantLinear.from_linear(lin, "int8", activations="int8")
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, q.dequantize(), lin.bias)
+        fast = q(x)
+    assert float((fast - ref).abs().max() / ref.abs().max()) < 0.03   # the input is rounded to 8 bits too
+    assert not torch.equal(fast, ref)                                 # ... so it is really the int8 GEMM
+    with pytest.raises(ConfigError, match="W8A8"):
+        QuantConfig("int4", activations="int8")
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=128, d_model=64, n_head=4, n_layer=2)).eval()
+    quantize_model(model, QuantConfig("int8", activations="int8"))
+    save_quantized(model, tmp_path / "w8a8")
+    back = load_quantized(tmp_path / "w8a8")
+    assert back.blocks[0].attn.qkv.activations == "int8"
+    prompt = torch.randint(0, 128, (1, 5))
+    cfg = GenerationConfig(max_new_tokens=8)
+    assert torch.equal(generate(model, prompt, cfg), generate(back, prompt, cfg))

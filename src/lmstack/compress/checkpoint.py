@@ -79,7 +79,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
             shell = QuantLinear(linear.in_features, linear.out_features, spec["mode"],
                                 int(spec.get("group_size", 128)), bias=linear.bias is not None,
                                 symmetric=bool(spec.get("symmetric", True)),
-                                input_scale=bool(spec.get("input_scale", False)))
+                                input_scale=bool(spec.get("input_scale", False)),
+                                activations=str(spec.get("activations", "float")))
         set_module(model, name, shell)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -188,7 +188,8 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("source", metavar="RUN_OR_HF_DIR")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--method", required=True, choices=("int8", "int4", "nf4", "gptq", "awq"))
+    p.add_argument("--method", required=True, choices=("int8", "w8a8", "int4", "nf4", "gptq", "awq"),
+                   help="w8a8: int8 weights and int8 activations quantized on the fly (the fast CPU path)")
     p.add_argument("--group-size", type=int_at_least(2), default=128, help="weights per scale (4-bit formats)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="gptq/awq: the stored format")
     p.add_argument("--asymmetric", action="store_true", help="int4 with a zero point per group")
@@ -213,8 +214,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"--method {args.method}: needs calibration text; pass --calib FILES")
     if args.calib and not calibrated:
         raise ConfigError(f"--calib: only gptq and awq use calibration data (not --method {args.method})")
-    fmt = ("int8" if args.bits == 8 else "int4") if calibrated else args.method
-    cfg = QuantConfig(fmt, args.group_size, not args.asymmetric, on_mismatch=args.on_mismatch)
+    fmt = ("int8" if args.bits == 8 else "int4") if calibrated else "int8" if args.method == "w8a8" else args.method
+    cfg = QuantConfig(fmt, args.group_size, not args.asymmetric, on_mismatch=args.on_mismatch,
+                      activations="int8" if args.method == "w8a8" else "float")
     model, folder, _ = load_model_folder(args.source)
     model.eval()
     before = model_bytes(model)

@@ -22,9 +22,10 @@ Calibrated variants that choose better codes for the same formats live beside th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,14 +93,18 @@ class QuantLinear(nn.Module):
     """A frozen linear layer whose weight is stored quantized (see the module docstring for the formats)."""
 
     def __init__(self, in_features: int, out_features: int, mode: str = "int8", group_size: int = 128,
-                 bias: bool = False, symmetric: bool = True, use_kernel: bool = True, input_scale: bool = False):
+                 bias: bool = False, symmetric: bool = True, use_kernel: bool = True, input_scale: bool = False,
+                 activations: str = "float"):
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"quantization method {mode!r}: use one of {', '.join(MODES)}")
         if mode != "int8" and (group_size < 2 or group_size % 2 or in_features % group_size):
             raise ConfigError(f"quantization group_size={group_size}: must be even and divide the layer's "
                               f"in_features ({in_features}); pick e.g. 32, 64 or 128")
+        if activations not in ("float", "int8") or (activations == "int8" and mode != "int8"):
+            raise ConfigError(f"quantization activations={activations!r}: 'float', or 'int8' with method int8 (W8A8)")
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.activations = activations
         self.group_size = group_size if mode != "int8" else in_features
         self.symmetric = symmetric or mode != "int4"
         self.use_kernel = use_kernel
@@ -120,10 +125,10 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, mode: str = "int8", group_size: int = 128, symmetric: bool = True,
-                    codes: tuple | None = None) -> "QuantLinear":
+                    codes: tuple | None = None, activations: str = "float") -> "QuantLinear":
         """Quantize ``linear`` (round-to-nearest, or the given ``(codes, scales, mins)`` from a calibrated method)."""
         q = cls(linear.in_features, linear.out_features, mode, group_size, bias=linear.bias is not None,
-                symmetric=symmetric).to(linear.weight.device)
+                symmetric=symmetric, activations=activations).to(linear.weight.device)
         c, scales, mins = codes if codes is not None else quantize_weight(linear.weight, mode, group_size, symmetric)
         q.codes.copy_(c if mode == "int8" else pack4(c))
         q.scales.copy_(scales)
@@ -172,6 +177,19 @@ class QuantLinear(nn.Module):
                     and self.in_features % 32 == 0 and self.out_features % 16 == 0)
         return False
 
+    def _w8a8_weights(self) -> Any:
+        """The weight prepacked for the quantized engine's dynamic int8 GEMM (fbgemm/oneDNN), built once."""
+        key = (self.codes.data_ptr(), self.scales.data_ptr(), "w8a8")
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            scale = self.scales.view(-1).double()
+            bias = self.bias.detach().float() if self.bias is not None else None
+            with warnings.catch_warnings():  # torch marks quantized tensors deprecated; the engine is still the
+                warnings.simplefilter("ignore")  # fastest int8 GEMM it ships for CPUs (measured in bench/compress.py)
+                qw = torch._make_per_channel_quantized_tensor(self.codes, scale, torch.zeros_like(
+                    scale, dtype=torch.long), 0)
+                self._kernel_cache = (key, torch.ops.quantized.linear_prepack(qw, bias), None)
+        return self._kernel_cache[1]
+
     def _int4_kernel_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.codes.data_ptr(), self.scales.data_ptr(), dtype)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
@@ -192,6 +210,10 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).contiguous()                             # (N, in)
+        if self.activations == "int8" and x2.dtype == torch.float32:
+            # W8A8: the input is quantized per tensor on the fly and one int8 GEMM runs (bias included)
+            out = torch.ops.quantized.linear_dynamic(x2, self._w8a8_weights())
+            return out.view(*shape[:-1], self.out_features)
         if self.mode == "int8":
             out = torch._weight_int8pack_mm(x2, self.codes, self.scales.view(-1).to(x.dtype))
         else:
@@ -219,10 +241,11 @@ class QuantLinear(nn.Module):
     def spec(self) -> dict:
         """What a checkpoint records to rebuild this layer."""
         return {"mode": self.mode, "group_size": self.group_size, "symmetric": self.symmetric,
-                "input_scale": self.input_scale is not None}
+                "input_scale": self.input_scale is not None, "activations": self.activations}
 
     def extra_repr(self) -> str:
         kind = "" if self.mode != "int4" else (", symmetric" if self.symmetric else ", asymmetric")
+        kind += ", activations=int8" if self.activations == "int8" else ""
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, group_size={self.group_size}{kind}"
 
 
@@ -235,12 +258,17 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head",)         # names (or suffixes) of linears kept in float
     # a layer whose in_features the group size does not divide: an error, one group per row, or int8
     on_mismatch: Literal["error", "row", "int8"] = "error"
+    # int8 only: "int8" also quantizes each input on the fly (W8A8, one int8 GEMM on the CPU's quantized
+    # engine); "float" keeps activations in float (weight-only)
+    activations: Literal["float", "int8"] = "float"
 
     def __post_init__(self) -> None:
         if self.method not in MODES:
             raise ConfigError(f"quantization method {self.method!r}: use one of {', '.join(MODES)}")
         if self.method != "int8" and (self.group_size < 2 or self.group_size % 2):
             raise ConfigError(f"quantization group_size={self.group_size}: must be an even number >= 2")
+        if self.activations == "int8" and self.method != "int8":
+            raise ConfigError(f"quantization activations='int8' (W8A8) needs method int8, not {self.method!r}")
 
 
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
@@ -281,7 +309,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, fallback
     swapped: dict[str, dict] = {}
     for name, linear in targets:
         mode, group = formats[name]
-        q = QuantLinear.from_linear(linear, mode, group, config.symmetric)
+        q = QuantLinear.from_linear(linear, mode, group, config.symmetric,
+                                    activations=config.activations if mode == "int8" else "float")
         set_module(model, name, q)
         swapped[name] = q.spec()
     return swapped
