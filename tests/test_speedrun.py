@@ -119,8 +119,13 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
     assert main(args) == 0
     report = (run / "report.md").read_text()
     for heading in ("## Corpus", "## Tokenizer", "## Pre-training", "## Generation", "## Supervised fine-tuning",
-                    "## Evaluation"):
+                    "## Evaluation", "## Compression"):
         assert heading in report
+    assert "| exact_dedup |" in report                          # the corpus went through the data pipeline
+    rows = {r["name"]: r for r in read_json(run / "stages" / "compress.json")["results"]["rows"]}
+    assert set(rows) == {"pretrain (fp32)", "int8", "w8a8", "int4"}
+    assert rows["int8"]["size_bytes"] < rows["pretrain (fp32)"]["size_bytes"] and rows["int8"]["kld_mean"] < 0.05
+    assert main(["generate", str(run / "compress" / "int4"), "--prompt", "The", "--max-new-tokens", "4"]) == 0
     assert (run / "pretrain" / "loss.png").is_file() and (run / "pretrain" / "model.safetensors").is_file()
     summary = read_json(run / "stages" / "pretrain.json")["results"]
     # a uniform guess over the 512 tokens scores ln(512) = 6.24; 30 steps reach about 5.6 on this corpus

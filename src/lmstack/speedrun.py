@@ -75,6 +75,16 @@ class EvalStageConfig:
 
 
 @dataclass
+class CompressStageConfig:
+    """Quantized copies of the pre-trained model, measured against it on held-out text."""
+
+    methods: list[str] = field(default_factory=lambda: ["int8", "w8a8", "int4"])   # int8 | w8a8 | int4 | nf4
+    group_size: int = 64             # int4/nf4 weights per scale
+    chunks: int = 16                 # held-out chunks of pretrain.seq_len tokens for ppl / KLD / top-1
+    new_tokens: int = 32             # greedy tokens decoded for the speed figure
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -87,6 +97,7 @@ class SpeedrunConfig:
     generate: GenerateStageConfig = field(default_factory=GenerateStageConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     evaluate: EvalStageConfig = field(default_factory=EvalStageConfig)
+    compress: CompressStageConfig = field(default_factory=CompressStageConfig)
 
 
 @dataclass
@@ -240,6 +251,43 @@ def stage_evaluate(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(results, "The pre-trained model on the held-out split of the corpus.\n\n" + report)
 
 
+def stage_compress(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    """int8 / W8A8 / int4 versions of the pre-trained model: size, perplexity, KLD, top-1 agreement, speed."""
+    import shutil
+
+    from lmstack.compress import QuantConfig, quantize_model, save_quantized
+    from lmstack.eval.compression import compare, render, token_chunks
+
+    ref, tok = _pretrained(run)
+    c = cfg.compress
+    ids = tok.encode("\n".join(_heldout_texts(run)))
+    chunks = token_chunks(ids, min(cfg.pretrain.seq_len, max(2, len(ids) // 2)), c.chunks)
+
+    def size(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+    models, sizes = {}, {"reference": size(run / "pretrain")}
+    for method in c.methods:
+        if method not in ("int8", "w8a8", "int4", "nf4"):
+            raise ConfigError(f"compress.methods: unknown method {method!r}; use int8, w8a8, int4 or nf4")
+        model, _ = _pretrained(run)
+        fmt = "int8" if method == "w8a8" else method
+        quantize_model(model, QuantConfig(fmt, c.group_size, on_mismatch="row",
+                                          activations="int8" if method == "w8a8" else "float"))
+        out = run / "compress" / method
+        save_quantized(model, out, {"method": method, "source": str(run / "pretrain")})
+        shutil.copy2(run / "tokenizer.json", out / "tokenizer.json")
+        models[method], sizes[method] = model.eval(), size(out)
+    rows = compare(ref, models, chunks, sizes, c.new_tokens)
+    rows[0].name = "pretrain (fp32)"
+    report = (f"The pre-trained model quantized by module swap (`lmstack compress quantize`), each read on the same "
+              f"{chunks.shape[0]} held-out chunks of {chunks.shape[1]} tokens. KLD is the mean KL divergence of the "
+              f"next-token distributions from the fp32 model's (llama.cpp's method); decode is greedy at batch 1. "
+              f"The folders are under `compress/`; `lmstack generate {run}/compress/int8 --prompt ...` runs one.\n\n"
+              + render(rows) + "\n")
+    return StageResult({"rows": [r.to_dict() for r in rows]}, report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
@@ -247,6 +295,7 @@ STAGES: list[Stage] = [
     Stage("generate", "Generation", stage_generate, ("generate",)),
     Stage("sft", "Supervised fine-tuning", stage_sft, ("sft",)),
     Stage("evaluate", "Evaluation", stage_evaluate, ("evaluate",)),
+    Stage("compress", "Compression", stage_compress, ("compress",)),
 ]
 
 
