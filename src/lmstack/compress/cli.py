@@ -281,10 +281,10 @@ def _size_on_disk(folder: Path) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from lmstack.eval.compression import compare, render, token_chunks
     from lmstack.infer.text import find_model_folder, load_run
-    from lmstack.sources import expand_paths, read_text_file
+    from lmstack.sources import iter_documents
 
     ref, tok = load_run(args.reference)
-    text = "\n".join(read_text_file(p) for p in expand_paths(args.text))
+    text = "\n".join(iter_documents(args.text))   # .txt/.md whole, .jsonl/.json/.parquet by their text field
     chunks = token_chunks(tok.encode(text), args.seq_len, args.chunks)
     if int(chunks.max()) >= ref.config.vocab_size:
         raise ConfigError(f"{args.reference}: its tokenizer gives ids beyond the model's vocabulary")
