@@ -8,17 +8,18 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: run test test-all bench install clean
 
-# pyproject.toml asks for torch>=2.4. Left to itself, pip resolves that range to the default PyPI wheel, which
-# on Linux is the multi-GB CUDA build (plus its nvidia-* wheels) even on machines without a GPU. So the CPU
-# wheel is installed first, pinned to the version the tests were run with; pip then sees the range satisfied.
-# On a GPU machine: TORCH_INDEX=https://download.pytorch.org/whl/cu128 make install
-TORCH_VERSION ?= 2.13.0
-TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
+# pyproject.toml asks for torch>=2.4. Left to itself, pip resolves that range to the newest wheel, which on
+# Linux is the multi-GB CUDA build (plus its nvidia-* wheels) even on machines without a GPU. So torch is
+# installed first, pinned to the CPU build the tests were run with (on the project's machines pip finds that
+# exact wheel locally); pip then sees the range satisfied. Elsewhere, point pip at a CPU wheel index with
+#   TORCH_PIP_ARGS="--index-url <your CPU wheel index>" make install
+TORCH_VERSION  ?= 2.13.0
+TORCH_PIP_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[all,test]"
 	touch $(STAMP)
 
