@@ -25,8 +25,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lmstack.compress.quantize import QuantConfig, QuantLinear, layer_format, quantizable_linears
-from lmstack.errors import ConfigError, DataError
+from lmstack.compress.calib import accumulate, flat_input
+from lmstack.compress.quantize import QuantConfig, QuantLinear, plan_layers
 from lmstack.model.swap import set_module
 
 
@@ -43,71 +43,51 @@ def _as_linear(w: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def awq_search(weight: torch.Tensor, inputs: torch.Tensor, mode: str = "int4", group_size: int = 128,
-               symmetric: bool = True, grid: int = 20) -> tuple[torch.Tensor, float, float]:
-    """The scale ``s`` (in,) minimising the output error over ``inputs`` (N, in); returns (s, alpha, error)."""
-    w = weight.detach().float()
-    x = inputs.float()
-    target = x @ w.t()                                                     # (N, out)
-    act = x.abs().mean(dim=0).clamp(min=1e-8)                              # (in,)
+def awq_search(weight: torch.Tensor, hessian: torch.Tensor, act_mean: torch.Tensor, mode: str = "int4",
+               group_size: int = 128, symmetric: bool = True, grid: int = 20) -> tuple[torch.Tensor, float, float]:
+    """The scale ``s`` (in,) minimising the output error; returns (s, alpha, error).
+
+    The error of a weight ``Q`` over the calibration inputs, ``mean ||(Q - W) x||^2``, is
+    ``trace((Q - W) H (Q - W)^T)`` with ``H = E[x x^T]`` (in, in), so the search needs only ``H`` and the mean
+    absolute activation per channel ``act_mean`` (in,), both from one pass (:func:`input_stats`).
+    """
+    w = weight.detach().double()
+    h = hessian.double()
+    act = act_mean.double().clamp(min=1e-8)
     best = (torch.ones_like(act), 0.0, float("inf"))
     for k in range(grid + 1):
         alpha = k / grid
         s = act.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        q = _fake_quant(w * s, mode, group_size, symmetric) / s            # the weight the layer applies
-        err = float((x @ q.t() - target).pow(2).mean())
+        q = _fake_quant((w * s).float(), mode, group_size, symmetric).double() / s    # the weight applied
+        d = q - w
+        err = float(((d @ h) * d).sum())                                     # mean over tokens of ||d x||^2
         if err < best[2]:
-            best = (s, alpha, err)
+            best = (s.float(), alpha, err)
     return best
 
 
-@torch.no_grad()
-def collect_inputs(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor], max_rows: int = 4096,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Up to ``max_rows`` input rows (seeded reservoir of tokens) seen by each named linear over ``batches``."""
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    gen = torch.Generator().manual_seed(seed)
-    hooks = []
+def input_stats(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(E[x x^T], E|x|)`` of the inputs of each named linear over the calibration ``batches``."""
+    def stats(inputs, output):
+        x = flat_input(inputs).double()                                         # (N, in)
+        return torch.cat([x.t() @ x, x.abs().sum(0, keepdim=True)]), x.shape[0]
 
-    def hook(name: str):
-        def fn(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            keep = torch.randperm(x.shape[0], generator=gen)[: max(1, max_rows // 8)]
-            rows[name].append(x[keep])
-        return fn
-
-    for name in names:
-        hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
-    was = model.training
-    model.eval()
-    try:
-        n = 0
-        for ids in batches:
-            model(ids)
-            n += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    if not n:
-        raise DataError("awq: the calibration data is empty; pass --calib with some text")
-    return {name: torch.cat(r)[:max_rows] for name, r in rows.items()}
+    sums, counts = accumulate(model, {name: stats for name in names}, batches, who="awq")
+    return {n: (sums[n][:-1] / counts[n], sums[n][-1] / counts[n]) for n in sums}
 
 
 def awq_model(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig | None = None,
               grid: int = 20) -> dict[str, dict]:
     """Quantize the model's linears with AWQ scaling in place; ``{name: spec + chosen alpha}``."""
     config = config or QuantConfig("int4", 128)
-    targets = quantizable_linears(model, config.skip)
-    if not targets:
-        raise ConfigError("quantize: the model has no linear layers to quantize")
-    formats = {name: layer_format(config, name, lin.in_features) for name, lin in targets}
-    inputs = collect_inputs(model, [n for n, _ in targets], batches)
+    layers = plan_layers(model, config)
+    stats = input_stats(model, [name for name, *_ in layers], batches)
     swapped = {}
-    for name, lin in targets:
-        mode, group = formats[name]
-        s, alpha, _ = awq_search(lin.weight, inputs[name], mode, group, config.symmetric, grid)
+    for name, lin, mode, group in layers:
+        hessian, act_mean = stats[name]
+        s, alpha, _ = awq_search(lin.weight, hessian, act_mean, mode, group, config.symmetric, grid)
         scaled = _as_linear(lin.weight.detach().float() * s)
         if lin.bias is not None:
             scaled.bias = nn.Parameter(lin.bias.detach().clone())
@@ -118,4 +98,4 @@ def awq_model(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
     return swapped
 
 
-__all__ = ["awq_model", "awq_search", "collect_inputs"]
+__all__ = ["awq_model", "awq_search", "input_stats"]

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from lmstack.compress.calib import accumulate, flat_input
-from lmstack.compress.quantize import (QuantConfig, QuantLinear, layer_format, nf4_levels, quantizable_linears,
-                                       quantize_weight)
+from lmstack.compress.quantize import QuantConfig, QuantLinear, nf4_levels, plan_layers, quantize_weight
 from lmstack.errors import ConfigError
 from lmstack.model.swap import set_module
 
@@ -137,14 +136,10 @@ def gptq_model(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantC
                damp: float = 0.01, act_order: bool = True) -> dict[str, dict]:
     """Quantize the model's linears with GPTQ in place (calibrated on ``batches`` of token ids, (B, T) each)."""
     config = config or QuantConfig("int4", 128)
-    targets = quantizable_linears(model, config.skip)
-    if not targets:
-        raise ConfigError("quantize: the model has no linear layers to quantize")
-    formats = {name: layer_format(config, name, lin.in_features) for name, lin in targets}
-    hessians = input_hessians(model, [n for n, _ in targets], batches)
+    layers = plan_layers(model, config)
+    hessians = input_hessians(model, [name for name, *_ in layers], batches)
     swapped = {}
-    for name, lin in targets:
-        mode, group = formats[name]
+    for name, lin, mode, group in layers:
         codes = gptq_quantize(lin.weight, hessians[name], mode, group, config.symmetric, damp, act_order)
         q = QuantLinear.from_linear(lin, mode, group, config.symmetric, codes=codes)
         set_module(model, name, q)

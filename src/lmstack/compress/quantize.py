@@ -291,6 +291,15 @@ def layer_format(config: QuantConfig, name: str, in_features: int) -> tuple[str,
                       f"on_mismatch = 'row' (one group per row) or 'int8'")
 
 
+def plan_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear, str, int]]:
+    """``(name, linear, mode, group size)`` of every linear to quantize, all checked before any is touched."""
+    targets = quantizable_linears(model, config.skip)
+    if not targets:
+        raise ConfigError("quantize: the model has no linear layers to quantize (after skipping "
+                          f"{', '.join(config.skip) or 'nothing'})")
+    return [(name, lin, *layer_format(config, name, lin.in_features)) for name, lin in targets]
+
+
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, fallback_int8: bool = False
                    ) -> dict[str, dict]:
     """Replace the model's linears by :class:`QuantLinear` in place; return ``{name: spec}`` of what was swapped.
@@ -301,14 +310,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, fallback
     config = config or QuantConfig()
     if fallback_int8:
         config = dataclasses.replace(config, on_mismatch="int8")
-    targets = quantizable_linears(model, config.skip)
-    if not targets:
-        raise ConfigError("quantize: the model has no linear layers to quantize (after skipping "
-                          f"{', '.join(config.skip) or 'nothing'})")
-    formats = {name: layer_format(config, name, linear.in_features) for name, linear in targets}  # check all first
     swapped: dict[str, dict] = {}
-    for name, linear in targets:
-        mode, group = formats[name]
+    for name, linear, mode, group in plan_layers(model, config):
         q = QuantLinear.from_linear(linear, mode, group, config.symmetric,
                                     activations=config.activations if mode == "int8" else "float")
         set_module(model, name, q)
