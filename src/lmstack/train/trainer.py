@@ -304,17 +304,18 @@ class Trainer:
         if teacher.config.arch != "decoder":
             raise ConfigError(f"teacher: {self.cfg.teacher} is a {teacher.config.arch!r} model; distillation "
                               f"needs a causal LM (decoder) teacher")
+        # the soft targets are distributions over the teacher's vocabulary: the student predicts the same one
+        explicit, tv = self.cfg.model.get("vocab_size"), teacher.config.vocab_size
+        if explicit is not None and explicit != tv:
+            raise ConfigError(f"model.vocab_size={explicit}, but the teacher {self.cfg.teacher} has vocab_size={tv}; "
+                              f"distillation needs the same vocabulary (drop model.vocab_size or set it to {tv})")
         return teacher, tok
 
     def _model_config(self, teacher: nn.Module | None = None):
         cfg = self.cfg
         explicit = cfg.model.get("vocab_size")
-        if teacher is not None:
-            # the soft targets are distributions over the teacher's vocabulary: the student predicts the same one
+        if teacher is not None:  # the student's vocab is the teacher's (checked against model.vocab_size already)
             tv = teacher.config.vocab_size
-            if explicit is not None and explicit != tv:
-                raise ConfigError(f"model.vocab_size={explicit}, but the teacher {cfg.teacher} has vocab_size={tv}; "
-                                  f"distillation needs the same vocabulary (drop model.vocab_size or set it to {tv})")
             if self.ids.vocab_size > tv:
                 raise ConfigError(f"teacher: {cfg.teacher} has vocab_size={tv}, fewer than its tokenizer's "
                                   f"{self.ids.vocab_size} ids")
