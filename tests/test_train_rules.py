@@ -213,8 +213,8 @@ def test_distill_through_the_cli_lowers_the_loss(tmp_path, corpus, teacher, cli,
                 "--run_dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     teacher_vocab = load(teacher).config.vocab_size
-    assert err == [f"error: model.vocab_size=300, but the teacher {teacher} has vocab_size={teacher_vocab}; "
-                   f"distillation needs the same vocabulary (drop model.vocab_size or set it to {teacher_vocab})"]
+    assert err == [(f"error: model.vocab_size=300, but the teacher {teacher} has vocab_size={teacher_vocab}; "
+                    f"distillation needs the same vocabulary (drop model.vocab_size or set it to {teacher_vocab})")]
 
 
 def test_distill_needs_a_teacher():

@@ -360,7 +360,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         # fine-tuning batches vary in length: count what went in; packed blocks are all the same size
-        self.tokens += tokens if self.task is not None else cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
+        per_step = cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
+        self.tokens += tokens if self.task is not None else per_step
         return loss, norm
 
     # -- evaluation and samples ---------------------------------------------------------------------------
