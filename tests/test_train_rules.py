@@ -87,6 +87,22 @@ def test_text_run_validates_on_held_out_documents_only(tmp_path, corpus):
     assert meta["split"] == {"side": "valid", "valid_fraction": 0.2, "seed": 1}
 
 
+def test_no_held_out_document_warns_and_skips_validation(tmp_path, capsys):
+    from lmstack.data.split import is_heldout
+    from lmstack.train.trainer import pretrain
+
+    texts = _texts(6)
+    assert not any(is_heldout(t, 0.01, 1) for t in texts)
+    docs = tmp_path / "few.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    summary = pretrain(_tiny(tmp_path / "r", [str(docs)], steps=2,
+                             data=DataConfig(train=[str(docs)], seq_len=32, workers=1, valid_fraction=0.01)))
+    assert summary["val_loss"] is None
+    assert not any("val_loss" in r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl"))
+    assert ("[train] warning: no document of data.train fell in the held-out data.valid_fraction=0.01; no "
+            "validation (give data.valid or raise data.valid_fraction)") in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # one held-out loss
 

@@ -89,9 +89,6 @@ def resolve_split(inputs: list[str], out: Path, tokenizer: Any, cfg: TrainConfig
     return out
 
 
-_resolve = resolve_split
-
-
 @dataclass
 class Splits:
     train: Path
@@ -102,19 +99,18 @@ class Splits:
 def resolve_splits(cfg: TrainConfig, root: Path, tokenizer: Any, env: D.DistEnv,
                    tokenizer_key: str | None = None) -> Splits:
     """The train and validation shard folders of ``cfg.data`` (text inputs packed under ``root``)."""
-    import functools
-
     data = cfg.data
-    resolve_split = functools.partial(_resolve, tokenizer_key=tokenizer_key)
+
+    def pack(inputs: list[str], name: str, side: str | None = None) -> Path:
+        return resolve_split(inputs, root / name, tokenizer, cfg, env, side, tokenizer_key)
+
     if not data.train:
         raise ConfigError("data.train: name a shard folder (lmstack data prepare) or text files/folders/globs")
     if data.valid:
-        return Splits(resolve_split(data.train, root / "train", tokenizer, cfg, env),
-                      resolve_split(data.valid, root / "valid", tokenizer, cfg, env), 0.0)
+        return Splits(pack(data.train, "train"), pack(data.valid, "valid"), 0.0)
     if is_shard_dir(data.train) or data.valid_fraction == 0:
-        return Splits(resolve_split(data.train, root / "train", tokenizer, cfg, env), None, data.valid_fraction)
-    train = resolve_split(data.train, root / "train", tokenizer, cfg, env, side="train")
-    valid = resolve_split(data.train, root / "valid", tokenizer, cfg, env, side="valid")
+        return Splits(pack(data.train, "train"), None, data.valid_fraction)
+    train, valid = pack(data.train, "train", "train"), pack(data.train, "valid", "valid")
     if read_json(valid / "index.json").get("documents", 0) == 0:
         if env.is_main:
             print(f"[train] warning: no document of data.train fell in the held-out data.valid_fraction="
