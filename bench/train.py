@@ -91,7 +91,7 @@ def use_hf_model(trainer, hf_model: nn.Module) -> None:
 
 
 def timed_step(trainer) -> tuple[float, float]:
-    from lmstack.train.trainer import _sync
+    from lmstack.runtime import _sync
 
     _sync(trainer.device)
     t0 = time.perf_counter()

@@ -17,7 +17,10 @@ Constructor::
                 holdout=0.0, device=None)
 
 ``holdout`` sets aside the last fraction of blocks (in shard order) for validation; iterate them with
-:func:`validation_batches` (same ``holdout``). Iteration is endless (epochs follow each other); each item
+:func:`validation_batches` (same ``holdout``). This block tail is an exception to the one held-out rule
+(:func:`lmstack.data.split.is_heldout`, per document): the trainer uses it only for a pre-packed shard
+folder given without a validation set, whose documents can no longer be told apart; text inputs are
+split by document while they are packed (:mod:`lmstack.train.data`). Iteration is endless (epochs follow each other); each item
 is ``(x, y)``, two ``torch.long`` tensors of shape ``(batch_size, block_size)``, on ``device`` if given.
 
 State: ``state_dict()`` returns ``{"version", "seed", "epoch", "step", "blocks_consumed", "block_size",

@@ -247,21 +247,11 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int = 0
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, examples: list[Example], batch_size: int = 16, pad_id: int = 0,
                  device: torch.device | str = "cpu") -> float:
-    """Mean cross-entropy per assistant token over ``examples`` (token-weighted, not batch-weighted)."""
-    import torch.nn.functional as F
+    """Mean cross-entropy per assistant token over ``examples``: the one token-weighted held-out loss
+    (:func:`lmstack.train.objectives.heldout_loss`), the number the trainer logs as ``val_loss``."""
+    from lmstack.train.objectives import heldout_loss as token_weighted_loss
 
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in eval_batches(examples, batch_size, pad_id):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
-                               reduction="sum")
-        total += float(loss)
-        count += int((y != -100).sum())
-    model.train(was)
-    return total / max(count, 1)
+    return token_weighted_loss(model, eval_batches(examples, batch_size, pad_id), device=device)
 
 
 # ----------------------------------------------------------------------------------------------------

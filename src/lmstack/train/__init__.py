@@ -6,10 +6,14 @@
 Modules, in the order the data flows::
 
     config.py       TrainConfig and its sections (optim, data, dist)
-    objectives.py   loss functions: clm, mlm (BERT masking), span (T5 span corruption)
+    data.py         the tokenizer and shard folders of data.train/valid (text packed, documents held out)
+    objectives.py   loss functions: clm, mlm (BERT masking), span (T5 span corruption), distillation;
+                    the one token-weighted held-out loss
     optim.py        AdamW decay groups, warmup + cosine/WSD schedules, gradient clipping
     distributed.py  torchrun world, DDP, FSDP2, tensor parallel (DTensor), pipeline parallel
-    trainer.py      the loop: accumulation, mixed precision, checkpoints/resume, eval, samples, MFU
+    strategy.py     the Strategy object the loop calls (wrap, forward/backward, clip, eval, full state)
+    samples.py      sample previews (a call of lmstack.infer.text); plots.py: loss.png
+    trainer.py      the loop: accumulation, mixed precision, checkpoints/resume, eval, MFU; the Task hook
     scaling.py      sweeps and the Chinchilla fit
     cli.py          ``lmstack train``, ``lmstack scaling``
 """

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="pre-train a model (causal LM, masked LM or span corruption); resume a run",
+        help="pre-train a model (causal LM, masked LM, span corruption, distillation); resume a run",
         description="Train a model from a config (TOML/YAML/JSON), with --section.key value overrides.\n"
                     "`lmstack train resume RUN_DIR` continues a run from its newest checkpoint.\n"
                     "Launch with torchrun for several processes (set --dist.strategy ddp|fsdp|tp|pp).",
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  lmstack train configs/train_tiny.toml --steps 1000 --optim.lr 1e-3 --run_dir runs/t2\n"
                "  lmstack train configs/train_tiny.toml --data.train 'data/*.jsonl' --model.n_layer 6\n"
                "  lmstack train configs/train_tiny.toml --objective mlm --run_dir runs/mlm\n"
+               "  lmstack train configs/train_tiny.toml --objective distill --teacher runs/big --run_dir runs/kd\n"
                "  lmstack train configs/train_tiny.toml --fresh      # start runs/train_tiny over\n"
                "  lmstack train resume runs/tiny                    # after a crash, Ctrl-C or SIGTERM\n"
                "  lmstack train resume runs/tiny --steps 2000       # train longer\n"

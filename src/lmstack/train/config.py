@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from lmstack.errors import ConfigError
 
-OBJECTIVES = ("clm", "mlm", "span")
+OBJECTIVES = ("clm", "mlm", "span", "distill")
 STRATEGIES = ("none", "ddp", "fsdp", "tp", "pp")
 
 
@@ -87,7 +87,12 @@ class DataConfig:
     tokenizer: str = "bytes"
     text_field: str = "text"
     seq_len: int = 256
-    valid_fraction: float = 0.05         # the held-out share of ``train`` used for validation when ``valid`` is empty
+    # text inputs without ``valid``: the documents held out of ``train`` for validation, by the one rule
+    # lmstack.data.split.is_heldout(text, valid_fraction, split_seed) (a shard folder: its last blocks)
+    valid_fraction: float = 0.05
+    # the held-out rule's seed; not ``seed`` (runs of any seed share a split) and not the data layer's 0: a
+    # train split that rule made holds no document it would hold out again
+    split_seed: int = 1
     workers: int = 2                     # tokenizer processes for text inputs
 
     def __post_init__(self) -> None:
@@ -127,7 +132,7 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # CPU threads while training: auto = $OMP_NUM_THREADS if set, else the cores this process may run on
     threads: int | Literal["auto"] = "auto"
-    objective: Literal["clm", "mlm", "span"] = "clm"
+    objective: Literal["clm", "mlm", "span", "distill"] = "clm"
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     steps: int = 200                     # optimizer steps
     batch_size: int = 8                  # sequences per micro-batch (per data-parallel rank)
@@ -147,6 +152,11 @@ class TrainConfig:
     mlm_probability: float = 0.15        # masked LM: fraction of tokens predicted
     span_noise_density: float = 0.15     # span corruption: fraction of tokens in corrupted spans
     span_mean_length: float = 3.0
+    # objective = "distill": a causal LM student learns from ``teacher``'s soft targets (Hinton et al. 2015)
+    teacher: str = ""                    # a model folder or run directory (lmstack.infer.text.load_run's rules)
+    kd_temperature: float = 2.0          # softmax temperature of both distributions
+    kd_alpha: float = 0.5                # weight of the soft (KL) term; 1 - alpha on the hard-label loss
+    kd_kind: Literal["forward", "reverse"] = "forward"   # KL(teacher || student), or the reverse (MiniLLM)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -157,7 +167,8 @@ class TrainConfig:
         for name, cls in (("optim", OptimConfig), ("data", DataConfig), ("dist", DistConfig)):
             if isinstance(getattr(self, name), dict):  # TrainConfig(data={"train": [...]}) from Python
                 setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
-        for name in ("peak_tflops", "mlm_probability", "span_noise_density", "span_mean_length"):
+        for name in ("peak_tflops", "mlm_probability", "span_noise_density", "span_mean_length", "kd_temperature",
+                     "kd_alpha"):
             _finite(name, getattr(self, name))
         if self.threads != "auto" and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                        or self.threads < 1):
@@ -174,6 +185,18 @@ class TrainConfig:
             raise ConfigError(f"span_noise_density: must be in (0, 1), got {self.span_noise_density}")
         if self.span_mean_length < 1.0:
             raise ConfigError(f"span_mean_length: must be >= 1, got {self.span_mean_length}")
+        if self.objective == "distill" and not self.teacher:
+            raise ConfigError("teacher: objective 'distill' needs a teacher model folder (--teacher DIR)")
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"kd_temperature: must be positive, got {self.kd_temperature}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ConfigError(f"kd_alpha: must be in [0, 1], got {self.kd_alpha}")
+        if self.dist.strategy == "pp" and self.objective == "distill":
+            raise ConfigError("objective: distill does not run under pipeline parallelism; use dist.strategy "
+                              "none, ddp, fsdp or tp")
+        if self.dist.strategy == "pp" and self.grad_accum != 1:
+            raise ConfigError("grad_accum: pipeline parallelism accumulates through dist.pp_microbatches; "
+                              "set grad_accum = 1")
         if self.peak_tflops < 0:
             raise ConfigError(f"peak_tflops: must be >= 0, got {self.peak_tflops}")
         if not isinstance(self.model, dict):
@@ -189,7 +212,7 @@ class TrainConfig:
 
         fields = dict(self.model)
         name = fields.pop("preset", None)
-        arch = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder"}[self.objective]
+        arch = {"clm": "decoder", "distill": "decoder", "mlm": "encoder", "span": "encoder-decoder"}[self.objective]
         fields.setdefault("arch", arch)
         if fields["arch"] != arch:
             raise ConfigError(f"model.arch: objective {self.objective!r} trains a {arch!r} model, "

@@ -3,6 +3,7 @@
 - ``clm``: causal LM on a decoder, next-token cross-entropy on ``(x, y)`` (GPT).
 - ``mlm``: masked LM on an encoder (BERT, Devlin et al. 2019): pick ``p`` of the tokens; of those 80%
   become ``[MASK]``, 10% a random token, 10% stay; the loss is on the picked tokens only.
+- ``distill``: causal LM on a decoder against a frozen teacher's soft targets (:func:`kd_loss`).
 - ``span``: span corruption on an encoder-decoder (T5, Raffel et al. 2020, section 3.1.4): replace
   random spans (``density`` of the tokens, mean length ``mean_len``) with sentinel ids in the encoder
   input; the decoder predicts ``<s_0> span_0 <s_1> span_1 ...``.
@@ -16,7 +17,7 @@ the tokenizer's vocabulary: see :func:`special_ids`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def span_counts(seq_len: int, density: float, mean_len: float) -> tuple[int, int
 
 def special_ids(objective: str, base_vocab: int, seq_len: int = 0, density: float = 0.15,
                 mean_len: float = 3.0) -> SpecialIds:
-    if objective == "clm":
+    if objective in ("clm", "distill"):
         return SpecialIds(base_vocab, base_vocab)
     if objective == "mlm":
         return SpecialIds(base_vocab, base_vocab + 1, mask=base_vocab)
@@ -55,7 +56,7 @@ def special_ids(objective: str, base_vocab: int, seq_len: int = 0, density: floa
         _, n_spans = span_counts(seq_len, density, mean_len)
         return SpecialIds(base_vocab, base_vocab + n_spans + 1, first_sentinel=base_vocab, n_sentinels=n_spans,
                           decoder_start=base_vocab + n_spans)
-    raise ConfigError(f"objective: unknown objective {objective!r}; use clm, mlm or span")
+    raise ConfigError(f"objective: unknown objective {objective!r}; use clm, mlm, span or distill")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,7 +165,62 @@ def make_loss_fn(objective: str, ids: SpecialIds, mlm_probability: float = 0.15,
             enc, dec, labels = span_corrupt(x, ids, span_density, span_mean_len, generator)
             return model(enc, decoder_input_ids=dec, targets=labels)[1]
         return span_loss
-    raise ConfigError(f"objective: unknown objective {objective!r}; use clm, mlm or span")
+    raise ConfigError(f"objective: no loss function for {objective!r} here; use clm, mlm or span "
+                      f"(distill: make_distill_loss_fn)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# held-out loss: the one definition (the trainer's val_loss, fine-tuning's held-out loss)
+
+
+def loss_weight(x: torch.Tensor, y: torch.Tensor) -> int:
+    """The number of predictions a batch's mean loss averages over, its weight in a held-out mean.
+
+    Causal LM (``clm``, ``distill``, fine-tuning): the target tokens, ``(y != -100).sum()``, so padding and
+    prompt tokens count nowhere. The encoder objectives draw their targets inside the loss: ``mlm`` predicts
+    a random ``mlm_probability`` share of the block and ``span`` the same count in every row, so both are
+    weighted by the block's tokens (``y`` holds no -100 in packed blocks, so the same formula gives it).
+    """
+    return int((y != -100).sum())
+
+
+def heldout_sums(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 batch_loss: Callable[[int, torch.Tensor, torch.Tensor], float | None],
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """(sum of weighted batch losses, sum of weights), float64, over ``batches``; ``batch_loss(i, x, y)``
+    gives batch ``i``'s mean loss (None skips the batch). Summable over ranks before dividing."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, (x, y) in enumerate(batches):
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        loss = batch_loss(i, x, y)
+        if loss is None:
+            continue
+        w = loss_weight(x, y)
+        total += torch.tensor([float(loss) * w, w], dtype=torch.float64)
+    return total
+
+
+def heldout_mean(total: torch.Tensor) -> float | None:
+    """The token-weighted held-out loss from :func:`heldout_sums` (None when no batch counted)."""
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn | None = None,
+                 device: torch.device | str | None = "cpu", seed: int = 0) -> float:
+    """Token-weighted mean loss of ``model`` over ``batches`` (``loss_fn`` defaults to the CLM loss), in eval
+    mode; what ``Trainer.evaluate`` logs as ``val_loss`` for the same model and batches."""
+    loss_fn = loss_fn or clm_loss
+    was = model.training
+    model.eval()
+    try:
+        total = heldout_sums(batches, lambda i, x, y: loss_fn(model, x, y, step_generator(seed, -1, i)).item(),
+                             device)
+    finally:
+        model.train(was)
+    mean = heldout_mean(total)
+    return mean if mean is not None else 0.0
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:

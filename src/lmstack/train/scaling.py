@@ -194,15 +194,15 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 
 
 def _tokenize_once(train: TrainConfig, root: Path) -> TrainConfig:
-    """Text inputs are tokenized into ``root/data`` once for all runs of the sweep (not once per run)."""
+    """Text inputs are tokenized into ``root/data`` once for all runs of the sweep (not once per run), with
+    the trainer's own held-out rule (:func:`lmstack.train.data.resolve_splits`)."""
+    from lmstack.train.data import load_train_tokenizer, resolve_splits
     from lmstack.train.distributed import DistEnv
-    from lmstack.train.trainer import load_train_tokenizer, resolve_split
 
     tok = load_train_tokenizer(train.data.tokenizer)
-    data = dataclasses.replace(train.data, train=[str(resolve_split(train.data.train, root / "data" / "train", tok,
-                                                                      train, DistEnv()))])
-    if train.data.valid:
-        data.valid = [str(resolve_split(train.data.valid, root / "data" / "valid", tok, train, DistEnv()))]
+    splits = resolve_splits(train, root / "data", tok, DistEnv())
+    data = dataclasses.replace(train.data, train=[str(splits.train)],
+                               valid=[str(splits.valid)] if splits.valid is not None else [])
     return dataclasses.replace(train, data=data)
 
 
@@ -225,7 +225,7 @@ def plot_fit(rows: list[dict[str, Any]], fit: ChinchillaFit, path: str | Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmstack.runs import atomic_path
+    from lmstack.runs import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     by_size: dict[float, list[dict]] = {}
@@ -242,8 +242,4 @@ def plot_fit(rows: list[dict[str, Any]], fit: ChinchillaFit, path: str | Path) -
     ax.set_title("Chinchilla fit: L = E + A/N^a + B/D^b")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,6 +1,7 @@
 """How one training run is split over processes, behind one small object, so the loop has no branches.
 
-``Trainer.fit()`` and ``Trainer.train_step()`` talk to a :class:`Strategy` only:
+``Trainer.fit()``, ``train_step()``, ``evaluate()``, the checkpoints, ``full_model()`` and the resume talk to a
+:class:`Strategy` only (no ``env.strategy`` branches there):
 
 - ``wrap(model)``: place the model (DDP replica, FSDP2 shards, TP shards, or this rank's pipeline stage);
   afterwards ``module`` holds the parameters this rank owns (what the optimizer sees and checkpoints

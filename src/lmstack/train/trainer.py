@@ -46,82 +46,15 @@ from lmstack.runtime import (low_peak_warning, measure_matmul_peak, resolve_devi
                              seed_everything)
 from lmstack.train import distributed as D
 from lmstack.train.config import TrainConfig
-from lmstack.train.objectives import make_loss_fn, special_ids, step_generator, tokens_per_example
-from lmstack.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
-
-# ---------------------------------------------------------------------------------------------------------
-# tokenizer and data
-
-
-def byte_tokenizer():
-    """UTF-8 bytes as tokens (ids 0-255) plus ``<|eos|>`` = 256: a tokenizer that needs no training."""
-    from lmstack.tokenizer import BPETokenizer
-
-    return BPETokenizer([bytes([i]) for i in range(256)], special_tokens={"<|eos|>": 256}, merges=[])
-
-
-def load_train_tokenizer(spec: str):
-    if spec == "bytes":
-        return byte_tokenizer()
-    from lmstack.tokenizer import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
-def _tokenizer_fingerprint(spec: str) -> str:
-    if spec == "bytes":
-        return "bytes"
-    p = Path(spec)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else spec
-
-
-def _is_shard_dir(inputs: list[str]) -> bool:
-    return len(inputs) == 1 and (Path(inputs[0]) / "index.json").is_file()
-
-
-def resolve_split(inputs: list[str], out: Path, tokenizer: Any, cfg: TrainConfig, env: D.DistEnv) -> Path:
-    """A shard folder for ``inputs``: the folder itself, or text inputs tokenized into ``out`` (once; the
-    shards are reused while the input files, text field and tokenizer are unchanged)."""
-    if _is_shard_dir(inputs):
-        return Path(inputs[0])
-    from lmstack.sources import expand_paths
-
-    # the files' sizes and modification times, so rewritten inputs are tokenized again
-    files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in expand_paths(inputs)]
-    meta = {"inputs": files, "text_field": cfg.data.text_field, "tokenizer": _tokenizer_fingerprint(cfg.data.tokenizer)}
-    fresh = (out / "index.json").is_file() and read_json(out / "index.json").get("meta") == meta
-    if env.is_main and not fresh:
-        from lmstack.data.pack import pack_texts
-        from lmstack.sources import iter_documents
-
-        print(f"[train] tokenizing {', '.join(inputs)} -> {out}", file=sys.stderr)
-        pack_texts(iter_documents(inputs, cfg.data.text_field), tokenizer, out, meta=meta,
-                   workers=cfg.data.workers)
-    D.barrier(env)
-    return out
-
-
-@dataclass
-class RunData:
-    train: Path
-    valid: Path | None
-    holdout: float          # the held-out fraction of ``train`` used for validation when ``valid`` is None
-    vocab_size: int         # the token ids' range (the tokenizer's vocab)
-    tokenizer: Any
-
-
-def prepare_data(cfg: TrainConfig, run: Path, env: D.DistEnv) -> RunData:
-    if not cfg.data.train:
-        raise ConfigError("data.train: name a shard folder (lmstack data prepare) or text files/folders/globs")
-    tokenizer = load_train_tokenizer(cfg.data.tokenizer)
-    train = resolve_split(cfg.data.train, run / "data" / "train", tokenizer, cfg, env)
-    valid = resolve_split(cfg.data.valid, run / "data" / "valid", tokenizer, cfg, env) if cfg.data.valid else None
-    from lmstack.data.pack import open_shards
-
-    vocab = open_shards(train).vocab_size
-    return RunData(train, valid, 0.0 if valid else cfg.data.valid_fraction, vocab, tokenizer)
-
+# the data, sample and plot helpers live in their modules; re-exported here for callers of the old paths
+from lmstack.train.data import (RunData, byte_tokenizer, data_signature, load_train_tokenizer,  # noqa: F401
+                                prepare_data, resolve_split)
+from lmstack.train.objectives import (clm_loss, heldout_mean, heldout_sums, make_distill_loss_fn, make_loss_fn,
+                                      special_ids, step_generator, tokens_per_example)
+from lmstack.train.optim import build_optimizer, lr_at, set_lr
+from lmstack.train.plots import plot_loss_curve
+from lmstack.train.samples import render_samples, sample_text
+from lmstack.train.strategy import Strategy, make_strategy
 
 # ---------------------------------------------------------------------------------------------------------
 # interruption
@@ -133,32 +66,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, checkpoint: Path | None):
         super().__init__(f"{signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-# ---------------------------------------------------------------------------------------------------------
-# sampling (a preview during training; the inference engine lives in lmstack.infer)
-
-
-@torch.no_grad()
-def sample_text(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device,
-                seed: int, temperature: float = 0.8, top_k: int = 40) -> str:
-    """Continue ``prompt`` with seeded top-k sampling through the inference engine (KV cache)."""
-    from lmstack.infer import GenerationConfig, generate
-
-    ids = tokenizer.encode(prompt)
-    bos = getattr(tokenizer, "bos_id", None)
-    if not ids:
-        ids = [bos if bos is not None else (tokenizer.eos_id or 0)]
-    max_len = model.config.max_seq_len
-    ids = ids[-max(1, max_len - n_tokens):]
-    eos = tokenizer.eos_id
-    config = GenerationConfig(
-        max_new_tokens=min(n_tokens, max_len - len(ids)), do_sample=True, temperature=temperature, top_k=top_k,
-        seed=seed, eos_token_id=eos,
-        suppress_tokens=list(range(tokenizer.vocab_size, model.config.vocab_size)))  # padded vocab rows
-    out = generate(model, torch.tensor([ids], dtype=torch.long, device=device), config)[0, len(ids):].tolist()
-    cut = next((k for k, i in enumerate(out) if i == eos), len(out))
-    return tokenizer.decode(out[:cut])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -178,14 +85,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class Task:
-    """A ready model and its batches, for fine-tuning: the trainer then builds neither (``Trainer(cfg, task=...)``).
+    """The hook through which another layer trains in the one loop: ``Trainer(cfg, task=Task(...))``.
 
-    ``model`` has ``requires_grad`` set by the method (LoRA, prefix, adapters, full): only trainable
-    parameters reach the optimizer. ``loader.next_batch()`` gives ``(x, y)`` with ``y = -100`` where no
-    loss is taken (the CLM loss ignores it) and has ``state_dict``/``load_state_dict`` for resume;
-    ``eval_batches()`` gives the held-out batches. ``save_weights(model, folder)`` and
-    ``load_weights(model, folder)`` decide what checkpoints and the run directory hold (e.g. the adapter
-    only). Single-process strategies only (``dist.strategy = "none"``).
+    What a task supplies, and what the trainer does with it:
+
+    - ``model``: the module to train, built and placed by the task, with ``requires_grad`` set by its
+      method (LoRA, prefix, adapters, full); the trainer builds no model and gives the optimizer only
+      the parameters that require gradients. Its ``config`` (a ModelConfig) gives the vocabulary.
+    - ``loader``: ``next_batch() -> (x, y)`` long tensors of shape (B, T), ``y = -100`` where no loss is
+      taken, plus ``state_dict()`` / ``load_state_dict()`` so a checkpoint resumes at the next batch;
+      the trainer counts ``x.numel()`` tokens per batch (batches may vary in length).
+    - ``eval_batches()``: the held-out batches, the same ones each call; ``val_loss`` is their
+      token-weighted CLM loss (:func:`lmstack.train.objectives.heldout_sums`), logged every
+      ``eval_every`` steps and at the end, and it picks the best checkpoint.
+    - ``tokenizer``: saved by the task itself (the trainer writes none), used for nothing else here.
+    - ``save_weights(model, folder)`` / ``load_weights(model, folder)``: what checkpoints and the run
+      folder hold (e.g. the adapter only) and how a resume reads it back; None = the whole model.
+
+    The trainer keeps the rest of the contract of :meth:`Trainer.fit`: the loss is the config's objective
+    (``clm``) on ``(x, y)``, accumulation, mixed precision, clipping, the LR schedule, checkpoints of the
+    optimizer, RNG and loader, exact resume, signals, metrics and the summary. Tasks run single-process
+    (``dist.strategy = "none"``). The fine-tuning layer is the worked example: ``finetune/run.py`` builds
+    the model with its method applied, an ``SFTLoader`` over tokenized chat examples, the held-out
+    examples' batches, and save/load functions that write only the adapter.
     """
 
     model: nn.Module
@@ -194,17 +116,6 @@ class Task:
     tokenizer: Any = None
     save_weights: Any = None               # (model, folder) -> None
     load_weights: Any = None               # (model, folder) -> None
-
-
-def _data_signature(data: RunData) -> list[Any]:
-    from lmstack.data.pack import open_shards
-
-    sig = []
-    for path in (data.train, data.valid):
-        if path is not None:
-            index = open_shards(path).index
-            sig.append([index["tokens"], index["documents"], index.get("meta")])
-    return sig
 
 
 RESOLVED_KEY = "_resolved"   # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads)
@@ -288,15 +199,25 @@ class Trainer:
 
         if task is not None and env.strategy != "none":
             raise ConfigError("fine-tuning runs in one process: set dist.strategy = 'none'")
-        self.data = prepare_data(cfg, self.run, env) if task is None else RunData(
-            Path(), None, 0.0, task.model.config.vocab_size, task.tokenizer)
-        self.fingerprint = config_fingerprint(cfg, _data_signature(self.data) if task is None else None)
+        teacher, teacher_tok = self._load_teacher() if cfg.objective == "distill" else (None, None)
+        if task is not None:
+            self.data = RunData(Path(), None, 0.0, task.model.config.vocab_size, task.tokenizer)
+        else:
+            self.data = prepare_data(cfg, self.run, env, teacher_tok,
+                                     f"teacher {Path(cfg.teacher).resolve()}" if teacher_tok is not None else None)
+        self.fingerprint = config_fingerprint(cfg, data_signature(self.data) if task is None else None)
         seq_len = cfg.data.seq_len
         self.ids = special_ids(cfg.objective, self.data.vocab_size, seq_len, cfg.span_noise_density,
                                cfg.span_mean_length)
-        self.model_cfg = self._model_config() if task is None else task.model.config
-        self.loss_fn = make_loss_fn(cfg.objective, self.ids, cfg.mlm_probability, cfg.span_noise_density,
-                                    cfg.span_mean_length)
+        self.model_cfg = self._model_config(teacher) if task is None else task.model.config
+        if teacher is not None:
+            teacher.to(self.device)
+            self.loss_fn = make_distill_loss_fn(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_kind)
+            self.eval_loss_fn = clm_loss   # held out: the student's own next-token loss, comparable to the teacher's
+        else:
+            self.loss_fn = make_loss_fn(cfg.objective, self.ids, cfg.mlm_probability, cfg.span_noise_density,
+                                        cfg.span_mean_length)
+            self.eval_loss_fn = self.loss_fn
 
         from lmstack.model import build_model
 
@@ -308,25 +229,12 @@ class Trainer:
         if cfg.activation_checkpointing:
             D.apply_activation_checkpointing(model)
         model.to(self.device)
-        self.pipe: D.Pipeline | None = None
-        if env.strategy == "tp":
-            D.apply_tensor_parallel(model, env)
-        if env.strategy == "pp":
-            from lmstack.model.decoder import lm_loss
-
-            self.pipe = D.build_pipeline(model, env, cfg.dist, lm_loss)
-            self.module: nn.Module = self.pipe.stage_module
-            self.forward_model: nn.Module = self.module
-        else:
-            self.module = model
-            self.forward_model = D.wrap_data_parallel(model, env, cfg.dist)
-        if env.strategy == "pp" and cfg.grad_accum != 1:
-            raise ConfigError("grad_accum: pipeline parallelism accumulates through dist.pp_microbatches; "
-                              "set grad_accum = 1")
+        self.strategy: Strategy = make_strategy(env, cfg.dist)
+        self.strategy.wrap(model)
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        if cfg.compile and self.pipe is None:
-            self.forward_model = torch.compile(self.forward_model)
+        if cfg.compile:
+            self.strategy.compile()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         from lmstack.data.loader import BlockLoader
@@ -345,6 +253,24 @@ class Trainer:
         self._started = False
         self._stop_signal: int | None = None
         self._peak_raised = False
+
+    # the parameters this rank owns, and what a forward is called on: the strategy's (settable, e.g. by a
+    # benchmark that swaps in another implementation of the same model)
+    @property
+    def module(self) -> nn.Module:
+        return self.strategy.module
+
+    @module.setter
+    def module(self, value: nn.Module) -> None:
+        self.strategy.module = value
+
+    @property
+    def forward_model(self) -> nn.Module:
+        return self.strategy.forward_model
+
+    @forward_model.setter
+    def forward_model(self, value: nn.Module) -> None:
+        self.strategy.forward_model = value
 
     def _start_run(self) -> None:
         """Write the run directory's start: config, tokenizer, a fresh or trimmed metrics log (main rank)."""
@@ -370,9 +296,30 @@ class Trainer:
         self._started = True
 
     # -- setup helpers --------------------------------------------------------------------------------
-    def _model_config(self):
+    def _load_teacher(self) -> tuple[nn.Module, Any]:
+        """The frozen teacher of ``objective = "distill"`` and its tokenizer (which the student's data uses)."""
+        from lmstack.infer.text import load_run
+
+        teacher, tok = load_run(self.cfg.teacher, device="cpu")
+        if teacher.config.arch != "decoder":
+            raise ConfigError(f"teacher: {self.cfg.teacher} is a {teacher.config.arch!r} model; distillation "
+                              f"needs a causal LM (decoder) teacher")
+        # the soft targets are distributions over the teacher's vocabulary: the student predicts the same one
+        explicit, tv = self.cfg.model.get("vocab_size"), teacher.config.vocab_size
+        if explicit is not None and explicit != tv:
+            raise ConfigError(f"model.vocab_size={explicit}, but the teacher {self.cfg.teacher} has vocab_size={tv}; "
+                              f"distillation needs the same vocabulary (drop model.vocab_size or set it to {tv})")
+        return teacher, tok
+
+    def _model_config(self, teacher: nn.Module | None = None):
         cfg = self.cfg
         explicit = cfg.model.get("vocab_size")
+        if teacher is not None:  # the student's vocab is the teacher's (checked against model.vocab_size already)
+            tv = teacher.config.vocab_size
+            if self.ids.vocab_size > tv:
+                raise ConfigError(f"teacher: {cfg.teacher} has vocab_size={tv}, fewer than its tokenizer's "
+                                  f"{self.ids.vocab_size} ids")
+            explicit = tv
         if explicit is not None and explicit < self.ids.vocab_size:
             raise ConfigError(f"model.vocab_size={explicit} is smaller than the data needs ({self.ids.vocab_size}: "
                               f"{self.data.vocab_size} token ids + the objective's extra ids)")
@@ -400,101 +347,57 @@ class Trainer:
         """Run one optimizer step; returns (mean loss on this rank, gradient norm)."""
         cfg, env = self.cfg, self.env
         self.module.train()
-        if self.pipe is not None:
-            loss = self._pipeline_step()
-        else:
-            loss = torch.zeros((), device=self.device)
-            for micro in range(cfg.grad_accum):
-                x, y = self.loader.next_batch()
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                gen = step_generator(cfg.seed, self.step, micro, env.dp_rank)
-                last = micro == cfg.grad_accum - 1
-                with D.gradient_sync(self.module, self.forward_model, env, sync=last):
-                    with self.autocast():
-                        micro_loss = self.loss_fn(self.forward_model, x, y, gen)
-                    self.scaler.scale(micro_loss / cfg.grad_accum).backward()
-                loss += micro_loss.detach()
-                if self.task is not None:  # fine-tuning batches vary in length: count what went in
-                    self.tokens += x.numel()
-            loss = loss / cfg.grad_accum
+        step = self.step
+        loss, tokens = self.strategy.forward_backward(
+            self.loader.next_batch, self.loss_fn, cfg.grad_accum,
+            lambda micro: step_generator(cfg.seed, step, micro, env.dp_rank), self.autocast, self.scaler.scale,
+            self.device)
         self.scaler.unscale_(self.optimizer)
-        if self.pipe is not None and env.distributed:
-            norm = clip_grad_norm(self.params, cfg.optim.grad_clip, D.pipeline_norm_params(self.pipe),
-                                  D.sum_over_world)
-        else:
-            norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
+        norm = self.strategy.clip(self.params, cfg.optim.grad_clip)
         set_lr(self.optimizer, lr_at(self.step, cfg.steps, cfg.optim))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.task is None:
-            self.tokens += cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
+        # fine-tuning batches vary in length: count what went in; packed blocks are all the same size
+        per_step = cfg.batch_size * cfg.grad_accum * cfg.data.seq_len * env.dp_size
+        self.tokens += tokens if self.task is not None else per_step
         return loss, norm
-
-    def _pipeline_step(self) -> torch.Tensor:
-        env, pipe = self.env, self.pipe
-        x, y = self.loader.next_batch()   # every stage reads the same batch: first uses x, last uses y
-        x, y = x.to(self.device), y.to(self.device)
-        losses: list[torch.Tensor] = []
-        with self.autocast():
-            if env.rank == 0:
-                pipe.schedule.step(x)
-            elif env.rank == env.world_size - 1:
-                pipe.schedule.step(target=y, losses=losses)
-            else:
-                pipe.schedule.step()
-        D.sync_tied_grads(pipe, env)
-        last = env.world_size - 1
-        mean = torch.stack(losses).mean().item() if losses else 0.0
-        return torch.tensor(D.broadcast_scalar(mean, last, env))
 
     # -- evaluation and samples ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over up to ``eval_batches`` batches (the same batches every time) and perplexity."""
+        """Validation loss over up to ``eval_batches`` batches (the same batches every time), token-weighted
+        (:func:`lmstack.train.objectives.heldout_sums`), and its perplexity."""
         from lmstack.data.loader import validation_batches
 
-        cfg, env = self.cfg, self.env
-        split = env.strategy == "ddp"  # collective forwards (fsdp, tp, pp) need every rank on every batch
-        source = self.data.valid if self.data.valid is not None else self.data.train
+        cfg, env, strategy = self.cfg, self.env, self.strategy
+        split = strategy.shards_eval_batches  # collective forwards (fsdp, tp, pp) need every rank on every batch
         if self.task is not None:
             batches = self.task.eval_batches()
+        elif not self.data.has_valid:
+            return {}
         else:
+            source = self.data.valid if self.data.valid is not None else self.data.train
             batches = validation_batches(source, cfg.data.seq_len, cfg.batch_size, holdout=self.data.holdout,
                                          max_batches=cfg.eval_batches, rank=env.dp_rank if split else 0,
                                          world_size=env.dp_size if split else 1)
-        model = self.module if env.strategy == "ddp" else self.forward_model
+
+        def batch_loss(i: int, x: torch.Tensor, y: torch.Tensor) -> float | None:
+            if not strategy.can_eval(x):
+                return None
+            return strategy.eval_loss(x, y, self.eval_loss_fn, step_generator(cfg.seed, -1, i), self.autocast)
+
         self.module.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(self.device), y.to(self.device)
-            if self.pipe is not None:
-                if x.shape[0] % cfg.dist.pp_microbatches:
-                    continue
-                losses: list[torch.Tensor] = []
-                with self.autocast():
-                    if env.rank == 0:
-                        self.pipe.schedule.eval(x)
-                    elif env.rank == env.world_size - 1:
-                        self.pipe.schedule.eval(target=y, losses=losses)
-                    else:
-                        self.pipe.schedule.eval()
-                loss = D.broadcast_scalar(torch.stack(losses).mean().item() if losses else 0.0,
-                                          env.world_size - 1, env)
-            else:
-                gen = step_generator(cfg.seed, -1, i)
-                with self.autocast():
-                    loss = self.loss_fn(model, x, y, gen).item()
-            total += torch.tensor([loss * x.shape[0], x.shape[0]], dtype=torch.float64)
+        total = heldout_sums(batches, batch_loss, self.device)
         if split and env.distributed:
             import torch.distributed as dist
 
             dist.all_reduce(total)
         self.module.train()
-        if total[1] == 0:
+        val = heldout_mean(total)
+        if val is None:
             return {}
-        val = float(total[0] / total[1])
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def samples(self, model: nn.Module | None = None) -> list[dict[str, str]]:
@@ -518,8 +421,8 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step_N`` atomically (collective: every rank must call it)."""
         env = self.env
-        model_state = D.full_model_state(self.module, env)
-        optim_state = D.full_optimizer_state(self.module, self.optimizer, env)
+        model_state = self.strategy.full_state()
+        optim_state = self.strategy.optimizer_state(self.optimizer)
         rng = D.gather_objects(_rng_state(), env)
         path = checkpoint_dir(self.run, self.step)
         if env.is_main:
@@ -545,7 +448,7 @@ class Trainer:
         if self.task is not None and self.task.save_weights is not None:
             self.task.save_weights(self.module, folder)
             return
-        if self.env.strategy == "none" or self.env.strategy == "ddp":
+        if self.strategy.holds_whole_model:
             save(self.module, folder)
             return
         export = build_model(self.model_cfg)
@@ -554,11 +457,11 @@ class Trainer:
 
     def full_model(self) -> nn.Module | None:
         """The trained model as one ordinary module on the main rank (gathered from shards or stages)."""
-        state = D.full_model_state(self.module, self.env)
+        if self.strategy.holds_whole_model:
+            return self.module if self.env.is_main else None
+        state = self.strategy.full_state()
         if not self.env.is_main:
             return None
-        if self.env.strategy in ("none", "ddp"):
-            return self.module
         from lmstack.model import build_model
 
         export = build_model(self.model_cfg)
@@ -606,10 +509,10 @@ class Trainer:
             except Exception as e:  # safetensors' own error types for a truncated or foreign file
                 raise DataError(f"{weights}: not a readable safetensors file ({type(e).__name__}); "
                                 f"{_earlier_checkpoint_hint(ckpt)}") from None
-            D.load_full_model_state(self.module, full.state_dict(), env)
+            self.strategy.load_full_state(full.state_dict())
         blob = _load_checkpoint_file(ckpt, "optimizer.pt")
         try:
-            D.load_full_optimizer_state(self.module, self.optimizer, blob["optimizer"], env)
+            self.strategy.load_optimizer_state(self.optimizer, blob["optimizer"])
             self.scaler.load_state_dict(blob["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise DataError(f"{ckpt / 'optimizer.pt'}: does not hold this run's optimizer state "
@@ -732,7 +635,7 @@ class Trainer:
                         self._log({"step": step, **ev})
                         if self.best_val is None or ev["val_loss"] < self.best_val:
                             self.best_val, self.best_step, new_best = ev["val_loss"], step, True
-                if cfg.sample_every and step % cfg.sample_every == 0 and env.strategy in ("none", "ddp"):
+                if cfg.sample_every and step % cfg.sample_every == 0 and self.strategy.holds_whole_model:
                     for s in self.samples():
                         self._log({"step": step, "sample_prompt": s["prompt"], "sample": s["text"]})
                 if until is not None and step >= until:
@@ -800,38 +703,6 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         D.shutdown(self.env)
-
-
-def render_samples(samples: list[dict[str, str]]) -> str:
-    if not samples:
-        return "_no samples (encoder objectives, or no prompts)_\n"
-    return "\n".join(f"**{s['prompt']!r}** →\n\n```\n{s['prompt']}{s['text']}\n```\n" for s in samples)
-
-
-def plot_loss_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss per logged step and validation loss per eval, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.2, ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
