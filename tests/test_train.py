@@ -224,21 +224,34 @@ def test_run_directory_has_everything(tmp_path, shards):
 
 
 def test_tiny_model_loss_falls_below_unigram_entropy_on_default_corpus(tmp_path):
-    """The built-in corpus (its Python-reference 'topics' part), UTF-8 bytes, 60 steps of 8 x 64 tokens:
-    validation loss < 3.0 nats/byte, below the corpus' byte-unigram entropy (3.26), so context is used."""
+    """The built-in corpus (its Python-reference 'topics' part), UTF-8 bytes, 120 steps of 8 x 64 tokens: the
+    validation loss on the held-out documents falls well below the cross-entropy of a byte-unigram model fitted
+    on the training documents (~3.3 nats/byte), so the model uses context."""
+    import collections
+    import json
+
     from lmstack.data.corpus import CorpusConfig, build_default_corpus
     from lmstack.train.trainer import pretrain
 
-    # the raw topics (no cleaning steps; dedup only): the quality filter drops the most repetitive sections,
-    # which changes how fast a 2-layer byte model learns, and this test is about the trainer, not the corpus
+    # the raw topics (no cleaning steps; dedup only): this test is about the trainer, not the corpus
     build_default_corpus(tmp_path / "corpus", CorpusConfig(sources=("topics",), steps=()))
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"), steps=60, batch_size=8, log_every=10, eval_every=0,
-                      eval_batches=4, ckpt_every=0, dtype="bf16", sample_prompts=[], peak_tflops=1.0,
+
+    def text_bytes(name):
+        lines = (tmp_path / "corpus" / name).read_text().splitlines()
+        return "".join(json.loads(x)["text"] for x in lines).encode()
+
+    train_counts, valid = collections.Counter(text_bytes("train.jsonl")), text_bytes("valid.jsonl")
+    total = sum(train_counts.values())
+    unigram = -sum(math.log((train_counts[b] + 1) / (total + 256)) for b in valid) / len(valid)
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), steps=120, batch_size=8, log_every=10, eval_every=0,
+                      eval_batches=4, ckpt_every=0, dtype="fp32", sample_prompts=[], peak_tflops=1.0,
                       model={"preset": "tiny", "n_layer": 2, "d_model": 64, "n_head": 4},
                       optim=OptimConfig(lr=3e-3, warmup_steps=10),
-                      data=DataConfig(train=[str(tmp_path / "corpus" / "train.jsonl")], seq_len=64, workers=1))
+                      data=DataConfig(train=[str(tmp_path / "corpus" / "train.jsonl")],
+                                      valid=[str(tmp_path / "corpus" / "valid.jsonl")], seq_len=64, workers=1))
     summary = pretrain(cfg)
-    assert summary["val_loss"] < 3.0, summary
+    assert 3.0 < unigram < 3.6
+    assert summary["val_loss"] < unigram - 0.3, (summary["val_loss"], unigram)
 
 
 # ---------------------------------------------------------------------------------------------------------
