@@ -115,17 +115,19 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
             "--pretrain.model", "{preset: tiny, n_layer: 1, d_model: 32, n_head: 2, n_kv_head: 2}",
             "--generate.max_new_tokens", "8", "--generate.speculative_prompts", "1",
             "--sft.steps", "3", "--evaluate.heldout_documents", "5", "--evaluate.generation_items", "2",
-            "--evaluate.choice_items", "4"]
+            "--evaluate.choice_items", "4", "--distill.steps", "6"]
     assert main(args) == 0
     report = (run / "report.md").read_text()
     for heading in ("## Corpus", "## Tokenizer", "## Pre-training", "## Generation", "## Supervised fine-tuning",
-                    "## Evaluation", "## Compression"):
+                    "## Evaluation", "## Compression", "## Distillation"):
         assert heading in report
     assert "| exact_dedup |" in report                          # the corpus went through the data pipeline
     rows = {r["name"]: r for r in read_json(run / "stages" / "compress.json")["results"]["rows"]}
     assert set(rows) == {"pretrain (fp32)", "int8", "w8a8", "int4"}
     assert rows["int8"]["size_bytes"] < rows["pretrain (fp32)"]["size_bytes"] and rows["int8"]["kld_mean"] < 0.05
     assert main(["generate", str(run / "compress" / "int4"), "--prompt", "The", "--max-new-tokens", "4"]) == 0
+    distill = read_json(run / "stages" / "distill.json")["results"]
+    assert distill["student_layers"] == 1 and math.isfinite(distill["distilled"]["val_loss"])
     assert (run / "pretrain" / "loss.png").is_file() and (run / "pretrain" / "model.safetensors").is_file()
     summary = read_json(run / "stages" / "pretrain.json")["results"]
     # a uniform guess over the 512 tokens scores ln(512) = 6.24; 30 steps reach about 5.6 on this corpus

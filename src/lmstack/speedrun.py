@@ -85,6 +85,16 @@ class CompressStageConfig:
 
 
 @dataclass
+class DistillStageConfig:
+    """A student of half the teacher's depth, distilled from the pre-trained model vs trained from scratch."""
+
+    steps: int = 200                 # for each of the two students (the same token budget)
+    student_layers: int = 0          # 0: half the teacher's blocks (at least 1)
+    temperature: float = 2.0
+    alpha: float = 0.5               # weight of the soft (KL) term; 1 - alpha on the hard labels
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -98,6 +108,7 @@ class SpeedrunConfig:
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     evaluate: EvalStageConfig = field(default_factory=EvalStageConfig)
     compress: CompressStageConfig = field(default_factory=CompressStageConfig)
+    distill: DistillStageConfig = field(default_factory=DistillStageConfig)
 
 
 @dataclass
@@ -288,6 +299,44 @@ def stage_compress(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult({"rows": [r.to_dict() for r in rows]}, report)
 
 
+def stage_distill(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    """Distil the pre-trained model into a shallower student; the same student trained from scratch beside it."""
+    import dataclasses
+
+    from lmstack.train import pretrain
+
+    d = cfg.distill
+    teacher = read_json(run / "pretrain" / "model_config.json")
+    layers = d.student_layers or max(1, teacher["n_layer"] // 2)
+    base = pretrain_config(cfg, run)
+    model = {**dict(cfg.pretrain.model), "n_layer": layers}
+    common = dict(steps=d.steps, model=model, sample_prompts=[], eval_every=max(1, d.steps // 2),
+                  ckpt_every=max(1, d.steps // 2), optim=dataclasses.replace(base.optim,
+                                                                            warmup_steps=min(20, d.steps)))
+    runs = {
+        "distilled": dataclasses.replace(base, run_dir=str(run / "distill" / "student"), objective="distill",
+                                         teacher=str(run / "pretrain"), kd_temperature=d.temperature,
+                                         kd_alpha=d.alpha, **common),
+        "from scratch": dataclasses.replace(base, run_dir=str(run / "distill" / "scratch"), **common),
+    }
+    summaries = {name: pretrain(c, resume="auto") for name, c in runs.items()}
+    pre = read_json(run / "stages" / "pretrain.json")["results"] if (run / "stages" / "pretrain.json").is_file() else {}
+    rows = [("teacher (pretrain)", teacher["n_layer"], pre.get("params_total"), pre.get("val_loss"), pre.get("val_ppl"))]
+    rows += [(name, layers, s["params_total"], s["val_loss"], s["val_ppl"]) for name, s in summaries.items()]
+    table = "| model | blocks | parameters | validation loss | perplexity |\n|---|---:|---:|---:|---:|\n" + "\n".join(
+        f"| {n} | {b} | {p:,} | {v:.3f} | {ppl:.1f} |" if v is not None else f"| {n} | {b} | - | - | - |"
+        for n, b, p, v, ppl in rows)
+    better = summaries["distilled"]["val_loss"] < summaries["from scratch"]["val_loss"]
+    report = (f"A student with {layers} of the teacher's {teacher['n_layer']} blocks, {d.steps} steps each, the same "
+              f"data and token budget: one learns from the teacher's soft targets (forward KL at temperature "
+              f"{d.temperature}, weight {d.alpha}, plus the hard labels; `lmstack train --objective distill`), one "
+              f"from the labels alone. Validation loss is the plain next-token loss on the held-out split.\n\n{table}"
+              f"\n\nThe distilled student is {'better' if better else 'not better'} than the one trained from scratch.\n")
+    results = {name: {k: s[k] for k in ("params_total", "val_loss", "val_ppl", "seconds", "tokens")}
+               for name, s in summaries.items()}
+    return StageResult({"student_layers": layers, "distilled_better": better, **results}, report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
@@ -296,6 +345,7 @@ STAGES: list[Stage] = [
     Stage("sft", "Supervised fine-tuning", stage_sft, ("sft",)),
     Stage("evaluate", "Evaluation", stage_evaluate, ("evaluate",)),
     Stage("compress", "Compression", stage_compress, ("compress",)),
+    Stage("distill", "Distillation", stage_distill, ("distill",)),
 ]
 
 
