@@ -142,23 +142,14 @@ class Interrupted(KeyboardInterrupt):
 @torch.no_grad()
 def sample_text(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device,
                 seed: int, temperature: float = 0.8, top_k: int = 40) -> str:
-    """Continue ``prompt`` with seeded top-k sampling through the inference engine (KV cache)."""
-    from lmstack.infer import GenerationConfig, generate
+    """Continue ``prompt`` with seeded top-k sampling (:func:`lmstack.infer.text.complete`: its empty-prompt,
+    truncation, stop and decoding rules). ``device`` is unused (the model's is taken)."""
+    from lmstack.infer import GenerationConfig
+    from lmstack.infer.text import complete, fitting_budget
 
-    ids = tokenizer.encode(prompt)
-    bos = getattr(tokenizer, "bos_id", None)
-    if not ids:
-        ids = [bos if bos is not None else (tokenizer.eos_id or 0)]
-    max_len = model.config.max_seq_len
-    ids = ids[-max(1, max_len - n_tokens):]
-    eos = tokenizer.eos_id
-    config = GenerationConfig(
-        max_new_tokens=min(n_tokens, max_len - len(ids)), do_sample=True, temperature=temperature, top_k=top_k,
-        seed=seed, eos_token_id=eos,
-        suppress_tokens=list(range(tokenizer.vocab_size, model.config.vocab_size)))  # padded vocab rows
-    out = generate(model, torch.tensor([ids], dtype=torch.long, device=device), config)[0, len(ids):].tolist()
-    cut = next((k for k, i in enumerate(out) if i == eos), len(out))
-    return tokenizer.decode(out[:cut])
+    budget = fitting_budget(model, n_tokens)
+    config = GenerationConfig(max_new_tokens=budget, do_sample=True, temperature=temperature, top_k=top_k, seed=seed)
+    return complete(model, tokenizer, prompt, config).text
 
 
 def _rng_state() -> dict[str, Any]:
