@@ -216,9 +216,9 @@ def complete_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLik
         ts = TextStream(tokenizer, cfg.stop_strings, skip)
         tops = None
         if res.top_logprobs is not None:
-            values, idx = res.top_logprobs
-            tops = [[(int(i), float(v)) for v, i in zip(values[row, t].tolist(), idx[row, t].tolist())]
-                    for t in range(res.num_generated[row])]
+            n = res.num_generated[row]
+            values, idx = (t[row, :n].tolist() for t in res.top_logprobs)   # one host copy per row
+            tops = [list(zip(i, v)) for v, i in zip(values, idx)]
         p = row // per
         out.append(Completion(ts.push(new) + ts.finish(), res.finish_reasons[row], res.num_generated[row],
                               len(ids[p]), dropped[p], new, tops))
