@@ -49,11 +49,6 @@ class LLM(Protocol):
                  seed: int | None = None) -> list[list[Completion]]: ...
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 class DiskCache:
     """One JSON file per request under ``folder``, named by the SHA-256 of the canonical request."""
 
@@ -110,36 +105,24 @@ class LocalLLM:
 
     def _generate(self, prompts: list[str], max_tokens: int, temperature: float, n: int, stop: Sequence[str],
                   top_logprobs: int, seed: int | None) -> list[list[Completion]]:
-        from lmstack.infer import GenerationConfig, generate_result
-        from lmstack.infer.text import encode_prompt
+        # Prompts longer than the context lose their beginning (few-shot examples), as lm-evaluation-harness
+        # does; that and the stop and decoding rules are lmstack.infer.text.complete_batch's.
+        from lmstack.infer import GenerationConfig
+        from lmstack.infer.text import complete_batch
 
         sample = temperature > 0
-        eos = getattr(self.tokenizer, "eos_id", None)
         cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
                                num_return_sequences=n if sample else 1, seed=seed, top_logprobs=top_logprobs,
-                               output_logprobs=top_logprobs > 0, stop_strings=[s for s in stop if s],
-                               eos_token_id=eos)
-        ctx = int(getattr(self.model.config, "max_seq_len", 0) or 0)
-        if ctx and max_tokens >= ctx:
-            raise ConfigError(f"max_tokens={max_tokens} leaves no room for a prompt in the model context ({ctx})")
-        # prompts longer than the context lose their beginning (few-shot examples), as lm-evaluation-harness does
-        ids = [encode_prompt(self.tokenizer, p)[-(ctx - max_tokens):] if ctx else encode_prompt(self.tokenizer, p)
-               for p in prompts]
-        res = generate_result(self.model, ids, cfg, tokenizer=self.tokenizer)
+                               output_logprobs=top_logprobs > 0, stop_strings=[s for s in stop if s])
+        done = complete_batch(self.model, self.tokenizer, prompts, cfg)
         per = n if sample else 1
         rows: list[list[Completion]] = []
-        special = set(getattr(self.tokenizer, "special_tokens", {}).values())
         for p in range(len(prompts)):
             comps = []
-            for k in range(per):
-                r = p * per + k
-                ids = [i for i in res.new_tokens(r) if i not in special]
-                tops = None
-                if res.top_logprobs is not None:
-                    values, idx = res.top_logprobs
-                    tops = [{self.tokenizer.decode([int(i)]): float(v) for v, i in zip(values[r, t], idx[r, t])}
-                            for t in range(res.num_generated[r])]
-                comps.append(Completion(cut_at_stop(self.tokenizer.decode(ids), stop), tops, res.finish_reasons[r]))
+            for c in done[p * per:(p + 1) * per]:
+                tops = None if c.top_logprobs is None else [
+                    {self.tokenizer.decode([i]): v for i, v in pos} for pos in c.top_logprobs]
+                comps.append(Completion(c.text, tops, c.finish_reason))
             rows.append(comps if sample else comps * n)  # greedy: n identical answers
         return rows
 

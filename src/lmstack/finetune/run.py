@@ -316,24 +316,13 @@ def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, base: str | No
 @torch.no_grad()
 def chat_reply(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_tokens: int = 48,
                device: torch.device | str = "cpu") -> str:
-    """Greedy reply to ``messages`` through the inference engine, stopping at ``<|end|>``."""
-    from lmstack.infer import GenerationConfig, generate
-    from lmstack.infer.text import chat_config
-    from lmstack.tokenizer.chat import render_chat
+    """Greedy reply to ``messages`` (:func:`lmstack.infer.text.complete`), stopping at ``<|end|>``; the
+    newest turns are kept when the chat outgrows the context. ``device`` is unused (the model's is taken)."""
+    from lmstack.infer import GenerationConfig
+    from lmstack.infer.text import complete, fitting_budget
 
-    ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
-    keep = max(1, model.config.max_seq_len - max_tokens)
-    ids = ids[-keep:]                                   # the newest turns when the chat outgrows the context
-    config = chat_config(tokenizer, GenerationConfig(max_new_tokens=max_tokens))
-    was = model.training
-    model.eval()
-    try:
-        out = generate(model, torch.tensor([ids], device=device), config)[0, len(ids):].tolist()
-    finally:
-        model.train(was)
-    stops = set(config.eos_token_id or [])
-    cut = next((k for k, i in enumerate(out) if i in stops), len(out))
-    return tokenizer.decode(out[:cut])
+    budget = fitting_budget(model, max_tokens)
+    return complete(model, tokenizer, messages, GenerationConfig(max_new_tokens=budget)).text
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def _timing(n_tokens: int, seconds: float, first: float | None = None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from lmstack.infer.text import generate_completions, load_run, stream_text
+    from lmstack.infer.text import complete_batch, load_run, stream_complete
 
     if args.stream and args.json:
         raise LmstackError("--stream prints text as it comes and --json prints records: choose one")
@@ -113,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise LmstackError("--stream takes one --prompt")
         sys.stdout.write(args.prompt[0])
         t0, first, parts = time.perf_counter(), None, []
-        for delta in stream_text(model, tok, args.prompt[0], cfg, draft_model=draft):
+        for delta in stream_complete(model, tok, args.prompt[0], cfg, draft_model=draft):
             first = time.perf_counter() - t0 if first is None else first
             parts.append(delta)
             sys.stdout.write(delta)
@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(_timing(len(tok.encode("".join(parts))), time.perf_counter() - t0, first), file=sys.stderr)
         return 0
     t0 = time.perf_counter()
-    done = generate_completions(model, tok, list(args.prompt), cfg, draft_model=draft)
+    done = complete_batch(model, tok, list(args.prompt), cfg, draft_model=draft)
     seconds = time.perf_counter() - t0
     n = len(done) // len(args.prompt)
     for i, c in enumerate(done):
@@ -142,16 +142,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmstack.infer.text import chat_prompt_ids, chat_stream
+    from lmstack.infer.text import chat_prompt_ids, chat_stream, prompt_budget
 
     cfg, model, tok, _ = _setup(args, 256, prefer=("chat_model", "pretrain"))
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     interactive = sys.stdin.isatty()
-    budget = model.config.max_seq_len - cfg.max_new_tokens
-    if budget < 1:
-        raise LmstackError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                           f"context ({model.config.max_seq_len}); lower --max_new_tokens")
+    budget = prompt_budget(model, cfg)   # the context rule complete() applies, checked before the first turn
     if interactive:
         print("lmstack chat: /reset forgets the conversation, /exit or Ctrl-D quits; Ctrl-C stops a reply.",
               file=sys.stderr)
@@ -202,13 +199,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit(tok, history: list[dict[str, str]], keep: int, budget: int, prompt_ids
+def _fit(tok, history: list[dict[str, str]], keep: int, budget: int | None, prompt_ids
          ) -> tuple[list[dict[str, str]] | None, int]:
-    """Drop the oldest turns (after the ``keep`` system messages) until the prompt fits ``budget`` tokens.
-    Returns (history, number dropped), or (None, 0) when the last message alone does not fit."""
+    """Drop the oldest turns (after the ``keep`` system messages) until the prompt fits ``budget`` tokens
+    (None: no limit), whole messages rather than complete()'s cut inside one. Returns (history, number
+    dropped), or (None, 0) when the last message alone does not fit."""
     history = list(history)
     dropped = 0
-    while len(prompt_ids(tok, history)) > budget:
+    while budget is not None and len(prompt_ids(tok, history)) > budget:
         if len(history) <= keep + 1:
             return None, 0
         del history[keep]

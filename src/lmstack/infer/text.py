@@ -1,16 +1,23 @@
 """Text in, text out, on top of the id-level engine; streaming that never splits a UTF-8 character.
 
-    from lmstack.infer.text import generate_text, stream_text, load_run
+    from lmstack.infer.text import complete, complete_batch, stream_complete, load_run
     model, tok = load_run("runs/speedrun")
-    print(generate_text(model, tok, "Once upon a time", GenerationConfig(max_new_tokens=40)))
-    for delta in stream_text(model, tok, "Once upon a time", cfg):
+    c = complete(model, tok, "Once upon a time", GenerationConfig(max_new_tokens=40))
+    c.text, c.finish_reason, c.n_tokens                       # ', there was ...', 'length', 40
+    complete(model, tok, [{"role": "user", "content": "Hi"}], cfg).text    # a chat turn, the folder's template
+    for delta in stream_complete(model, tok, "Once upon a time", cfg):
         print(delta, end="", flush=True)
 
-Conventions: the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat, or a Hugging Face
-template's ``eos_token``); more stop ids go in ``GenerationConfig.eos_token_id`` (a list; the CLI's
-``--stop-id``/``--stop-token`` add to the EOS); special tokens are not printed; text is cut before a stop string (the ids keep it, as in ``transformers``). An empty
-prompt starts from the tokenizer's BOS id, else its EOS id (the document separator the data packer
-puts between documents), else is refused.
+:func:`complete` (and its batched and streamed forms) is the one text front-end: ``generate_text``,
+``stream_text``, ``chat_stream``, the CLI's ``generate``/``chat``, the trainer's samples, fine-tuning's
+chat replies and the evaluation client ``LocalLLM`` all call it, so they follow one set of rules
+(:func:`_prepare`): an empty prompt starts from the tokenizer's BOS id, else its EOS id (the document
+separator the data packer puts between documents), else is refused; chat messages are rendered with the
+folder's Hugging Face template or lmstack's own; a prompt too long for the context keeps its most recent
+ids; the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat, or a Hugging Face template's
+``eos_token``), more go in ``GenerationConfig.eos_token_id`` (the CLI's ``--stop-id``/``--stop-token`` add
+to the EOS); special tokens are not printed; text is cut before a stop string (the ids keep it, as in
+``transformers``).
 """
 
 from __future__ import annotations
@@ -18,18 +25,18 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lmstack.errors import LmstackError
+from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer.config import GenerationConfig
 from lmstack.infer.engine import generate_result, stream
+from lmstack.tokenizer.chat import END_OF_TURN
 
-END_OF_TURN = "<|end|>"
 
 
 class TextStream:
@@ -120,28 +127,131 @@ def stop_ids(tokenizer: Any, ids: Sequence[int] = (), tokens: Sequence[str] = ()
 
 @dataclass
 class Completion:
-    text: str
+    """One completion, as every text front-end returns it."""
+
+    text: str               # special tokens dropped, cut before the first stop string
     finish_reason: str      # "stop" (EOS, a stop id or a stop string) or "length" (max_new_tokens / context)
     n_tokens: int           # new tokens, a final stop token included
+    prompt_tokens: int = 0  # prompt ids the model saw (after the empty-prompt fallback and truncation)
+    truncated: int = 0      # prompt ids dropped from the left to fit the context
+    token_ids: list[int] = field(default_factory=list)   # the new ids, a final stop token included
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # per new token: (id, log-prob) of the k best
+
+
+PromptLike = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def _is_messages(prompt: Any) -> bool:
+    return not isinstance(prompt, str) and isinstance(prompt, Sequence) and len(prompt) > 0 \
+        and isinstance(prompt[0], Mapping)
+
+
+def prompt_budget(model: nn.Module, config: GenerationConfig) -> int | None:
+    """How many prompt ids fit beside ``max_new_tokens`` in a decoder's context (None: no such limit, for an
+    encoder-decoder, whose source has its own context, or a sliding window, which never fills)."""
+    mcfg = model.config
+    if getattr(mcfg, "arch", "decoder") != "decoder" or config.sliding_window:
+        return None
+    ctx = int(mcfg.max_seq_len)
+    if config.max_new_tokens >= ctx:
+        raise ConfigError(f"generation config field 'max_new_tokens': {config.max_new_tokens} leaves no room for a "
+                          f"prompt in the model's context of {ctx} tokens; lower it")
+    return ctx - config.max_new_tokens
+
+
+def fitting_budget(model: nn.Module, max_new_tokens: int) -> int:
+    """``max_new_tokens``, shrunk where needed to leave one prompt id in a decoder's context: for samples
+    taken during a run (training, fine-tuning), which must never fail it."""
+    return min(max_new_tokens, int(model.config.max_seq_len) - 1)
+
+
+def _prepare(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLike], config: GenerationConfig | None,
+             extra_stop: Sequence[int] = (), chat: bool | None = None
+             ) -> tuple[list[list[int]], list[int], GenerationConfig]:
+    """The one rule every text front-end follows: (prompt ids, ids dropped per prompt, config).
+
+    - a string is encoded (an empty one starts from BOS, else EOS); a list of chat messages is rendered with
+      the tokenizer's chat template (:func:`chat_prompt_ids`) and the config gets the end-of-turn stop
+      (:func:`chat_config`); a list of ids is taken as it is;
+    - stop ids default to the tokenizer's EOS (plus ``extra_stop``), the pad id to its pad, else the first stop;
+    - ids the model has but the tokenizer cannot decode (padded vocabulary rows) are never generated;
+    - a prompt that does not fit beside ``max_new_tokens`` in the context keeps its most recent ids.
+    """
+    if chat is None:   # a list whose items are dicts is a conversation (an empty list is ids, like any other)
+        kinds = {_is_messages(p) for p in prompts}
+        if len(kinds) > 1:
+            raise LmstackError("a batch mixes chat messages and plain prompts; complete them in separate batches")
+        chat = kinds == {True}
+    ids = [chat_prompt_ids(tokenizer, p) if chat else encode_prompt(tokenizer, p) for p in prompts]
+    cfg = chat_config(tokenizer, config) if chat else (config or GenerationConfig())
+    cfg = _with_defaults(tokenizer, cfg, extra_stop)
+    n_tok = getattr(tokenizer, "vocab_size", None)
+    n_model = getattr(model.config, "vocab_size", None)
+    if n_tok is not None and n_model is not None and n_model > n_tok:
+        padded = set(range(n_tok, n_model)) - set(cfg.suppress_tokens)
+        cfg = cfg.replace(suppress_tokens=sorted(set(cfg.suppress_tokens) | padded))
+    budget = prompt_budget(model, cfg)
+    dropped = [max(0, len(p) - budget) if budget is not None else 0 for p in ids]
+    ids = [p[d:] for p, d in zip(ids, dropped)]
+    return ids, dropped, cfg
+
+
+def complete_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLike],
+                   config: GenerationConfig | None = None, *, draft_model: nn.Module | None = None,
+                   stop_ids: Sequence[int] = ()) -> list[Completion]:
+    """Completions of ``prompts`` (strings, id lists, or chat conversations; one kind per batch),
+    ``num_return_sequences`` per prompt, grouped by prompt. Prompts of different lengths are batched with
+    left padding. See :func:`_prepare` for the rules (fallback, stops, truncation) and :class:`TextStream`
+    for the decoding."""
+    items = list(prompts)
+    if not items:
+        raise LmstackError("no prompts given")
+    ids, dropped, cfg = _prepare(model, tokenizer, items, config, stop_ids)
+    res = generate_result(model, ids, cfg, tokenizer=tokenizer, draft_model=draft_model)
+    skip = _skip_ids(tokenizer, cfg)
+    per = res.sequences.shape[0] // len(items)
+    out = []
+    for row in range(res.sequences.shape[0]):
+        new = res.new_tokens(row)
+        ts = TextStream(tokenizer, cfg.stop_strings, skip)
+        tops = None
+        if res.top_logprobs is not None:
+            n = res.num_generated[row]
+            values, idx = (t[row, :n].tolist() for t in res.top_logprobs)   # one host copy per row
+            tops = [list(zip(i, v)) for v, i in zip(values, idx)]
+        p = row // per
+        out.append(Completion(ts.push(new) + ts.finish(), res.finish_reasons[row], res.num_generated[row],
+                              len(ids[p]), dropped[p], new, tops))
+    return out
+
+
+def complete(model: nn.Module, tokenizer: Any, prompt: PromptLike, config: GenerationConfig | None = None, *,
+             draft_model: nn.Module | None = None, stop_ids: Sequence[int] = ()) -> Completion:
+    """The completion of one prompt: a string, a list of ids, or a chat conversation (a list of
+    ``{"role", "content"}``, answered as the assistant). See :func:`complete_batch`."""
+    if config is not None and config.num_return_sequences > 1:
+        raise ConfigError("complete gives one completion; for num_return_sequences > 1 use complete_batch")
+    return complete_batch(model, tokenizer, [prompt], config, draft_model=draft_model, stop_ids=stop_ids)[0]
+
+
+def stream_complete(model: nn.Module, tokenizer: Any, prompt: PromptLike, config: GenerationConfig | None = None,
+                    *, draft_model: nn.Module | None = None, stop_ids: Sequence[int] = ()) -> Iterator[str]:
+    """:func:`complete`'s text as it is decoded (same rules, same text; never half a character, never a stop
+    string)."""
+    return _stream(model, tokenizer, prompt, config, draft_model, stop_ids, None)
+
+
+def _stream(model: nn.Module, tokenizer: Any, prompt: PromptLike, config: GenerationConfig | None,
+            draft_model: nn.Module | None, stop_ids: Sequence[int], chat: bool | None) -> Iterator[str]:
+    [ids], _, cfg = _prepare(model, tokenizer, [prompt], config, stop_ids, chat)
+    steps = stream(model, [ids], cfg, tokenizer=tokenizer, draft_model=draft_model)
+    return _deltas(steps, TextStream(tokenizer, cfg.stop_strings, _skip_ids(tokenizer, cfg)))
 
 
 def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig | None = None,
                          *, draft_model: nn.Module | None = None) -> list[Completion]:
-    """Completions of ``prompts`` with their finish reasons, ``num_return_sequences`` per prompt, grouped
-    by prompt. Prompts of different lengths are batched with left padding."""
-    items = list(prompts)
-    if not items:
-        raise LmstackError("no prompts given")
-    cfg = _with_defaults(tokenizer, config)
-    res = generate_result(model, [encode_prompt(tokenizer, p) for p in items], cfg, tokenizer=tokenizer,
-                          draft_model=draft_model)
-    skip = _skip_ids(tokenizer, cfg)
-    out = []
-    for row in range(res.sequences.shape[0]):
-        ts = TextStream(tokenizer, cfg.stop_strings, skip)
-        out.append(Completion(ts.push(res.new_tokens(row)) + ts.finish(), res.finish_reasons[row],
-                              res.num_generated[row]))
-    return out
+    """Completions of ``prompts`` with their finish reasons (:func:`complete_batch`)."""
+    return complete_batch(model, tokenizer, prompts, config, draft_model=draft_model)
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompts: str | Sequence[str], config: GenerationConfig | None = None,
@@ -150,16 +260,14 @@ def generate_text(model: nn.Module, tokenizer: Any, prompts: str | Sequence[str]
     per prompt, grouped by prompt). Prompts of different lengths are batched with left padding."""
     single = isinstance(prompts, str)
     items = [prompts] if single else list(prompts)
-    texts = [c.text for c in generate_completions(model, tokenizer, items, config, draft_model=draft_model)]
+    texts = [c.text for c in complete_batch(model, tokenizer, items, config, draft_model=draft_model)]
     return texts[0] if single and len(texts) == 1 else texts
 
 
 def stream_text(model: nn.Module, tokenizer: Any, prompt: str | Sequence[int], config: GenerationConfig | None = None,
                 *, draft_model: nn.Module | None = None, stop_ids: Sequence[int] = ()) -> Iterator[str]:
-    """Text deltas of one completion as they are decoded (never half a character, never a stop string)."""
-    cfg = _with_defaults(tokenizer, config, stop_ids)
-    steps = stream(model, [encode_prompt(tokenizer, prompt)], cfg, tokenizer=tokenizer, draft_model=draft_model)
-    return _deltas(steps, TextStream(tokenizer, cfg.stop_strings, _skip_ids(tokenizer, cfg)))
+    """Text deltas of one completion as they are decoded (:func:`stream_complete`)."""
+    return stream_complete(model, tokenizer, prompt, config, draft_model=draft_model, stop_ids=stop_ids)
 
 
 def _deltas(steps: Iterator[list[list[int]]], ts: TextStream) -> Iterator[str]:
@@ -193,11 +301,10 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
 
 def chat_stream(model: nn.Module, tokenizer: Any, messages: Sequence[Mapping[str, str]],
                 config: GenerationConfig | None = None, *, draft_model: nn.Module | None = None) -> Iterator[str]:
-    """The assistant's reply to ``messages``, streamed. lmstack's template: ends at ``<|end|>``; a Hugging
-    Face template: ends at the tokenizer's EOS or the template's ``eos_token`` (plus any stop ids in config)."""
-    ids = chat_prompt_ids(tokenizer, messages)
-    config = chat_config(tokenizer, config)
-    return stream_text(model, tokenizer, ids, config, draft_model=draft_model)
+    """The assistant's reply to ``messages``, streamed (:func:`stream_complete`). lmstack's template: ends at
+    ``<|end|>``; a Hugging Face template: ends at the tokenizer's EOS or the template's ``eos_token`` (plus
+    any stop ids in config)."""
+    return _stream(model, tokenizer, messages, config, draft_model, (), True)   # even [] is a conversation
 
 
 def chat_config(tokenizer: Any, config: GenerationConfig | None = None) -> GenerationConfig:

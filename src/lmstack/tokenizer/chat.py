@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from lmstack.errors import LmstackError
 from lmstack.tokenizer.base import CHAT_ROLES, Tokenizer
 
-END = "<|end|>"
+END_OF_TURN = "<|end|>"   # ends every message; generation stops here (lmstack.infer imports it)
 
 
 def _marker(role: str) -> str:
@@ -43,7 +43,7 @@ def _check(messages: Sequence[Mapping[str, str]]) -> None:
 
 
 def _marker_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    needed = [*(_marker(r) for r in CHAT_ROLES), END]
+    needed = [*(_marker(r) for r in CHAT_ROLES), END_OF_TURN]
     missing = [s for s in needed if s not in tokenizer.special_tokens]
     if missing:
         raise LmstackError(f"the tokenizer has no chat special tokens {', '.join(missing)}; train it with "
@@ -67,7 +67,7 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
         ids.append(marks[_marker(m["role"])])
         mask.append(0)
         ids.extend(body)
-        ids.append(marks[END])
+        ids.append(marks[END_OF_TURN])
         mask.extend([learn] * (len(body) + 1))
     if add_generation_prompt:
         ids.append(marks[_marker("assistant")])
@@ -79,5 +79,5 @@ def render_chat_text(messages: Sequence[Mapping[str, str]], add_generation_promp
                      bos: str | None = "<|bos|>") -> str:
     """The conversation as a string in the template's format (for display and for checks)."""
     _check(messages)
-    text = (bos or "") + "".join(f"{_marker(m['role'])}{m['content']}{END}" for m in messages)
+    text = (bos or "") + "".join(f"{_marker(m['role'])}{m['content']}{END_OF_TURN}" for m in messages)
     return text + (_marker("assistant") if add_generation_prompt else "")

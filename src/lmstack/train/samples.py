@@ -11,17 +11,14 @@ from torch import nn
 @torch.no_grad()
 def sample_text(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device | None = None,
                 seed: int = 0, temperature: float = 0.8, top_k: int = 40) -> str:
-    """Continue ``prompt`` with seeded top-k sampling; the prompt keeps its last tokens that leave room for
-    ``n_tokens`` in the model's context. ``device`` is unused (the engine runs where the model is)."""
+    """Continue ``prompt`` with seeded top-k sampling through :func:`lmstack.infer.text.complete` (its
+    empty-prompt, truncation, stop and decoding rules). ``device`` is unused (the model's is taken)."""
     from lmstack.infer import GenerationConfig
-    from lmstack.infer.text import encode_prompt, generate_text
+    from lmstack.infer.text import complete, fitting_budget
 
-    max_len = model.config.max_seq_len
-    ids = encode_prompt(tokenizer, prompt)[-max(1, max_len - n_tokens):]
-    config = GenerationConfig(max_new_tokens=min(n_tokens, max_len - len(ids)), do_sample=True,
-                              temperature=temperature, top_k=top_k, seed=seed,
-                              suppress_tokens=list(range(tokenizer.vocab_size, model.config.vocab_size)))  # padded rows
-    return generate_text(model, tokenizer, [ids], config)[0]
+    budget = fitting_budget(model, n_tokens)
+    config = GenerationConfig(max_new_tokens=budget, do_sample=True, temperature=temperature, top_k=top_k, seed=seed)
+    return complete(model, tokenizer, prompt, config).text
 
 
 def render_samples(samples: list[dict[str, str]]) -> str:
