@@ -109,7 +109,8 @@ def _cached_frequencies(cfg: ModelConfig, device: torch.device, seq_len: int | N
     if hit is None:
         if len(_FREQ_CACHE) > 256:          # dynamic NTK makes one entry per length: stay bounded
             _FREQ_CACHE.clear()
-        hit = _FREQ_CACHE[key] = rope_frequencies(cfg, device, seq_len)
+        with torch.inference_mode(False):   # a normal tensor, usable by training after a generate call
+            hit = _FREQ_CACHE[key] = rope_frequencies(cfg, device, seq_len)
     return hit
 
 
