@@ -90,14 +90,14 @@ def bytes_read_per_token(model, context: float) -> int:
     return int(model_bytes(model) - table + kv)
 
 
-def llama125m(repeats: int, new: int, threads: int, compile_int4: bool) -> list[str]:
+def llama125m(repeats: int, new: int, threads: int, compile_int4: bool, preset_name: str) -> list[str]:
     from lmstack.compress import QuantConfig, quantize_model
     from lmstack.model import build_model, preset
 
     torch.set_num_threads(threads)
     bw = measured_bandwidth()
     torch.manual_seed(0)
-    base = build_model(preset("llama-style-125m")).eval()
+    base = build_model(preset(preset_name)).eval()
     variants = {"fp32": base}
     for name, qc in (("int8", QuantConfig("int8")), ("int4-g128", QuantConfig("int4", 128))):
         m = copy.deepcopy(base)
@@ -114,7 +114,7 @@ def llama125m(repeats: int, new: int, threads: int, compile_int4: bool) -> list[
     context = 16 + new / 2
     n_params = sum(p.numel() for p in base.parameters())
     fp32 = rows[0]["tok_s"]
-    lines = [f"llama-style-125m ({n_params / 1e6:.0f}M parameters, random weights), {threads} threads, batch 1, "
+    lines = [f"{preset_name} ({n_params / 1e6:.0f}M parameters, random weights), {threads} threads, batch 1, "
              f"greedy, 16-token prompt, {new} new tokens; median of {repeats}. Measured copy bandwidth "
              f"{bw / 1e9:.1f} GB/s (read + write, {threads} threads).", "",
              "| model | tokens/s | vs fp32 eager | MB read per token | % of bandwidth bound | first call (s) |",
@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=251)
     p.add_argument("--large-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", default="llama-style-125m", help="the model of the bandwidth-bound section")
     p.add_argument("--quick", action="store_true", help="3 repeats, 32 tokens on the 125M model, no int4 compile")
     p.add_argument("--skip", choices=["stories", "125m"], action="append", default=[])
     args = p.parse_args()
@@ -149,8 +150,8 @@ def main() -> None:
         out += ["## per-token overhead: stories260K", ""] + stories(args.repeats, args.new_tokens) + [""]
         print("\n".join(out), flush=True)
     if "125m" not in args.skip:
-        out += ["## batch-1 decode vs the memory-bandwidth bound: llama-style-125m", ""]
-        out += llama125m(args.repeats, args.large_new_tokens, args.threads, not args.quick)
+        out += [f"## batch-1 decode vs the memory-bandwidth bound: {args.preset}", ""]
+        out += llama125m(args.repeats, args.large_new_tokens, args.threads, not args.quick, args.preset)
     print("\n" + "\n".join(out))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
