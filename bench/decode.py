@@ -47,7 +47,7 @@ def decode_rates(cases: list[tuple], repeats: int) -> list[dict]:
         t0 = time.perf_counter()
         first = generate_result(model, prompt, cfg)
         out.append({"name": name, "first_s": time.perf_counter() - t0, "rates": [], "ids": first.sequences,
-                    "fallback": runner._compile_failed if cfg.compile else None})
+                    "fallback": runner._failed.get(model) if cfg.compile else None})
     for _ in range(repeats):
         for row, (name, model, prompt, cfg) in zip(out, cases):
             res = generate_result(model, prompt, cfg)
@@ -121,7 +121,7 @@ def llama125m(repeats: int, new: int, threads: int, compile_int4: bool, preset_n
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r, (name, m, _, _) in zip(rows, cases):
         read = bytes_read_per_token(m, context)
-        note = " (compile failed: eager static step)" if r["fallback"] else ""
+        note = f" (did not compile, eager static step: {r['fallback'][:60]})" if r["fallback"] else ""
         lines.append(f"| {name}{note} | {r['tok_s']:.1f} | {r['tok_s'] / fp32:.2f}x | {read / 1e6:.0f} | "
                      f"{100 * r['tok_s'] * read / bw:.0f}% | {r['first_s']:.1f} |")
     same = all(torch.equal(rows[0]["ids"], r["ids"]) for r, c in zip(rows, cases) if c[0].startswith("fp32"))

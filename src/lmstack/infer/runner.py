@@ -13,7 +13,7 @@ static-shape step (:meth:`lmstack.model.cache.KVCache.begin_static_step`) run th
 ``torch.compile``: a fixed-size cache (its length rounded up to a multiple of 256, and kept per model
 and shape between calls so the compiled graph is reused), the slot to write as a tensor, attention
 over all slots under the mask of valid ones. Where compiling fails (no C++ compiler, an op the
-backend lacks) the same static step runs eagerly, with one warning per process.
+backend lacks, a graph break) that model's static step runs eagerly, with one warning per reason.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ STATIC_BUCKET = 256          # compiled steps: cache lengths are rounded up to t
 
 _STATIC_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, KVCache]]" = weakref.WeakKeyDictionary()
 _compiled: dict[str, Any] = {}   # device type -> the compiled static step, made on first use
-_compile_failed: str | None = None   # why compiling failed in this process (then every step runs eagerly)
+_failed: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()   # models that did not compile
 _said: set[str] = set()
+EAGER_ONLY = False           # run the static step eagerly, never compiling (tests of the static path)
 
 
 def static_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,7 @@ def _warn_once(why: str) -> None:
 def run_compiled_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     """:func:`static_step` through ``torch.compile`` (compiled once, reused for every position and call);
     the eager static step where compiling is not possible."""
-    global _compile_failed
-    if _compile_failed is None:
+    if not EAGER_ONLY and model not in _failed:
         try:
             kind = tokens.device.type
             fn = _compiled.get(kind)
@@ -73,11 +73,14 @@ def run_compiled_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) ->
                 # on CPU the C++ wrapper calls the kernels without a Python frame each: ~1.2x faster
                 # steps on a tiny model, and it compiles no slower (measured, stories260K)
                 options = {"cpp_wrapper": True} if kind == "cpu" else None
-                fn = _compiled[kind] = torch.compile(static_step, dynamic=False, options=options)
+                # fullgraph: a graph break (e.g. a layer with Python-side caches) fails here and falls
+                # back, instead of compiling a patchwork that recompiles per layer
+                fn = _compiled[kind] = torch.compile(static_step, dynamic=False, fullgraph=True, options=options)
             return fn(model, cache, tokens)
-        except Exception as e:   # a missing compiler or backend gap: fall back (retrying the step is safe)
-            _compile_failed = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            _warn_once(_compile_failed)
+        except Exception as e:   # a missing compiler, a backend gap, a graph break: fall back (retrying is safe)
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+            _failed[model] = why
+            _warn_once(why)
     return static_step(model, cache, tokens)
 
 
