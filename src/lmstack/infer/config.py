@@ -50,6 +50,7 @@ class GenerationConfig:
     prompt_lookup_num_tokens: int | None = None   # speculative decoding with n-gram lookup, no draft model
     max_matching_ngram_size: int = 3    # prompt lookup: longest n-gram searched for
     decoder_start_token_id: int | None = None     # encoder-decoder models; None = the model's eos/bos
+    compile: bool = False               # torch.compile a static-shape decode step (greedy/sampling loop, decoder-only)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -94,6 +95,8 @@ class GenerationConfig:
             raise bad("prompt_lookup_num_tokens", "must be >= 1")
         if self.max_matching_ngram_size < 1:
             raise bad("max_matching_ngram_size", "must be >= 1")
+        if self.compile and not self.use_cache:
+            raise bad("compile", "needs use_cache=true (the compiled step is a KV-cache step)")
         if self.prompt_lookup_num_tokens is not None and self.num_beams > 1:
             raise bad("prompt_lookup_num_tokens", "speculative decoding does not combine with beam search")
 

@@ -52,7 +52,7 @@ def decode_steps(s: Session, want_lists: bool = False) -> Steps:
         yield lists
         if step == s.max_new - 1 or s.all_done():
             break
-        logits = s.runner.forward(s.seq, s.cur, 1)[:, -1].float()
+        logits = s.runner.step(s.seq, s.cur)
     s.stats["decode_s"] = time.perf_counter() - t0
     return s.result()
 

@@ -247,7 +247,13 @@ class Session:
         self.stop_bytes = [s.encode("utf-8") for s in cfg.stop_strings]
         self.tails = [b""] * self.batch
         self.stats: dict[str, Any] = {"prompt_tokens": int(mask.sum()), "batch": self.batch}
-        self.runner = Runner(model, self.batch, width, cfg.use_cache, cfg.sliding_window, cfg.kv_cache_dtype)
+        # the compiled static step serves the plain loop only (beam search and speculative decoding move
+        # and rewind cache slots with many-token forwards)
+        compile = cfg.compile and not cfg.is_beam and not self.speculative
+        self.runner = Runner(model, self.batch, width, cfg.use_cache, cfg.sliding_window, cfg.kv_cache_dtype,
+                             compile=compile)
+        # nothing can stop a row before max_new_tokens: the per-step stop bookkeeping is skipped
+        self.can_stop = self.eos_t is not None or bool(self.stop_bytes)
 
     @property
     def speculative(self) -> bool:
@@ -288,6 +294,13 @@ class Session:
         """Write one token per row (B,) at ``cur``; finished rows get the pad id. Updates the stop state.
 
         ``logp``: the :meth:`observe` log-probs these tokens were chosen under (when log-probs are wanted)."""
+        if not self.can_stop:          # fast path: no row is ever finished, every row gains one token
+            if logp is not None:
+                self.logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
+            self.seq[:, self.cur] = tokens
+            self.cur += 1
+            self.gen_len += 1
+            return [[t] for t in tokens.tolist()] if want_lists else None
         tokens = torch.where(self.finished, self.pad, tokens)
         if logp is not None:
             self.logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
@@ -320,7 +333,7 @@ class Session:
             self.finished[torch.tensor(done, device=self.device)] = True
 
     def all_done(self) -> bool:
-        return bool(self.finished.all())
+        return self.can_stop and bool(self.finished.all())
 
     def result(self, sequences: torch.Tensor | None = None, scores: torch.Tensor | None = None,
                gen_len: list[int] | None = None, finished: list[bool] | None = None) -> GenerationResult:

@@ -16,6 +16,12 @@ the model derives the attention mask and the position ids (index among the real 
 
 Attention masks passed with a cache may cover all slots so far plus the new ones, (B, pos + T), as
 in Hugging Face, or only the new tokens, (B, T); without one the new tokens count as real.
+
+Static-shape steps (what ``torch.compile`` needs, see :meth:`KVCache.begin_static_step`): between
+``begin_static_step()`` and ``end_static_step()`` a one-token forward writes its key/value at the slot
+held in the tensor ``step_slot`` (not a Python int, so one compiled graph serves every position) and
+attends over all ``max_len`` slots, with the padding mask cut at that slot as the attention mask; the
+model reads no Python-side position, and ``advance`` is left to ``end_static_step``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class KVCache:
         self.pos = 0                 # slots filled so far
         self.padded = False          # some real row has padding: the model must build explicit masks
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> encoder K, V (B, G, S, D)
+        self.static = False          # inside a static-shape step (begin_static_step .. end_static_step)
+        self.step_slot = torch.zeros(1, dtype=torch.long, device=device)       # the slot that step writes
+        self.slot_ids = torch.arange(max_len, device=device)                   # (max_len,) for its mask
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int | None = None,
@@ -62,8 +71,30 @@ class KVCache:
         """Forget every position (buffers are kept and overwritten)."""
         self.pos = 0
         self.padded = False
+        self.static = False
         self.mask.fill_(True)
         self.cross.clear()
+
+    def begin_static_step(self) -> None:
+        """Make the next forward a static-shape step of one token per row, written at slot ``pos``.
+
+        The step's shapes do not depend on ``pos``: keys and values go to ``step_slot`` (a (1,) tensor set
+        here, in place) and attention spans all ``max_len`` slots under :meth:`static_key_mask`, so the
+        same compiled graph runs at every position. Call :meth:`end_static_step` after the forward."""
+        if self.pos >= self.max_len:
+            raise ConfigError(f"KV cache is full: {self.pos} + 1 positions > max_len={self.max_len}")
+        self.step_slot.fill_(self.pos)
+        self.static = True
+
+    def end_static_step(self) -> None:
+        """The static step's token now occupies slot ``pos``: advance."""
+        self.static = False
+        self.pos += 1
+
+    def static_key_mask(self) -> torch.Tensor:
+        """(B, max_len) slots a static step attends to: the real ones before ``step_slot``, and itself."""
+        self.mask.index_fill_(1, self.step_slot, True)
+        return self.mask & (self.slot_ids <= self.step_slot)
 
     def key_mask(self, attention_mask: torch.Tensor | None, t: int) -> torch.Tensor | None:
         """Record the padding of ``t`` new tokens; return the mask of all slots (B, pos + t), or None if unpadded."""
@@ -87,14 +118,20 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new k, v (B, G, T, D) of ``layer`` at slots [pos, pos + T); return all filled slots (B, G, S, D)."""
+        if self.static:                                   # all slots; the mask hides the unwritten ones
+            self.k[layer].index_copy_(2, self.step_slot, k)
+            self.v[layer].index_copy_(2, self.step_slot, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, t: int) -> None:
-        """Called by the model once all layers have written ``t`` new slots."""
-        self.pos += t
+        """Called by the model once all layers have written ``t`` new slots (a static step advances in
+        :meth:`end_static_step` instead, outside any compiled code)."""
+        if not self.static:
+            self.pos += t
 
     # ----- used by the inference engine (lmstack.infer): speculative rollback, beam reordering, sliding window,
     # ----- and rows that join and leave a running batch (lmstack.infer.batch)
@@ -191,11 +228,17 @@ class Int8KVCache(KVCache):
         return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + k.shape[2]
         qk, sk = self._quantize(k)
         qv, sv = self._quantize(v)
-        self.k[layer][:, :, self.pos:end], self.k_scale[layer][:, :, self.pos:end] = qk, sk
-        self.v[layer][:, :, self.pos:end], self.v_scale[layer][:, :, self.pos:end] = qv, sv
+        if self.static:
+            end = self.max_len
+            for buf, x in ((self.k[layer], qk), (self.k_scale[layer], sk), (self.v[layer], qv),
+                           (self.v_scale[layer], sv)):
+                buf.index_copy_(2, self.step_slot, x)
+        else:
+            end = self.pos + k.shape[2]
+            self.k[layer][:, :, self.pos:end], self.k_scale[layer][:, :, self.pos:end] = qk, sk
+            self.v[layer][:, :, self.pos:end], self.v_scale[layer][:, :, self.pos:end] = qv, sv
         keys = (self.k[layer][:, :, :end].float() * self.k_scale[layer][:, :, :end]).to(k.dtype)
         values = (self.v[layer][:, :, :end].float() * self.v_scale[layer][:, :, :end]).to(v.dtype)
         return keys, values

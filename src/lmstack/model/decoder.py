@@ -46,6 +46,8 @@ class Decoder(SizesMixin, nn.Module):
                     kv_cache: KVCache | None, device: torch.device) -> tuple[AttnInputs, torch.Tensor]:
         """The mask, RoPE angles and position ids shared by all layers for T new tokens."""
         cfg = self.config
+        if kv_cache is not None and kv_cache.static:
+            return self._static_attn_inputs(t, position_ids, kv_cache)
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
             key_mask = kv_cache.key_mask(attention_mask, t)                     # (B, S) or None
@@ -65,6 +67,22 @@ class Decoder(SizesMixin, nn.Module):
             inp.mask = None                                                     # one new token sees everything
         else:
             inp.mask = build_mask(key_mask, t, s, True, device)                 # (B|1, 1, T, S)
+        if cfg.pos == "rope":
+            inp.rope = rope_cos_sin(cfg, position_ids)
+        return inp, position_ids
+
+    def _static_attn_inputs(self, t: int, position_ids: torch.Tensor | None,
+                            kv_cache: KVCache) -> tuple[AttnInputs, torch.Tensor]:
+        """A static-shape one-token step (see :meth:`KVCache.begin_static_step`): the query attends over
+        every slot of the cache through the mask of valid ones; its position is its index among the
+        row's real tokens, as on the dynamic path. Nothing here depends on a Python-side position."""
+        cfg = self.config
+        if t != 1 or cfg.pos == "alibi":
+            raise ValueError("a static KV-cache step takes one token per row and a model without ALiBi")
+        key_mask = kv_cache.static_key_mask()                                   # (B, L)
+        if position_ids is None:
+            position_ids = key_mask.sum(-1, keepdim=True) - 1                   # (B, 1)
+        inp = AttnInputs(kv_cache=kv_cache, mask=key_mask[:, None, None, :])    # (B, 1, 1, L)
         if cfg.pos == "rope":
             inp.rope = rope_cos_sin(cfg, position_ids)
         return inp, position_ids

@@ -34,6 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused op instead of six (the same arithmetic, bit for bit in fp32): decode speed
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -91,6 +94,26 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None,
     return inv_freq, 1.0
 
 
+_FREQ_CACHE: dict[tuple, tuple[torch.Tensor, float]] = {}
+
+
+def _cached_frequencies(cfg: ModelConfig, device: torch.device, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """:func:`rope_frequencies`, memoised per (config values, device, length): a decode step would
+    otherwise rebuild the same (D/2,) table each call. Not while tracing (torch.compile folds it)."""
+    if torch.compiler.is_compiling():
+        return rope_frequencies(cfg, device, seq_len)
+    key = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len,
+           cfg.max_seq_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_beta_fast,
+           cfg.rope_beta_slow, cfg.rope_attn_factor, str(device), seq_len)
+    hit = _FREQ_CACHE.get(key)
+    if hit is None:
+        if len(_FREQ_CACHE) > 256:          # dynamic NTK makes one entry per length: stay bounded
+            _FREQ_CACHE.clear()
+        with torch.inference_mode(False):   # a normal tensor, usable by training after a generate call
+            hit = _FREQ_CACHE[key] = rope_frequencies(cfg, device, seq_len)
+    return hit
+
+
 def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles (times the attention factor), each (B, 1, T, D) in fp32.
 
@@ -101,7 +124,7 @@ def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor) -> tuple[torch.Te
     if cfg.rope_scaling == "linear":
         pos = pos / cfg.rope_scaling_factor
     seq_len = int(position_ids.max()) + 1 if cfg.rope_scaling == "dynamic" else None
-    inv_freq, scale = rope_frequencies(cfg, position_ids.device, seq_len)
+    inv_freq, scale = _cached_frequencies(cfg, position_ids.device, seq_len)
     freqs = pos[..., None] * inv_freq                                   # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]                    # (B, 1, T, D)
     if scale == 1.0:
@@ -281,11 +304,13 @@ class Attention(nn.Module):
                     cache.cross[self.layer_idx] = (k, v)
             mask, is_causal = inp.memory_mask, False
         else:
-            q, k, v = self.qkv(x).split([self.cfg.q_dim, self.cfg.kv_dim, self.cfg.kv_dim], dim=-1)
-            q = self._heads(q, self.n_head)                                 # (B, H, T, D)
-            k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)   # (B, G, T, D)
+            qkv = self.qkv(x)
+            qk_dim = self.cfg.q_dim + self.cfg.kv_dim
+            v = self._heads(qkv[..., qk_dim:], self.n_kv_head)              # (B, G, T, D)
+            qk = self._heads(qkv[..., :qk_dim], self.n_head + self.n_kv_head)   # (B, H + G, T, D)
             if inp.rope is not None:
-                q, k = apply_rope(q, *inp.rope), apply_rope(k, *inp.rope)
+                qk = apply_rope(qk, *inp.rope)                              # q and k heads in one go
+            q, k = qk[:, :self.n_head], qk[:, self.n_head:]                 # (B, H, T, D), (B, G, T, D)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)                   # (B, G, S, D), S = cached + T
             mask, is_causal = inp.mask, inp.is_causal
@@ -458,8 +483,12 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, f, *args) -> torch.Tensor:
         if self.pre:
-            return x + self.drop(f(norm(x), *args))
-        return norm(x + self.drop(f(x, *args)))
+            return x + self._drop(f(norm(x), *args))
+        return norm(x + self._drop(f(x, *args)))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # dropout is the identity in eval mode or at p=0: skip the module call (per-step decode overhead)
+        return self.drop(x) if self.training and self.drop.p > 0 else x
 
     def forward(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
         x = self._residual(x, self.norm_attn, self.attn, inp)
