@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cli_train(args: argparse.Namespace) -> int:
     from lmstack.errors import ConfigError
-    from lmstack.train.trainer import Interrupted, existing_run, load_train_config, pretrain, resume_run
+    from lmstack.train.config import load_train_config
 
     overrides = list(args.overrides or [])
     try:
@@ -79,17 +79,23 @@ def _cli_train(args: argparse.Namespace) -> int:
                 raise ConfigError("train resume: name the run directory, e.g. lmstack train resume runs/tiny")
             if args.fresh:
                 raise ConfigError("train resume: --fresh contradicts resume; use `lmstack train CFG --fresh`")
+            from lmstack.train.trainer import resume_run
+
             summary = resume_run(args.run_dir, overrides)
         else:
             if args.run_dir:
                 raise ConfigError(f"train: unexpected argument {args.run_dir!r} (set the output with --run_dir DIR)")
-            cfg = load_train_config(args.config, overrides)
+            cfg = load_train_config(args.config, overrides)   # validated before torch is imported
+            from lmstack.train.trainer import existing_run, pretrain
+
             what = existing_run(cfg.run_dir)
             if what and not args.fresh:
                 raise ConfigError(f"run_dir: {cfg.run_dir} already holds a run ({what}); continue it with "
                                   f"`lmstack train resume {cfg.run_dir}`, start over with --fresh, or set --run_dir")
             summary = pretrain(cfg)
-    except Interrupted as e:
+    except KeyboardInterrupt as e:  # lmstack.train.trainer.Interrupted carries the signal
+        if not hasattr(e, "signum"):
+            raise
         return 128 + e.signum   # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if summary:
         _print_summary(summary)

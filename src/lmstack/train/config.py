@@ -18,6 +18,7 @@ and every field can be overridden on the command line (``--optim.lr 1e-3 --model
 from __future__ import annotations
 
 import difflib
+import os
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -231,3 +232,17 @@ class TrainConfig:
             return preset(name, **fields) if name else ModelConfig(**fields)
         except TypeError as e:
             raise ConfigError(f"model: {e}") from None
+
+
+RESOLVED_KEY = "_resolved"   # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads)
+
+
+def load_train_config(path: "str | os.PathLike", overrides: list[str] | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from a config file (a run's ``config.json`` too: its resolved-settings record is
+    ignored), then ``overrides``. Validation happens here, before anything is written."""
+    from lmstack.config import load_config, read_config_file
+
+    data = read_config_file(path)
+    if isinstance(data, dict):
+        data.pop(RESOLVED_KEY, None)
+    return load_config(TrainConfig, None, overrides, base=data)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmstack.config import load_config, to_dict
+from lmstack.config import to_dict
 from lmstack.errors import ConfigError, DataError
 from lmstack.runs import (JsonlLogger, Progress, atomic_dir, atomic_path, atomic_write_json, atomic_write_text,
                           checkpoint_dir, latest_checkpoint, list_checkpoints, prune_checkpoints, read_json)
@@ -118,7 +118,9 @@ class Task:
     load_weights: Any = None               # (model, folder) -> None
 
 
-RESOLVED_KEY = "_resolved"   # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads)
+# config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads); the config loader
+# lives in train/config.py so that the CLI validates a config before importing torch
+from lmstack.train.config import RESOLVED_KEY, load_train_config  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -732,14 +734,3 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict[
         raise DataError(f"{run_dir}: no config.json; is this a training run directory?")
     cfg = load_train_config(run_dir / "config.json", list(overrides or []) + ["--run_dir", str(run_dir)])
     return pretrain(cfg, resume=True)
-
-
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """A ``TrainConfig`` from a config file (a run's ``config.json`` too: its resolved-settings record is
-    ignored), then ``overrides``. Validation happens here, before anything is written."""
-    from lmstack.config import read_config_file
-
-    data = read_config_file(path)
-    if isinstance(data, dict):
-        data.pop(RESOLVED_KEY, None)
-    return load_config(TrainConfig, None, overrides, base=data)
