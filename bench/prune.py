@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from generate import median_times  # noqa: E402  (bench/generate.py: the one interleaved timer)
 from lmstack.compress.calib import text_batches  # noqa: E402
 from lmstack.compress.prune import prune_unstructured, sparsity_report  # noqa: E402
 from lmstack.compress.prune_structured import prune_structured  # noqa: E402
@@ -35,19 +35,6 @@ from lmstack.infer import GenerationConfig, generate  # noqa: E402
 from lmstack.model import build_model, hf, preset  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-
-
-def median_times(fns: list, repeats: int) -> list[float]:
-    """Median wall-clock of each function, run interleaved so load from other jobs hits all alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 @torch.inference_mode()

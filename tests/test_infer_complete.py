@@ -11,6 +11,8 @@ import dataclasses
 import pytest
 import torch
 
+from scripted import ScriptedModel
+
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer import GenerationConfig
 from lmstack.infer.text import (Completion, chat_config, chat_stream, complete, complete_batch, fitting_budget,
@@ -42,21 +44,6 @@ def _model(vocab: int, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def model(tok):
     return _model(tok.vocab_size)
-
-
-class Scripted(torch.nn.Module):
-    """Emits a fixed script of ids (+100 on the scripted id's logit at each call), then the last one."""
-
-    def __init__(self, inner: torch.nn.Module, script: list[int]):
-        super().__init__()
-        self.inner, self.script, self.calls = inner, script, 0
-        self.config = inner.config
-
-    def forward(self, input_ids, *args, **kwargs):
-        logits = self.inner(input_ids, *args, **kwargs).clone()
-        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] += 100.0
-        self.calls += 1
-        return logits
 
 
 class NoBos:
@@ -112,7 +99,7 @@ def test_chat_messages_through_lmstack_template_and_an_hf_template(model, tok):
     script = words + [end] + after + [eos]
     cfg = GenerationConfig(max_new_tokens=12)
     # lmstack's template: <|bos|><|user|>hi<|end|><|assistant|>, the reply ends at <|end|>
-    ours = complete(Scripted(model, script), tok, msgs, cfg)
+    ours = complete(ScriptedModel(model, script), tok, msgs, cfg)
     assert ours.prompt_tokens == len(render_chat(tok, msgs, add_generation_prompt=True)[0])
     assert (ours.text, ours.finish_reason, ours.n_tokens) == ("the cat", "stop", len(words) + 1)
     assert ours.token_ids == words + [end]
@@ -123,7 +110,7 @@ def test_chat_messages_through_lmstack_template_and_an_hf_template(model, tok):
                                         {"eos_token": "<|eos|>"})
     rendered = hf_tok.chat_template.render(msgs, add_generation_prompt=True)
     assert rendered == "<|user|>hi\n<|assistant|>"
-    theirs = complete(Scripted(model, script), hf_tok, msgs, cfg)
+    theirs = complete(ScriptedModel(model, script), hf_tok, msgs, cfg)
     assert theirs.prompt_tokens == len(tok.encode(rendered, allowed_special="all")) != ours.prompt_tokens
     assert (theirs.text, theirs.finish_reason) == ("the cat sat", "stop")   # <|end|> is not printed, not a stop
     assert theirs.token_ids == script
@@ -132,24 +119,24 @@ def test_chat_messages_through_lmstack_template_and_an_hf_template(model, tok):
 def test_stop_string_cut_and_finish_reasons(model, tok):
     script = tok.encode(" cat sat on the mat")
     cfg = GenerationConfig(max_new_tokens=30, eos_token_id=[])            # no stop id: runs the whole budget
-    full = complete(Scripted(model, script), tok, "the", cfg)
+    full = complete(ScriptedModel(model, script), tok, "the", cfg)
     assert (full.finish_reason, full.n_tokens) == ("length", 30) and full.text.startswith(" cat sat on the mat")
-    cut = complete(Scripted(model, script), tok, "the", cfg.replace(stop_strings=["on t"]))
+    cut = complete(ScriptedModel(model, script), tok, "the", cfg.replace(stop_strings=["on t"]))
     assert cut.text == " cat sat "
     assert cut.finish_reason == "stop" and cut.n_tokens < 30
     assert "on t" in tok.decode(cut.token_ids)                             # the ids keep the stop string
-    streamed = stream_complete(Scripted(model, script), tok, "the", cfg.replace(stop_strings=["on t"]))
+    streamed = stream_complete(ScriptedModel(model, script), tok, "the", cfg.replace(stop_strings=["on t"]))
     assert "".join(streamed) == cut.text
     # a stop id: "stop", the stop token counted but not printed
     words = tok.encode(" cat sat")
-    ended = complete(Scripted(model, words + [tok.eos_id]), tok, "the", GenerationConfig(max_new_tokens=10))
+    ended = complete(ScriptedModel(model, words + [tok.eos_id]), tok, "the", GenerationConfig(max_new_tokens=10))
     assert (ended.text, ended.finish_reason, ended.n_tokens) == (" cat sat", "stop", len(words) + 1)
 
 
 def test_padded_vocabulary_rows_are_never_generated(tok):
     padded = _model(tok.vocab_size + 8)
     script = [tok.vocab_size + 3] * 5                                       # the model wants an undecodable id
-    c = complete(Scripted(padded, script), tok, "the cat", GenerationConfig(max_new_tokens=5, eos_token_id=[]))
+    c = complete(ScriptedModel(padded, script), tok, "the cat", GenerationConfig(max_new_tokens=5, eos_token_id=[]))
     assert c.n_tokens == 5 and all(i < tok.vocab_size for i in c.token_ids)
 
 

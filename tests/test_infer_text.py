@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from scripted import ScriptedModel
+
 from lmstack.errors import LmstackError
 from lmstack.infer import GenerationConfig, generate_text, stream_text
 from lmstack.infer.report import sample_table, speculative_summary
@@ -91,26 +93,11 @@ def test_generate_text_stop_string_and_empty_prompt(model, tok):
     assert isinstance(generate_text(model, tok, "", cfg), str)    # starts from BOS
 
 
-class _Scripted(torch.nn.Module):
-    """A model that emits a fixed token script (it adds +100 to the scripted id's logit at each call)."""
-
-    def __init__(self, inner: torch.nn.Module, script: list[int]):
-        super().__init__()
-        self.inner, self.script, self.calls = inner, script, 0
-        self.config = inner.config
-
-    def forward(self, input_ids, *args, **kwargs):
-        logits = self.inner(input_ids, *args, **kwargs).clone()
-        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] += 100.0
-        self.calls += 1
-        return logits
-
-
 def test_chat_stream_stops_at_end_of_turn(model, tok):
     """The scripted reply is "the cat", then <|end|>, then more text: the stream must end at <|end|>."""
     words = tok.encode("the cat")
     after = tok.encode(" sat on the mat")
-    scripted = _Scripted(model, words + [tok.special_tokens["<|end|>"]] + after)
+    scripted = ScriptedModel(model, words + [tok.special_tokens["<|end|>"]] + after)
     cfg = GenerationConfig(max_new_tokens=12)
     reply = "".join(chat_stream(scripted, tok, [{"role": "user", "content": "hi"}], cfg))
     assert reply == "the cat"                   # nothing after <|end|>, and the marker itself is not printed
