@@ -62,3 +62,17 @@ def test_progress_plain_lines_carry_the_latest_metrics(capsys):
     p.update(1)
     err = capsys.readouterr().err
     assert "train 1/4 step" in err and "loss=2.5" in err and "tok_s=100" in err and "eta" in err
+
+
+def test_saved_models_honour_the_umask_even_where_the_writer_makes_0600_files(tmp_path):
+    import os
+
+    from lmstack.model import build_model, preset, save
+
+    old = os.umask(0o022)
+    try:
+        save(build_model(preset("tiny", vocab_size=64, d_model=32, n_head=2, n_layer=1)), tmp_path / "m")
+    finally:
+        os.umask(old)
+    # safetensors writes its own file with mode 0600; atomic_path sets the mode after the writer ran
+    assert oct((tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)

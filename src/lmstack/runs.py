@@ -75,9 +75,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise _write_error(path, e) from None
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved model must be as readable as any file
     try:
         yield tmp
+        # mkstemp makes 0600 files, and some writers (safetensors) replace the file with their own 0600 one:
+        # a saved model must be as readable as any file the user's umask allows, so set the mode last
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -140,8 +142,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; honour the umask like mkdir does
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, mode)  # writers such as safetensors create 0600 files whatever the umask
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():

@@ -107,7 +107,7 @@ def _copy_tokenizer(folder: Path, out: Path) -> None:
     tok_dir = _tokenizer_dir(folder) or folder
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, out / name)
+            shutil.copyfile(tok_dir / name, out / name)  # the umask's mode, not the source's
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
