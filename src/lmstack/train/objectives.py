@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +174,34 @@ def make_loss_fn(objective: str, ids: SpecialIds, mlm_probability: float = 0.15,
 # held-out loss: the one definition (the trainer's val_loss, fine-tuning's held-out loss)
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch on ``device``: a tensor, or a dict / tuple / list of them (task batches, e.g. preference pairs)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def count_tokens(x: Any) -> int:
+    """Input tokens in a batch: a tensor's elements, or a dict's ``input_ids`` (every tensor under a key ending
+    in ``input_ids``, e.g. ``chosen_input_ids`` and ``rejected_input_ids``), else 0."""
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, dict):
+        return sum(v.numel() for k, v in x.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
+    return 0
+
+
+def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A loss function returns a loss, or ``(loss, metrics)`` whose metrics (scalars) the trainer logs."""
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
+
+
 def loss_weight(x: torch.Tensor, y: torch.Tensor) -> int:
     """The number of predictions a batch's mean loss averages over, its weight in a held-out mean.
 
@@ -181,6 +210,9 @@ def loss_weight(x: torch.Tensor, y: torch.Tensor) -> int:
     a random ``mlm_probability`` share of the block and ``span`` the same count in every row, so both are
     weighted by the block's tokens (``y`` holds no -100 in packed blocks, so the same formula gives it).
     """
+    if not isinstance(y, torch.Tensor):  # a task batch (dicts of tensors) whose loss is a mean over examples
+        first = next((v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None else 1
     return int((y != -100).sum())
 
 
@@ -192,7 +224,7 @@ def heldout_sums(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     total = torch.zeros(2, dtype=torch.float64)
     for i, (x, y) in enumerate(batches):
         if device is not None:
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(x, device), to_device(y, device)
         loss = batch_loss(i, x, y)
         if loss is None:
             continue

@@ -8,7 +8,8 @@
   gather) and ``forward_model`` is what a forward is called on;
 - ``forward_backward(next_batch, loss_fn, ...)``: one optimizer step's forwards and backwards (all
   micro-batches of an accumulation, or one pipeline schedule), returning the mean loss and the input
-  tokens it saw;
+  tokens it saw (a loss function may return ``(loss, metrics)``: their micro-batch means are left in
+  ``step_metrics`` for the log);
 - ``eval_loss(x, y, loss_fn, ...)``: the mean loss of one held-out batch (collective where needed);
 - ``clip(params, max_norm)``: the global gradient norm, clipped;
 - ``full_state()`` / ``load_full_state()`` and ``optimizer_state()`` / ``load_optimizer_state()``: the
@@ -33,6 +34,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.train import distributed as D
 from lmstack.train.config import DistConfig
+from lmstack.train.objectives import count_tokens, split_loss, to_device
 from lmstack.train.optim import clip_grad_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -49,6 +51,7 @@ class Strategy:
         self.cfg = cfg
         self.module: nn.Module | None = None
         self.forward_model: nn.Module | None = None
+        self.step_metrics: dict[str, float] = {}   # the task metrics of the last step, micro-batch means
 
     # -- placing the model --------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, loss_fn: Callable | None = None) -> None:
@@ -66,15 +69,19 @@ class Strategy:
         """Forwards and backwards of ``grad_accum`` micro-batches; (mean loss, input tokens seen)."""
         loss = torch.zeros((), device=device)
         tokens = 0
+        metrics: dict[str, torch.Tensor] = {}
         for micro in range(grad_accum):
             x, y = next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), to_device(y, device)
             with self.no_sync(last=micro == grad_accum - 1):
                 with autocast():
-                    micro_loss = loss_fn(self.forward_model, x, y, generator_for(micro))
+                    micro_loss, micro_metrics = split_loss(loss_fn(self.forward_model, x, y, generator_for(micro)))
                 scale(micro_loss / grad_accum).backward()
             loss += micro_loss.detach()
-            tokens += x.numel()
+            for name, value in micro_metrics.items():
+                metrics[name] = metrics.get(name, 0.0) + torch.as_tensor(value).detach().float() / grad_accum
+            tokens += count_tokens(x)
+        self.step_metrics = {name: float(v) for name, v in metrics.items()}
         return loss / grad_accum, tokens
 
     def no_sync(self, last: bool):
@@ -87,7 +94,7 @@ class Strategy:
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, generator: torch.Generator,
                   autocast: Callable[[], Any]) -> float:
         with autocast():
-            return float(loss_fn(self.eval_model(), x, y, generator))
+            return float(split_loss(loss_fn(self.eval_model(), x, y, generator))[0])
 
     def eval_model(self) -> nn.Module:
         return self.forward_model

@@ -102,6 +102,16 @@ class Task:
     - ``save_weights(model, folder)`` / ``load_weights(model, folder)``: what checkpoints and the run
       folder hold (e.g. the adapter only) and how a resume reads it back; None = the whole model.
 
+    - ``loss_fn(model, x, y, generator)``: the task's own loss in place of the objective's (alignment:
+      DPO on preference pairs, a reward model's Bradley-Terry loss, a policy loss on rollouts). Then the
+      loader's ``x``/``y`` may be dicts (or tuples) of tensors, moved to the device as they are; tokens
+      are counted from the tensors whose key ends in ``input_ids``. It may return ``(loss, metrics)``:
+      the metrics (scalars) are averaged over the accumulation's micro-batches and logged with the step's
+      loss. ``eval_batches`` are then scored with it too.
+    - ``evaluate(model) -> {name: float}``: held-out metrics computed by the task (pair accuracy, reward
+      margin, exact match); replaces the ``eval_batches`` loss when given. A ``val_loss`` among them picks
+      the best checkpoint.
+
     The trainer keeps the rest of the contract of :meth:`Trainer.fit`: the loss is the config's objective
     (``clm``) on ``(x, y)``, accumulation, mixed precision, clipping, the LR schedule, checkpoints of the
     optimizer, RNG and loader, exact resume, signals, metrics and the summary. Tasks run single-process
@@ -116,6 +126,8 @@ class Task:
     tokenizer: Any = None
     save_weights: Any = None               # (model, folder) -> None
     load_weights: Any = None               # (model, folder) -> None
+    loss_fn: Any = None                    # (model, x, y, generator) -> loss | (loss, metrics); None = objective's
+    evaluate: Any = None                   # (model) -> {name: float}; None = the eval_batches loss
 
 
 # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads); the config loader
@@ -216,6 +228,8 @@ class Trainer:
             teacher.to(self.device)
             self.loss_fn = make_distill_loss_fn(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_kind)
             self.eval_loss_fn = clm_loss   # held out: the student's own next-token loss, comparable to the teacher's
+        elif task is not None and task.loss_fn is not None:
+            self.loss_fn = self.eval_loss_fn = task.loss_fn
         else:
             self.loss_fn = make_loss_fn(cfg.objective, self.ids, cfg.mlm_probability, cfg.span_noise_density,
                                         cfg.span_mean_length)
@@ -375,6 +389,14 @@ class Trainer:
 
         cfg, env, strategy = self.cfg, self.env, self.strategy
         split = strategy.shards_eval_batches  # collective forwards (fsdp, tp, pp) need every rank on every batch
+        if self.task is not None and self.task.evaluate is not None:
+            self.module.eval()
+            with self.autocast():
+                metrics = {k: float(v) for k, v in self.task.evaluate(strategy.eval_model()).items()}
+            self.module.train()
+            if "val_loss" in metrics and "val_ppl" not in metrics and self.task.loss_fn is None:
+                metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            return metrics
         if self.task is not None:
             batches = self.task.eval_batches()
         elif not self.data.has_valid:
@@ -623,7 +645,8 @@ class Trainer:
                     mfu = achieved / self.peak_flops
                     record = {"step": step, "loss": loss_v, "lr": lr_at(step - 1, cfg.steps, cfg.optim),
                               "grad_norm": float(norm), "tokens": self.tokens, "tokens_per_s": round(tps, 1),
-                              "mfu": round(mfu, 6), "elapsed": round(now - t_start, 2)}
+                              "mfu": round(mfu, 6), "elapsed": round(now - t_start, 2),
+                              **self.strategy.step_metrics}
                     if not math.isfinite(loss_v):
                         raise DataError(f"step {step}: the loss is {loss_v}; lower optim.lr or check the data")
                     self._log(record)
