@@ -16,7 +16,8 @@ from torch import nn
 from lmstack.model.cache import KVCache
 from lmstack.model.config import ModelConfig
 from lmstack.model.layers import (AttnInputs, Block, Embeddings, SizesMixin, add_aux_losses, alibi_bias, build_mask,
-                                  init_weights, make_norm, moe_aux_losses, positions_from_mask, rope_cos_sin)
+                                  init_weights, make_norm, moe_aux_losses, output_logits, positions_from_mask,
+                                  rope_cos_sin)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ class Decoder(SizesMixin, nn.Module):
             kv_cache.advance(t)
         if self.norm_f is not None:
             x = self.norm_f(x)
-        logits = self.lm_head(x)                                                # (B, T, vocab)
+        logits = output_logits(self.lm_head, x)                                                # (B, T, vocab)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
         self.aux_losses = moe_aux_losses(self) if self.config.n_experts else {}

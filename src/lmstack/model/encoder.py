@@ -18,7 +18,7 @@ from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.decoder import lm_loss
 from lmstack.model.layers import (ACT, AttnInputs, Block, Embeddings, SizesMixin, alibi_bias, build_mask,
-                                  add_aux_losses, init_weights, make_norm, moe_aux_losses, positions_from_mask,
+                                  add_aux_losses, init_weights, make_norm, moe_aux_losses, output_logits, positions_from_mask,
                                   rope_cos_sin)
 
 
@@ -96,7 +96,7 @@ class Encoder(SizesMixin, nn.Module):
             if targets is not None:
                 raise ConfigError("this encoder has no MLM head (model config field 'mlm_head' is false)")
             return x
-        logits = self.lm_head(self.mlm(x))                                      # (B, T, vocab)
+        logits = output_logits(self.lm_head, self.mlm(x))                                      # (B, T, vocab)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
         if targets is None:

@@ -42,6 +42,23 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def output_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output projection; under autocast it runs in fp32 on the fp32 master weight.
+
+    Why: bf16 logits cost quality, measured: the speedrun's tiny decoder (tied embeddings, vocab 4,096) after
+    150 steps reached validation loss 6.054 with bf16 autocast everywhere, 5.937 in fp32, and 5.925 with bf16
+    autocast except this one matmul (attention in fp32 instead did not help: 6.130). At 600 steps the gap
+    had grown to 0.37 nats. Mixed-precision recipes keep the logits in fp32 for the same reason.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        weight = next(head.parameters(), None)
+        if weight is None or weight.dtype == torch.float32:
+            with torch.autocast(device, enabled=False):
+                return head(x.float())
+    return head(x)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
