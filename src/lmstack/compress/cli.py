@@ -60,7 +60,9 @@ def _register_prune(sub: argparse._SubParsersAction) -> None:
                "  lmstack compress prune runs/m --heads 0.25 --neurons 0.25 --out runs/m-pruned\n"
                "  lmstack compress prune runs/m --layers 2 --score activation --calib data/*.txt --out runs/m-l\n"
                "  lmstack compress prune runs/m --unstructured 0.5 --method wanda --calib val.txt --out runs/m-s\n"
-               "  lmstack compress prune runs/m --pattern 2:4 --method magnitude --out runs/m-24",
+               "  lmstack compress prune runs/m --pattern 2:4 --method magnitude --out runs/m-24\n"
+               "  lmstack compress prune runs/m --heads 0.25 --neurons 0.25 --recover-steps 300 \\\n"
+               "      --recover-text train.txt --recover-valid valid.txt --out runs/m-pr",
         formatter_class=HelpFormatter)
     p.add_argument("source", metavar="RUN_OR_DIR")
     p.add_argument("--out", required=True, help="output model folder")
@@ -84,6 +86,17 @@ def _register_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
     p.add_argument("--format", default="same", choices=("same", "lmstack", "hf"),
                    help="output format (default: the input's)")
+    p.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="recovery fine-tuning: N optimizer steps of causal-LM training on --recover-text after "
+                        "structured pruning, through the one trainer (default 0: none)")
+    p.add_argument("--recover-text", nargs="+", default=None, metavar="FILES", help="recovery training text")
+    p.add_argument("--recover-valid", nargs="+", default=None, metavar="FILES",
+                   help="held-out text for the before/after loss (a single .txt is one document: give this)")
+    p.add_argument("--recover-lr", type=float, default=1e-3, help="recovery peak learning rate (default 1e-3)")
+    p.add_argument("--recover-batch-size", type=int, default=8, help="recovery sequences per step (default 8)")
+    p.add_argument("--recover-seq-len", type=int, default=256, help="recovery sequence length (default 256)")
+    p.add_argument("--recover-run", default=None, metavar="DIR",
+                   help="the recovery training run's directory (default: OUT-recovery beside OUT)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_prune)
 
@@ -117,9 +130,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     structured = bool(args.heads or args.neurons or args.layers)
     if not structured and args.unstructured is None and args.pattern is None:
         raise ConfigError("prune: nothing to do; pass --heads, --neurons, --layers, --unstructured or --pattern")
-    for field in ("calib_seqs", "seq_len"):
+    for field in ("calib_seqs", "seq_len", "recover_batch_size"):
         if getattr(args, field) < 1:
             raise ConfigError(f"prune: --{field.replace('_', '-')} must be a positive integer")
+    if args.recover_steps < 0:
+        raise ConfigError("prune: --recover-steps must be >= 0")
+    if args.recover_steps and not args.recover_text:
+        raise ConfigError("prune: --recover-steps needs training text; pass --recover-text FILES")
+    if args.recover_steps and (args.unstructured is not None or args.pattern is not None):
+        raise ConfigError("prune: --recover-steps trains every weight and would refill the zeroed ones; recover "
+                          "after structured pruning only (--heads, --neurons, --layers)")
+    if args.recover_steps and not structured:
+        raise ConfigError("prune: --recover-steps needs structured pruning (--heads, --neurons or --layers)")
     model, folder, fmt = load_model_folder(args.source)
     model.eval()
     before = model.num_parameters()
@@ -155,6 +177,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         lm.save(model, out)
     _copy_tokenizer(folder, out)
+    if args.recover_steps:
+        from lmstack.compress.recover import recover
+        model, report["recovery"] = recover(out, args.recover_text, args.recover_valid, args.recover_steps,
+                                            args.recover_run, lr=args.recover_lr, batch_size=args.recover_batch_size,
+                                            seq_len=args.recover_seq_len)
+        if out_fmt == "hf":      # the recovered weights replace the pruned ones, in the same format
+            lm.hf.save(model, out)
+        else:
+            lm.save(model, out)
     from lmstack.runs import atomic_write_json
     atomic_write_json(out / "prune_report.json", report)
     if args.json:
@@ -164,6 +195,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
                  f"d_ff {report['d_ff']}" if structured else "")
         sparse = f"; sparsity {report['sparsity']:.1%}" if "sparsity" in report else ""
         print(f"pruned {folder} -> {out}: {before:,} -> {report['parameters_after']:,} parameters{shape}{sparse}")
+        rec = report.get("recovery")
+        if rec:
+            loss = (f"; held-out loss {rec['val_loss_before']:.4f} -> {rec['val_loss_after']:.4f}"
+                    if rec["val_loss_before"] is not None and rec["val_loss_after"] is not None else "")
+            print(f"recovered: {rec['steps']} steps ({rec['tokens']:,} tokens){loss}; run {rec['run_dir']}")
     return 0
 
 
