@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  lmstack compress quantize runs/speedrun --method int8 --out runs/int8\n"
                "  lmstack compress quantize hf_llama --method gptq --group-size 64 --calib text.txt --out q4\n"
                "  lmstack compress report runs/speedrun runs/int8 q4 --text valid.txt\n"
+               "  lmstack compress gguf runs/int8 --out runs/int8/model.gguf\n"
                "  lmstack compress prune runs/train/final --heads 0.25 --neurons 0.25 --out runs/pruned\n"
                "  lmstack compress prune hf_llama --unstructured 0.5 --method wanda --calib text.txt --out sparse",
         formatter_class=HelpFormatter)
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_prune(sub)
     _register_quantize(sub)
     _register_report(sub)
+    _register_gguf(sub)
 
 
 def amount(text: str) -> float | int:
@@ -338,4 +340,52 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps({r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in rows}, indent=2))
     else:
         print(render(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gguf
+
+
+def _register_gguf(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter
+
+    p = sub.add_parser(
+        "gguf", help="export a (quantized) Llama-architecture model as GGUF, which transformers and llama.cpp read",
+        description="Write a GGUF file of a Llama-architecture model folder. Quantized layers keep their codes: "
+                    "int8 -> Q8_0, int4 symmetric -> Q4_0, int4 asymmetric -> Q4_1 (group sizes that are "
+                    "multiples of 32); the rest (float layers, NF4, AWQ) is written as F32. Scales become fp16. "
+                    "transformers loads it with AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME). "
+                    "Needs the gguf package (pip install \"lmstack[compress]\").",
+        epilog="examples:\n"
+               "  lmstack compress quantize stories260K --method int8 --out q8 && lmstack compress gguf q8 "
+               "--out q8/model.gguf\n"
+               "  lmstack compress gguf runs/int4-g32 --out int4.gguf --json",
+        formatter_class=HelpFormatter)
+    p.add_argument("source", metavar="MODEL_DIR")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--json", action="store_true", help="print {tensor: type} as JSON")
+    p.set_defaults(func=cmd_gguf)
+
+
+def cmd_gguf(args: argparse.Namespace) -> int:
+    from lmstack.compress.gguf_export import export_gguf
+    from lmstack.infer.text import load_run
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise ConfigError(f"--out {out}: name a .gguf file")
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    model, _ = load_run(args.source)
+    types = export_gguf(model, out, name=Path(args.source).resolve().name)
+    if args.json:
+        print(json.dumps(types, indent=2))
+    else:
+        counts: dict[str, int] = {}
+        for t in types.values():
+            counts[t] = counts.get(t, 0) + 1
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {len(types)} tensors ({kinds})")
     return 0
