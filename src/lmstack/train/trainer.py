@@ -234,7 +234,8 @@ class Trainer:
                           else self._model_config(teacher))
         if teacher is not None:
             teacher.to(self.device)
-            self.loss_fn = make_distill_loss_fn(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_kind)
+            self.loss_fn = make_distill_loss_fn(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_kind,
+                                                cfg.kd_cache_topk)
             self.eval_loss_fn = clm_loss   # held out: the student's own next-token loss, comparable to the teacher's
         elif task is not None and task.loss_fn is not None:
             self.loss_fn = self.eval_loss_fn = task.loss_fn
