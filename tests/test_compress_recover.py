@@ -145,3 +145,46 @@ def test_cli_recovery_errors_are_one_line(pruned, tmp_path, extra, message):
     folder, _, _ = pruned
     with pytest.raises(ConfigError, match="^" + message):
         _cli(["compress", "prune", str(folder), "--heads", "0.5", "--out", str(tmp_path / "x"), *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sequence-level KD data
+
+
+def test_distill_data_writes_the_teachers_greedy_continuations_and_train_reads_them(pruned, tmp_path, capsys):
+    from lmstack.infer import GenerationConfig
+    from lmstack.infer.text import complete, load_run
+    from lmstack.train.trainer import pretrain
+
+    folder, _, _ = pruned
+    (tmp_path / "prompts.txt").write_text("the cat\n\nthe dog sat\n")
+    out = tmp_path / "kd.jsonl"
+    assert _cli(["compress", "distill-data", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "12", "--batch-size", "1", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the cat", "the dog sat"]
+    model, tok = load_run(folder)
+    for r in rows:      # exactly what the engine decodes for that prompt alone
+        want = complete(model, tok, r["prompt"], GenerationConfig(max_new_tokens=12))
+        assert r["completion"] == want.text and r["text"] == r["prompt"] + want.text
+    cfg = TrainConfig(run_dir=str(tmp_path / "student"), steps=2, batch_size=1, dtype="fp32", threads=1,
+                      model={"preset": "tiny", "d_model": 32, "n_layer": 1, "n_head": 2}, eval_every=0,
+                      sample_prompts=[], data={"train": [str(out)], "tokenizer": str(folder), "seq_len": 8,
+                                               "valid_fraction": 0.0})
+    assert pretrain(cfg)["steps"] == 2
+
+
+def test_distill_data_bad_input_is_one_line(pruned, tmp_path):
+    folder, _, _ = pruned
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "p.txt").write_text("a\n")
+    cases = [(["--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "a.jsonl")], "no prompts found"),
+             (["--prompts", str(tmp_path / "p.txt"), "--samples", "3", "--out", str(tmp_path / "b.jsonl")],
+              "--samples: greedy decoding gives one continuation per prompt; set --temperature > 0"),
+             (["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "c.txt")], "name a .jsonl file")]
+    from lmstack.errors import LmstackError
+
+    for extra, message in cases:
+        with pytest.raises(LmstackError, match=message):
+            _cli(["compress", "distill-data", str(folder), *extra])

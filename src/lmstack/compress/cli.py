@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_quantize(sub)
     _register_report(sub)
     _register_gguf(sub)
+    _register_distill_data(sub)
 
 
 def amount(text: str) -> float | int:
@@ -388,4 +389,65 @@ def cmd_gguf(args: argparse.Namespace) -> int:
             counts[t] = counts.get(t, 0) + 1
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {len(types)} tensors ({kinds})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distill-data
+
+
+def _register_distill_data(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter, int_at_least
+
+    p = sub.add_parser(
+        "distill-data", help="sequence-level KD data: a teacher's continuations of prompts, as JSONL training text",
+        description="Generate the teacher's continuations of --prompts (greedy by default; --temperature > 0 "
+                    "samples) through the inference engine and write one JSONL record per continuation, "
+                    "{\"text\": prompt + completion, \"prompt\", \"completion\", \"finish_reason\"}, which "
+                    "`lmstack train --data.train FILE` trains a student on (Kim & Rush 2016). Prompts: one per line "
+                    "of a .txt file, or the --field of JSONL records.",
+        epilog="examples:\n"
+               "  lmstack compress distill-data runs/teacher --prompts prompts.txt --out kd.jsonl\n"
+               "  lmstack compress distill-data stories260K --prompts p.txt --temperature 0.8 --samples 4 "
+               "--max-new-tokens 200 --out kd.jsonl\n"
+               "  lmstack train configs/train_tiny.toml --data.train kd.jsonl --data.tokenizer runs/teacher",
+        formatter_class=HelpFormatter)
+    p.add_argument("teacher", metavar="TEACHER_DIR")
+    p.add_argument("--prompts", required=True, nargs="+", metavar="FILES")
+    p.add_argument("--field", default="text", help="the prompt field of JSONL/Parquet records (default text)")
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples", type=int_at_least(1), default=1, help="continuations per prompt (sampling)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_distill_data)
+
+
+def cmd_distill_data(args: argparse.Namespace) -> int:
+    from lmstack.infer.config import GenerationConfig
+
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise ConfigError(f"--out {out}: name a .jsonl file")
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {args.temperature}")
+    if args.samples > 1 and args.temperature == 0:
+        raise ConfigError("--samples: greedy decoding gives one continuation per prompt; set --temperature > 0")
+    sample = args.temperature > 0
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
+                           temperature=args.temperature if sample else 1.0, top_p=args.top_p,
+                           num_return_sequences=args.samples, seed=args.seed if sample else None)
+    from lmstack.compress.distill_data import read_prompts, write_distill_data
+    from lmstack.infer.text import load_run
+
+    prompts = read_prompts(args.prompts, args.field)
+    model, tok = load_run(args.teacher)
+    n = write_distill_data(model, tok, prompts, out, cfg, args.batch_size)
+    print(f"wrote {out}: {n} teacher continuations of {len(prompts)} prompts "
+          f"({'sampled at T=' + str(args.temperature) if sample else 'greedy'}, <= {args.max_new_tokens} tokens)")
     return 0
