@@ -126,3 +126,47 @@ def test_w8a8_dynamic_activations_stay_close_and_round_trip(tmp_path):
     prompt = torch.randint(0, 128, (1, 5))
     cfg = GenerationConfig(max_new_tokens=8)
     assert torch.equal(generate(model, prompt, cfg), generate(back, prompt, cfg))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_kernel_inside_a_compiled_graph_reads_the_prepared_weight(monkeypatch, symmetric):
+    """dynamo cannot trace data_ptr(): while compiling, the packed weight prepared beforehand is used as is
+    (and packed in the graph when none was prepared); both give the eager kernel's output."""
+    lin = _linear(256, 64)
+    q = QuantLinear.from_linear(lin, "int4", 32, symmetric)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        eager = q(x)
+        q._kernel_cache = None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        unprepared = q(x)
+        assert q._kernel_cache is None                      # nothing stored from inside a graph
+        monkeypatch.undo()
+        q.prepare_kernels(torch.float32)
+        cached = q._kernel_cache
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        prepared = q(x)
+    assert q._kernel_cache is cached
+    assert torch.equal(unprepared, eager) and torch.equal(prepared, eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qc", [QuantConfig("int4", 32), QuantConfig("int4", 32, symmetric=False),
+                                QuantConfig("int8")], ids=["int4", "int4-asym", "int8"])
+def test_quantized_decode_compiles_and_gives_the_eager_ids(qc):
+    """The real torch.compile of the decode step of a quantized model (~15 s each): no fallback to eager."""
+    import warnings
+
+    import lmstack.infer.runner as runner
+    from lmstack.infer import GenerationConfig, generate_result
+
+    torch.manual_seed(0)
+    m = build_model(preset("tiny", vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128,
+                           max_seq_len=256)).eval()
+    quantize_model(m, qc)
+    cfg = GenerationConfig(max_new_tokens=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)           # a fallback would hide a compile failure
+        fast = generate_result(m, [[1, 2, 3, 4]], cfg.replace(compile=True)).sequences
+    assert m not in runner._failed
+    assert torch.equal(fast, generate_result(m, [[1, 2, 3, 4]], cfg).sequences)

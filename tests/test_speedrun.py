@@ -146,3 +146,22 @@ def test_shipped_configs_load_and_the_speedrun_one_matches_the_defaults():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     assert to_dict(load_config(SpeedrunConfig, root / "speedrun_tiny.toml")) == to_dict(SpeedrunConfig())
+
+
+def test_the_distill_stage_starts_its_student_from_the_pruned_teacher(tmp_path):
+    import lmstack.model as lm
+    from lmstack.errors import ConfigError
+    from lmstack.infer.text import load_run
+    from lmstack.model import build_model, preset
+    from lmstack.speedrun import DistillStageConfig, _pruned_student
+    from lmstack.train.data import byte_tokenizer
+
+    run = tmp_path / "run"
+    teacher = build_model(preset("tiny", vocab_size=257, d_model=32, n_layer=4, n_head=2))
+    lm.save(teacher, run / "pretrain")
+    byte_tokenizer().save(run)
+    student, tok = load_run(_pruned_student(run, 2))
+    assert student.config == teacher.config.replace(n_layer=2) and tok.vocab_size == 257
+    assert _pruned_student(run, 0) == run / "pretrain"
+    with pytest.raises(ConfigError, match=r"^distill.student_init: 'pruned' or 'random', got 'zero'"):
+        DistillStageConfig(student_init="zero")

@@ -92,6 +92,14 @@ class DistillStageConfig:
     student_layers: int = 0          # 0: half the teacher's blocks (at least 1)
     temperature: float = 2.0
     alpha: float = 0.5               # weight of the soft (KL) term; 1 - alpha on the hard labels
+    # the distilled student's start: "pruned" = the teacher with its least important blocks dropped
+    # (lmstack.compress.prune_structured, magnitude scores; prune -> distill, the usual recipe), "random" = a
+    # fresh init. The scratch student always starts from random weights.
+    student_init: Literal["pruned", "random"] = "pruned"
+
+    def __post_init__(self) -> None:
+        if self.student_init not in ("pruned", "random"):
+            raise ConfigError(f"distill.student_init: 'pruned' or 'random', got {self.student_init!r}")
 
 
 @dataclass
@@ -313,10 +321,13 @@ def stage_distill(cfg: SpeedrunConfig, run: Path) -> StageResult:
     common = dict(steps=d.steps, model=model, sample_prompts=[], eval_every=max(1, d.steps // 2),
                   ckpt_every=max(1, d.steps // 2), optim=dataclasses.replace(base.optim,
                                                                             warmup_steps=min(20, d.steps)))
+    init: dict[str, Any] = {}
+    if d.student_init == "pruned":
+        init = {"init_from": str(_pruned_student(run, teacher["n_layer"] - layers)), "model": {}}
     runs = {
         "distilled": dataclasses.replace(base, run_dir=str(run / "distill" / "student"), objective="distill",
                                          teacher=str(run / "pretrain"), kd_temperature=d.temperature,
-                                         kd_alpha=d.alpha, **common),
+                                         kd_alpha=d.alpha, **{**common, **init}),
         "from scratch": dataclasses.replace(base, run_dir=str(run / "distill" / "scratch"), **common),
     }
     summaries = {name: pretrain(c, resume="auto") for name, c in runs.items()}
@@ -327,14 +338,34 @@ def stage_distill(cfg: SpeedrunConfig, run: Path) -> StageResult:
         f"| {n} | {b} | {p:,} | {v:.3f} | {ppl:.1f} |" if v is not None else f"| {n} | {b} | - | - | - |"
         for n, b, p, v, ppl in rows)
     better = summaries["distilled"]["val_loss"] < summaries["from scratch"]["val_loss"]
+    start = ("starts from the teacher with its least important blocks dropped (`lmstack compress prune --layers`, "
+             "magnitude scores; prune -> distill) and " if d.student_init == "pruned" else "")
     report = (f"A student with {layers} of the teacher's {teacher['n_layer']} blocks, {d.steps} steps each, the same "
-              f"data and token budget: one learns from the teacher's soft targets (forward KL at temperature "
+              f"data and token budget: one {start}learns from the teacher's soft targets (forward KL at temperature "
               f"{d.temperature}, weight {d.alpha}, plus the hard labels; `lmstack train --objective distill`), one "
-              f"from the labels alone. Validation loss is the plain next-token loss on the held-out split.\n\n{table}"
+              f"from random weights and the labels alone. Validation loss is the plain next-token loss on the "
+              f"held-out split.\n\n{table}"
               f"\n\nThe distilled student is {'better' if better else 'not better'} than the one trained from scratch.\n")
     results = {name: {k: s[k] for k in ("params_total", "val_loss", "val_ppl", "seconds", "tokens")}
                for name, s in summaries.items()}
-    return StageResult({"student_layers": layers, "distilled_better": better, **results}, report)
+    return StageResult({"student_layers": layers, "student_init": d.student_init, "distilled_better": better,
+                        **results}, report)
+
+
+def _pruned_student(run: Path, drop: int) -> Path:
+    """The pre-trained model with ``drop`` blocks removed (magnitude scores), saved with its tokenizer."""
+    import shutil
+
+    import lmstack.model as lm
+    from lmstack.compress.prune_structured import prune_structured
+
+    if drop == 0:   # a student as deep as the teacher: it starts as the teacher
+        return run / "pretrain"
+    out = run / "distill" / "init"
+    small, _ = prune_structured(lm.load(run / "pretrain"), layers=drop)
+    lm.save(small, out)
+    shutil.copyfile(run / "tokenizer.json", out / "tokenizer.json")
+    return out
 
 
 STAGES: list[Stage] = [

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  lmstack compress quantize runs/speedrun --method int8 --out runs/int8\n"
                "  lmstack compress quantize hf_llama --method gptq --group-size 64 --calib text.txt --out q4\n"
                "  lmstack compress report runs/speedrun runs/int8 q4 --text valid.txt\n"
+               "  lmstack compress gguf runs/int8 --out runs/int8/model.gguf\n"
                "  lmstack compress prune runs/train/final --heads 0.25 --neurons 0.25 --out runs/pruned\n"
                "  lmstack compress prune hf_llama --unstructured 0.5 --method wanda --calib text.txt --out sparse",
         formatter_class=HelpFormatter)
@@ -35,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_prune(sub)
     _register_quantize(sub)
     _register_report(sub)
+    _register_gguf(sub)
+    _register_distill_data(sub)
 
 
 def amount(text: str) -> float | int:
@@ -60,7 +63,9 @@ def _register_prune(sub: argparse._SubParsersAction) -> None:
                "  lmstack compress prune runs/m --heads 0.25 --neurons 0.25 --out runs/m-pruned\n"
                "  lmstack compress prune runs/m --layers 2 --score activation --calib data/*.txt --out runs/m-l\n"
                "  lmstack compress prune runs/m --unstructured 0.5 --method wanda --calib val.txt --out runs/m-s\n"
-               "  lmstack compress prune runs/m --pattern 2:4 --method magnitude --out runs/m-24",
+               "  lmstack compress prune runs/m --pattern 2:4 --method magnitude --out runs/m-24\n"
+               "  lmstack compress prune runs/m --heads 0.25 --neurons 0.25 --recover-steps 300 \\\n"
+               "      --recover-text train.txt --recover-valid valid.txt --out runs/m-pr",
         formatter_class=HelpFormatter)
     p.add_argument("source", metavar="RUN_OR_DIR")
     p.add_argument("--out", required=True, help="output model folder")
@@ -84,6 +89,17 @@ def _register_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
     p.add_argument("--format", default="same", choices=("same", "lmstack", "hf"),
                    help="output format (default: the input's)")
+    p.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="recovery fine-tuning: N optimizer steps of causal-LM training on --recover-text after "
+                        "structured pruning, through the one trainer (default 0: none)")
+    p.add_argument("--recover-text", nargs="+", default=None, metavar="FILES", help="recovery training text")
+    p.add_argument("--recover-valid", nargs="+", default=None, metavar="FILES",
+                   help="held-out text for the before/after loss (a single .txt is one document: give this)")
+    p.add_argument("--recover-lr", type=float, default=1e-3, help="recovery peak learning rate (default 1e-3)")
+    p.add_argument("--recover-batch-size", type=int, default=8, help="recovery sequences per step (default 8)")
+    p.add_argument("--recover-seq-len", type=int, default=256, help="recovery sequence length (default 256)")
+    p.add_argument("--recover-run", default=None, metavar="DIR",
+                   help="the recovery training run's directory (default: OUT-recovery beside OUT)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_prune)
 
@@ -117,9 +133,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     structured = bool(args.heads or args.neurons or args.layers)
     if not structured and args.unstructured is None and args.pattern is None:
         raise ConfigError("prune: nothing to do; pass --heads, --neurons, --layers, --unstructured or --pattern")
-    for field in ("calib_seqs", "seq_len"):
+    for field in ("calib_seqs", "seq_len", "recover_batch_size"):
         if getattr(args, field) < 1:
             raise ConfigError(f"prune: --{field.replace('_', '-')} must be a positive integer")
+    if args.recover_steps < 0:
+        raise ConfigError("prune: --recover-steps must be >= 0")
+    if args.recover_steps and not args.recover_text:
+        raise ConfigError("prune: --recover-steps needs training text; pass --recover-text FILES")
+    if args.recover_steps and (args.unstructured is not None or args.pattern is not None):
+        raise ConfigError("prune: --recover-steps trains every weight and would refill the zeroed ones; recover "
+                          "after structured pruning only (--heads, --neurons, --layers)")
+    if args.recover_steps and not structured:
+        raise ConfigError("prune: --recover-steps needs structured pruning (--heads, --neurons or --layers)")
     model, folder, fmt = load_model_folder(args.source)
     model.eval()
     before = model.num_parameters()
@@ -155,6 +180,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         lm.save(model, out)
     _copy_tokenizer(folder, out)
+    if args.recover_steps:
+        from lmstack.compress.recover import recover
+        model, report["recovery"] = recover(out, args.recover_text, args.recover_valid, args.recover_steps,
+                                            args.recover_run, lr=args.recover_lr, batch_size=args.recover_batch_size,
+                                            seq_len=args.recover_seq_len)
+        if out_fmt == "hf":      # the recovered weights replace the pruned ones, in the same format
+            lm.hf.save(model, out)
+        else:
+            lm.save(model, out)
     from lmstack.runs import atomic_write_json
     atomic_write_json(out / "prune_report.json", report)
     if args.json:
@@ -164,6 +198,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
                  f"d_ff {report['d_ff']}" if structured else "")
         sparse = f"; sparsity {report['sparsity']:.1%}" if "sparsity" in report else ""
         print(f"pruned {folder} -> {out}: {before:,} -> {report['parameters_after']:,} parameters{shape}{sparse}")
+        rec = report.get("recovery")
+        if rec:
+            loss = (f"; held-out loss {rec['val_loss_before']:.4f} -> {rec['val_loss_after']:.4f}"
+                    if rec["val_loss_before"] is not None and rec["val_loss_after"] is not None else "")
+            print(f"recovered: {rec['steps']} steps ({rec['tokens']:,} tokens){loss}; run {rec['run_dir']}")
     return 0
 
 
@@ -302,4 +341,113 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps({r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in rows}, indent=2))
     else:
         print(render(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gguf
+
+
+def _register_gguf(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter
+
+    p = sub.add_parser(
+        "gguf", help="export a (quantized) Llama-architecture model as GGUF, which transformers and llama.cpp read",
+        description="Write a GGUF file of a Llama-architecture model folder. Quantized layers keep their codes: "
+                    "int8 -> Q8_0, int4 symmetric -> Q4_0, int4 asymmetric -> Q4_1 (group sizes that are "
+                    "multiples of 32); the rest (float layers, NF4, AWQ) is written as F32. Scales become fp16. "
+                    "transformers loads it with AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME). "
+                    "Needs the gguf package (pip install \"lmstack[compress]\").",
+        epilog="examples:\n"
+               "  lmstack compress quantize stories260K --method int8 --out q8 && lmstack compress gguf q8 "
+               "--out q8/model.gguf\n"
+               "  lmstack compress gguf runs/int4-g32 --out int4.gguf --json",
+        formatter_class=HelpFormatter)
+    p.add_argument("source", metavar="MODEL_DIR")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--json", action="store_true", help="print {tensor: type} as JSON")
+    p.set_defaults(func=cmd_gguf)
+
+
+def cmd_gguf(args: argparse.Namespace) -> int:
+    from lmstack.compress.gguf_export import export_gguf
+    from lmstack.infer.text import load_run
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise ConfigError(f"--out {out}: name a .gguf file")
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    model, _ = load_run(args.source)
+    types = export_gguf(model, out, name=Path(args.source).resolve().name)
+    if args.json:
+        print(json.dumps(types, indent=2))
+    else:
+        counts: dict[str, int] = {}
+        for t in types.values():
+            counts[t] = counts.get(t, 0) + 1
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {len(types)} tensors ({kinds})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distill-data
+
+
+def _register_distill_data(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter, int_at_least
+
+    p = sub.add_parser(
+        "distill-data", help="sequence-level KD data: a teacher's continuations of prompts, as JSONL training text",
+        description="Generate the teacher's continuations of --prompts (greedy by default; --temperature > 0 "
+                    "samples) through the inference engine and write one JSONL record per continuation, "
+                    "{\"text\": prompt + completion, \"prompt\", \"completion\", \"finish_reason\"}, which "
+                    "`lmstack train --data.train FILE` trains a student on (Kim & Rush 2016). Prompts: one per line "
+                    "of a .txt file, or the --field of JSONL records.",
+        epilog="examples:\n"
+               "  lmstack compress distill-data runs/teacher --prompts prompts.txt --out kd.jsonl\n"
+               "  lmstack compress distill-data stories260K --prompts p.txt --temperature 0.8 --samples 4 "
+               "--max-new-tokens 200 --out kd.jsonl\n"
+               "  lmstack train configs/train_tiny.toml --data.train kd.jsonl --data.tokenizer runs/teacher",
+        formatter_class=HelpFormatter)
+    p.add_argument("teacher", metavar="TEACHER_DIR")
+    p.add_argument("--prompts", required=True, nargs="+", metavar="FILES")
+    p.add_argument("--field", default="text", help="the prompt field of JSONL/Parquet records (default text)")
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples", type=int_at_least(1), default=1, help="continuations per prompt (sampling)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_distill_data)
+
+
+def cmd_distill_data(args: argparse.Namespace) -> int:
+    from lmstack.infer.config import GenerationConfig
+
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise ConfigError(f"--out {out}: name a .jsonl file")
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {args.temperature}")
+    if args.samples > 1 and args.temperature == 0:
+        raise ConfigError("--samples: greedy decoding gives one continuation per prompt; set --temperature > 0")
+    sample = args.temperature > 0
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
+                           temperature=args.temperature if sample else 1.0, top_p=args.top_p,
+                           num_return_sequences=args.samples, seed=args.seed if sample else None)
+    from lmstack.compress.distill_data import read_prompts, write_distill_data
+    from lmstack.infer.text import load_run
+
+    prompts = read_prompts(args.prompts, args.field)
+    model, tok = load_run(args.teacher)
+    n = write_distill_data(model, tok, prompts, out, cfg, args.batch_size)
+    print(f"wrote {out}: {n} teacher continuations of {len(prompts)} prompts "
+          f"({'sampled at T=' + str(args.temperature) if sample else 'greedy'}, <= {args.max_new_tokens} tokens)")
     return 0

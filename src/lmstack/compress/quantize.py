@@ -179,6 +179,8 @@ class QuantLinear(nn.Module):
 
     def _w8a8_weights(self) -> Any:
         """The weight prepacked for the quantized engine's dynamic int8 GEMM (fbgemm/oneDNN), built once."""
+        if torch.compiler.is_compiling() and self._kernel_cache is not None and self._kernel_cache[0][2] == "w8a8":
+            return self._kernel_cache[1]      # prepared before compiling (see _int4_kernel_weights)
         key = (self.codes.data_ptr(), self.scales.data_ptr(), "w8a8")
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             scale = self.scales.view(-1).double()
@@ -190,17 +192,35 @@ class QuantLinear(nn.Module):
                 self._kernel_cache = (key, torch.ops.quantized.linear_prepack(qw, bias), None)
         return self._kernel_cache[1]
 
+    def prepare_kernels(self, dtype: torch.dtype = torch.float32) -> None:
+        """Build the fused kernel's packed weight now (the decode loop calls this before ``torch.compile``)."""
+        if self.mode == "int4":
+            self._int4_kernel_weights(dtype)
+        elif self.activations == "int8":
+            self._w8a8_weights()
+
     def _int4_kernel_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace data_ptr(): a compiled graph uses the packed weight prepared before
+            # compiling (prepare_kernels; dynamo guards on the cached tensors, so a rebuilt cache recompiles),
+            # else packs inside the graph (correct, but it repacks every call)
+            if self._kernel_cache is not None and self._kernel_cache[0][2] == dtype:
+                return self._kernel_cache[1], self._kernel_cache[2]
+            return self._pack_int4(dtype)
         key = (self.codes.data_ptr(), self.scales.data_ptr(), dtype)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
-            codes = unpack4(self.codes).to(torch.int32)                        # (out, in) in [0, 15]
-            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-            # the kernel computes w = (c - 8) * s + z per group
-            s = self.scales.squeeze(-1)                                        # (out, groups)
-            z = torch.zeros_like(s) if self.symmetric else self.mins.squeeze(-1) + 8 * s
-            sz = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(dtype)   # (groups, out, 2)
-            self._kernel_cache = (key, packed, sz)
+            self._kernel_cache = (key, *self._pack_int4(dtype))
         return self._kernel_cache[1], self._kernel_cache[2]
+
+    def _pack_int4(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 kernel's layout: the packed codes and (groups, out, 2) scales and zeros."""
+        codes = unpack4(self.codes).to(torch.int32)                        # (out, in) in [0, 15]
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # the kernel computes w = (c - 8) * s + z per group
+        s = self.scales.squeeze(-1)                                        # (out, groups)
+        z = torch.zeros_like(s) if self.symmetric else self.mins.squeeze(-1) + 8 * s
+        sz = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(dtype)   # (groups, out, 2)
+        return packed, sz
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None

@@ -33,6 +33,7 @@ _STATIC_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, KVCache]]" = w
 _compiled: dict[str, Any] = {}   # device type -> the compiled static step, made on first use
 _failed: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()   # models that did not compile
 _said: set[str] = set()
+_prepared: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # models whose kernel state is built for compiling
 EAGER_ONLY = False           # run the static step eagerly, never compiling (tests of the static path)
 
 
@@ -62,6 +63,16 @@ def _warn_once(why: str) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def prepare_kernels(model: nn.Module) -> None:
+    """Let modules build kernel state outside the graph before compiling: any module with a
+    ``prepare_kernels(dtype)`` method (a quantized linear packs its weight for the fused int4 kernel)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for mod in model.modules():
+        hook = getattr(mod, "prepare_kernels", None)
+        if callable(hook) and mod is not model:
+            hook(dtype)
+
+
 def run_compiled_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     """:func:`static_step` through ``torch.compile`` (compiled once, reused for every position and call);
     the eager static step where compiling is not possible."""
@@ -76,6 +87,9 @@ def run_compiled_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) ->
                 # fullgraph: a graph break (e.g. a layer with Python-side caches) fails here and falls
                 # back, instead of compiling a patchwork that recompiles per layer
                 fn = _compiled[kind] = torch.compile(static_step, dynamic=False, fullgraph=True, options=options)
+            if model not in _prepared:
+                prepare_kernels(model)
+                _prepared.add(model)
             return fn(model, cache, tokens)
         except Exception as e:   # a missing compiler, a backend gap, a graph break: fall back (retrying is safe)
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"

@@ -158,6 +158,14 @@ class TrainConfig:
     kd_temperature: float = 2.0          # softmax temperature of both distributions
     kd_alpha: float = 0.5                # weight of the soft (KL) term; 1 - alpha on the hard-label loss
     kd_kind: Literal["forward", "reverse"] = "forward"   # KL(teacher || student), or the reverse (MiniLLM)
+    # > 0: the teacher's top-k logits per training block are computed once and reused (forward KL over the
+    # teacher's top k, renormalised; lmstack.train.objectives.kd_loss_topk); 0 = the teacher runs every step
+    kd_cache_topk: int = 0
+    # start from a trained model instead of random weights: a model folder or run directory
+    # (lmstack.infer.text.load_run's rules: lmstack, Hugging Face, a pruned folder); its config and tokenizer
+    # replace the ``model`` section and ``data.tokenizer``. Recovery fine-tuning of a pruned model, and a
+    # distilled student initialised from a pruned teacher (prune -> distill), start this way.
+    init_from: str = ""
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -188,6 +196,17 @@ class TrainConfig:
             raise ConfigError(f"span_mean_length: must be >= 1, got {self.span_mean_length}")
         if self.objective == "distill" and not self.teacher:
             raise ConfigError("teacher: objective 'distill' needs a teacher model folder (--teacher DIR)")
+        if self.init_from and self.model not in ({}, {"preset": "tiny"}):
+            raise ConfigError(f"model: init_from={self.init_from!r} takes the model's config from that folder; "
+                              f"drop the [model] section (got {sorted(self.model)})")
+        if self.init_from and self.objective not in ("clm", "distill"):
+            raise ConfigError(f"init_from: objective {self.objective!r} is not supported; init_from continues a "
+                              f"causal LM (objective clm or distill)")
+        if self.kd_cache_topk < 0:
+            raise ConfigError(f"kd_cache_topk: must be >= 0, got {self.kd_cache_topk}")
+        if self.kd_cache_topk and self.kd_kind != "forward":
+            raise ConfigError("kd_cache_topk: the top-k cache serves kd_kind = 'forward' only (reverse KL needs the "
+                              "teacher's whole distribution); set kd_cache_topk = 0")
         if self.kd_temperature <= 0:
             raise ConfigError(f"kd_temperature: must be positive, got {self.kd_temperature}")
         if not 0.0 <= self.kd_alpha <= 1.0:

@@ -306,13 +306,89 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     return alpha * soft + (1 - alpha) * hard
 
 
+def kd_loss_topk(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                 targets: torch.Tensor, temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """:func:`kd_loss` (forward KL) against a teacher known only by its top-k logits per position.
+
+    ``teacher_values`` / ``teacher_indices`` (B, T, K) are the teacher's K largest logits and their token
+    ids. The approximation: the teacher distribution is the softmax of those K logits at temperature T,
+    renormalised over them (the tokens outside the top k get probability 0), so
+
+        KL = sum_{i in top-k} p_i (log p_i - log q_i),   p = softmax(values / T),  q = softmax(student / T)
+
+    with q over the whole vocabulary. With K = the vocabulary this is :func:`kd_loss` exactly (up to float
+    summation order); with K < V the soft term ignores the teacher's tail (mass it puts outside its top k).
+    """
+    mask = targets != -100
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices.long())
+    t = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    n = mask.sum().clamp(min=1)
+    soft = (kl * mask).sum() / n * temperature ** 2
+    if alpha >= 1.0:
+        return soft
+    hard = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
+    return alpha * soft + (1 - alpha) * hard
+
+
+class TeacherTopK:
+    """The teacher's top-k logits per training block, computed the first time a block is seen and then reused.
+
+    A training block (a row of ``x``) is identified by its token ids (a hash of its bytes), so the cache
+    needs nothing from the loader and is the same under any batch order or resume. Memory: ``K * (4 + 4)``
+    bytes per token of every distinct block seen (fp32 logits, int32 ids); the teacher runs once per
+    distinct block instead of once per step, which pays from the second epoch on (or when several students
+    share one cache). ``hits`` / ``misses`` count blocks.
+    """
+
+    def __init__(self, teacher: nn.Module, k: int):
+        self.teacher, self.k = teacher, k
+        self.store: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _key(row: torch.Tensor) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest()
+
+    @torch.no_grad()
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) (B, T, K) for the blocks ``x`` (B, T), running the teacher on the new ones only."""
+        keys = [self._key(row) for row in x]
+        new = [i for i, key in enumerate(keys) if key not in self.store]
+        self.misses += len(new)
+        self.hits += len(keys) - len(new)
+        if new:
+            logits = self.teacher(x[new]).float()
+            values, indices = logits.topk(min(self.k, logits.shape[-1]), dim=-1)
+            for j, i in enumerate(new):
+                self.store[keys[i]] = (values[j].cpu(), indices[j].to(torch.int32).cpu())
+        vals, idx = zip(*(self.store[key] for key in keys))
+        return torch.stack(vals).to(x.device), torch.stack(idx).to(x.device)
+
+
 def make_distill_loss_fn(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
-                         kind: str = "forward") -> LossFn:
-    """A CLM loss function for the trainer whose soft targets come from ``teacher`` (frozen, run on the fly
-    under ``no_grad`` on the same batch)."""
+                         kind: str = "forward", cache_topk: int = 0) -> LossFn:
+    """A CLM loss function for the trainer whose soft targets come from ``teacher`` (frozen): run on the fly
+    under ``no_grad`` on the same batch, or, with ``cache_topk = K``, its top-K logits per block from a
+    :class:`TeacherTopK` cache (forward KL only, :func:`kd_loss_topk`); the cache is ``loss_fn.cache``."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cache_topk:
+        if kind != "forward":   # TrainConfig refuses this combination with a one-line error
+            raise ValueError("the top-k teacher cache serves forward KL only")
+        cache = TeacherTopK(teacher, cache_topk)
+
+        def cached_distill_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+            values, indices = cache.lookup(x)
+            return kd_loss_topk(model(x), values, indices, y, temperature, alpha)
+
+        cached_distill_loss.cache = cache  # type: ignore[attr-defined]
+        return cached_distill_loss
 
     def distill_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:

@@ -213,20 +213,29 @@ class Trainer:
 
         if task is not None and env.strategy != "none":
             raise ConfigError("fine-tuning runs in one process: set dist.strategy = 'none'")
+        if task is not None and cfg.init_from:
+            raise ConfigError("init_from: a task supplies its own model; leave init_from empty")
         teacher, teacher_tok = self._load_teacher() if cfg.objective == "distill" else (None, None)
+        init, init_tok = self._load_init(teacher) if cfg.init_from else (None, None)
         if task is not None:
             self.data = RunData(Path(), None, 0.0, task.model.config.vocab_size, task.tokenizer)
         else:
-            self.data = prepare_data(cfg, self.run, env, teacher_tok,
-                                     f"teacher {Path(cfg.teacher).resolve()}" if teacher_tok is not None else None)
+            # the data is tokenized with the tokenizer of the model it is fed to: the initial model's, else
+            # the teacher's (the same vocabulary, checked in _load_init), else data.tokenizer
+            tok, key = ((init_tok, f"init_from {Path(cfg.init_from).resolve()}") if init_tok is not None else
+                        (teacher_tok, f"teacher {Path(cfg.teacher).resolve()}") if teacher_tok is not None else
+                        (None, None))
+            self.data = prepare_data(cfg, self.run, env, tok, key)
         self.fingerprint = config_fingerprint(cfg, data_signature(self.data) if task is None else None)
         seq_len = cfg.data.seq_len
         self.ids = special_ids(cfg.objective, self.data.vocab_size, seq_len, cfg.span_noise_density,
                                cfg.span_mean_length)
-        self.model_cfg = self._model_config(teacher) if task is None else task.model.config
+        self.model_cfg = (task.model.config if task is not None else self._init_config(init) if init is not None
+                          else self._model_config(teacher))
         if teacher is not None:
             teacher.to(self.device)
-            self.loss_fn = make_distill_loss_fn(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_kind)
+            self.loss_fn = make_distill_loss_fn(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_kind,
+                                                cfg.kd_cache_topk)
             self.eval_loss_fn = clm_loss   # held out: the student's own next-token loss, comparable to the teacher's
         elif task is not None and task.loss_fn is not None:
             self.loss_fn = self.eval_loss_fn = task.loss_fn
@@ -238,7 +247,7 @@ class Trainer:
         from lmstack.model import build_model
 
         seed_everything(cfg.seed)  # the same initial weights on every rank and for every strategy
-        model = build_model(self.model_cfg) if task is None else task.model
+        model = task.model if task is not None else init if init is not None else build_model(self.model_cfg)
         self.n_params = model.num_parameters()
         self.n_params_non_embedding = model.num_parameters(exclude_embeddings=True)
         self.flops_per_token = model.flops_per_token(seq_len)
@@ -326,6 +335,40 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={explicit}, but the teacher {self.cfg.teacher} has vocab_size={tv}; "
                               f"distillation needs the same vocabulary (drop model.vocab_size or set it to {tv})")
         return teacher, tok
+
+    def _load_init(self, teacher: nn.Module | None) -> tuple[nn.Module, Any]:
+        """The model ``init_from`` names (weights and config, in fp32, trainable) and its tokenizer."""
+        from lmstack.compress.quantize import quantized_layers
+        from lmstack.infer.text import load_run
+
+        cfg = self.cfg
+        if (Path(cfg.init_from) / "adapter_config.json").is_file():
+            raise ConfigError(f"init_from: {cfg.init_from} is an adapter run; merge it first "
+                              f"(lmstack finetune merge) and pass the merged folder")
+        model, tok = load_run(cfg.init_from, device="cpu")
+        if quantized_layers(model):
+            raise ConfigError(f"init_from: {cfg.init_from} is a quantized model; training needs float weights "
+                              f"(start from the float model, or lmstack.compress.dequantize_model it first)")
+        if model.config.arch != "decoder":
+            raise ConfigError(f"init_from: {cfg.init_from} is a {model.config.arch!r} model; objective "
+                              f"{cfg.objective!r} trains a causal LM (decoder)")
+        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"init_from: {cfg.init_from} has vocab_size={model.config.vocab_size}, the teacher "
+                              f"{cfg.teacher} has {teacher.config.vocab_size}; distillation needs one vocabulary")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.float().train(), tok
+
+    def _init_config(self, init: nn.Module):
+        """The initial model's config, checked against what the data needs."""
+        cfg, mcfg = self.cfg, init.config
+        if self.ids.vocab_size > mcfg.vocab_size:
+            raise ConfigError(f"init_from: {cfg.init_from} has vocab_size={mcfg.vocab_size}, fewer than its "
+                              f"tokenizer's {self.ids.vocab_size} ids")
+        if cfg.data.seq_len > mcfg.max_seq_len:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the max_seq_len={mcfg.max_seq_len} "
+                              f"of init_from {cfg.init_from}; set data.seq_len <= {mcfg.max_seq_len}")
+        return mcfg
 
     def _model_config(self, teacher: nn.Module | None = None):
         cfg = self.cfg
