@@ -61,7 +61,7 @@ def train(run: Path, steps: int, lr: float, objective: str = "clm", init: Path |
 
 def held_out(folder: Path, run: Path) -> float:
     """Perplexity of a model folder on the same held-out batches, before any training."""
-    from lmstack.compress.recover import recovery_config
+    from lmstack.train.recover import recovery_config
     from lmstack.train.trainer import Trainer
 
     trainer = Trainer(recovery_config(folder, [str(TRAIN)], [str(VALID)], steps=1, run_dir=run, eval_batches=20,

@@ -12,7 +12,7 @@ import torch
 
 import lmstack.model as lm
 from lmstack.compress.prune_structured import prune_structured
-from lmstack.compress.recover import recover, recovery_config
+from lmstack.train.recover import recover, recovery_config
 from lmstack.errors import ConfigError
 from lmstack.model import build_model, preset
 from lmstack.train.config import TrainConfig, load_train_config

@@ -181,7 +181,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lm.save(model, out)
     _copy_tokenizer(folder, out)
     if args.recover_steps:
-        from lmstack.compress.recover import recover
+        from lmstack.train.recover import recover
         model, report["recovery"] = recover(out, args.recover_text, args.recover_valid, args.recover_steps,
                                             args.recover_run, lr=args.recover_lr, batch_size=args.recover_batch_size,
                                             seq_len=args.recover_seq_len)
@@ -442,7 +442,7 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
                            temperature=args.temperature if sample else 1.0, top_p=args.top_p,
                            num_return_sequences=args.samples, seed=args.seed if sample else None)
-    from lmstack.compress.distill_data import read_prompts, write_distill_data
+    from lmstack.train.distill_data import read_prompts, write_distill_data
     from lmstack.infer.text import load_run
 
     prompts = read_prompts(args.prompts, args.field)

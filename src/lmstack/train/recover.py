@@ -1,7 +1,7 @@
 """Recovery fine-tuning: a pruned (or otherwise damaged) model trained a little more on plain text, through the
 one trainer (``TrainConfig.init_from``), so it wins back most of what pruning cost.
 
-    from lmstack.compress.recover import recover
+    from lmstack.train.recover import recover
     model, info = recover("runs/pruned", ["train.txt"], valid=["valid.txt"], steps=300)
     info  # {"steps": 300, "val_loss_before": 2.78, "val_loss_after": 1.52, "val_ppl_before": ..., "run_dir": ...}
 
