@@ -710,7 +710,7 @@ class Trainer:
                 "params_total": self.n_params, "params_non_embedding": self.n_params_non_embedding,
                 "flops": self.flops_per_token * self.tokens, "seconds": round(seconds, 2),
                 "train_loss": last.get("loss"), "val_loss": evals[-1]["val_loss"] if evals else None,
-                "val_ppl": evals[-1]["val_ppl"] if evals else None, "best_val_loss": self.best_val,
+                "val_ppl": evals[-1].get("val_ppl") if evals else None, "best_val_loss": self.best_val,
                 "best_step": self.best_step,
                 "tokens_per_s": round(statistics.median(tps), 1) if tps else last.get("tokens_per_s"),
                 "mfu": last.get("mfu"), "peak_tflops": round(self.peak_flops / 1e12, 3), "steps_this_run": steps_run,
