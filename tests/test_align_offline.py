@@ -294,7 +294,11 @@ def test_reward_model_trains_saves_loads_and_scores(base, tok):
 
 @pytest.mark.slow
 def test_reward_model_on_hh_rlhf_beats_chance(shared_data, tmp_path):
-    """A tiny reward model (from scratch, BPE on the slice) on 1200 HH-RLHF helpful pairs, 20% held out by hash."""
+    """A tiny reward model (from scratch, BPE on the slice) on 1000 HH-RLHF helpful pairs, 20% held out by hash.
+
+    Learned absolute positions let the head read where the reply ends: within a pair the prompt is shared,
+    so that is the reply's length, HH-RLHF's known bias (the chosen reply is the longer in 59% of pairs).
+    A model this small learns little beyond it; the point is that the pipeline learns a real signal."""
     from lmstack.align.reward import train_reward_model
     from lmstack.tokenizer import train_bpe
 
@@ -303,15 +307,15 @@ def test_reward_model_on_hh_rlhf_beats_chance(shared_data, tmp_path):
         pytest.skip(f"{path} not present")
     import gzip
 
-    rows = [json.loads(x) for x in gzip.open(path, "rt", encoding="utf-8").read().splitlines()[:1200]]
+    rows = [json.loads(x) for x in gzip.open(path, "rt", encoding="utf-8").read().splitlines()[:1000]]
     tok = train_bpe([r["chosen"] + r["rejected"] for r in rows], 1000)
-    save(build_model(preset("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, max_seq_len=256)),
-         tmp_path / "base")
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, n_layer=1, d_model=64, n_head=4, max_seq_len=192,
+                            pos="learned")), tmp_path / "base")
     tok.save(tmp_path / "base")
     (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = from_dict(RMConfig, {"run_dir": str(tmp_path / "rm"), "base": str(tmp_path / "base"), "steps": 150,
-                               "batch_size": 16, "lr": 1e-3, "log_every": 25, "device": "cpu", "dtype": "fp32",
-                               "data": {"train": [str(tmp_path / "hh.jsonl")], "max_len": 256,
+    cfg = from_dict(RMConfig, {"run_dir": str(tmp_path / "rm"), "base": str(tmp_path / "base"), "steps": 100,
+                               "batch_size": 16, "lr": 3e-3, "log_every": 25, "device": "cpu", "dtype": "fp32",
+                               "data": {"train": [str(tmp_path / "hh.jsonl")], "max_len": 192,
                                         "valid_fraction": 0.2}})
     r = train_reward_model(cfg)
     assert r["after"]["ci"][0] > 0.5, r["after"]

@@ -73,6 +73,25 @@ def split_hh_dialogue(text: str, where: str = "row") -> Messages:
     return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(roles, contents)]
 
 
+def hh_pair(chosen: str, rejected: str, where: str = "row") -> Pair:
+    """An HH-RLHF pair: the prompt is the dialogues' common prefix up to its last ``"\n\nAssistant:"``, each
+    response what follows (a reply may itself contain ``"Human:"``-like text, so only the shared part is
+    split into turns)."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind("\n\nAssistant:", 0, n)
+    if cut < 0:
+        raise DataError(f"{where}: the chosen and rejected dialogues differ before their last turn; "
+                        f"HH-RLHF pairs share every turn but the last")
+    head = len("\n\nAssistant:")
+    prompt = split_hh_dialogue(chosen[:cut] + "\n\nAssistant: x", where)[:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: an HH-RLHF dialogue must end with a Human turn then an Assistant reply")
+    return Pair(prompt, chosen[cut + head:].strip(), rejected[cut + head:].strip(), where)
+
+
 def _messages(turns: Any, where: str, name: str) -> Messages:
     if isinstance(turns, dict):
         turns = [turns]
@@ -121,13 +140,7 @@ def row_to_pair(row: Any, where: str = "row") -> Pair:
     prompt = _prompt(row, where)
     chosen, rejected = row["chosen"], row["rejected"]
     if not prompt and isinstance(chosen, str) and isinstance(rejected, str):
-        c, r = split_hh_dialogue(chosen, where), split_hh_dialogue(rejected, where)
-        if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
-            raise DataError(f"{where}: an HH-RLHF dialogue must end with an Assistant turn")
-        if c[:-1] != r[:-1]:
-            raise DataError(f"{where}: the chosen and rejected dialogues differ before their last turn; "
-                            f"HH-RLHF pairs share every turn but the last")
-        return Pair(c[:-1], c[-1]["content"], r[-1]["content"], where)
+        return hh_pair(chosen, rejected, where)
     pre_c, chosen_text = _reply(chosen, where, "chosen")
     pre_r, rejected_text = _reply(rejected, where, "rejected")
     if pre_c != pre_r:
