@@ -116,7 +116,7 @@ def run_ours(method: str, args: argparse.Namespace) -> dict:
     trainer.train_step = timed
     trainer.fit()
     trainer.close()
-    return _result("lmstack", method, times, batch[0]["input_ids"].numel(), args.device)
+    return _result("lmstack", method, times, 2 * args.batch * (args.prompt + args.response), args.device)
 
 
 def run_trl(method: str, args: argparse.Namespace) -> dict:

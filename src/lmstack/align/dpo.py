@@ -234,8 +234,8 @@ def _sft_model(run: Path) -> Path:
     raise DataError(f"{run}: no SFT model (RUN/chat_model or RUN/sft with model.safetensors); run the sft stage")
 
 
-def speedrun_dpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, steps: int = 40,
-                 n_train: int = 384, n_heldout: int = 96, **overrides: Any) -> tuple[dict[str, Any], str]:
+def speedrun_dpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, steps: int = 30,
+                 n_train: int = 256, n_heldout: int = 96, **overrides: Any) -> tuple[dict[str, Any], str]:
     """The speedrun's DPO stage: LoRA DPO on the SFT model with pairs built from the SFT data.
 
     ``base`` defaults to ``RUN/chat_model`` (the merged SFT model), else ``RUN/sft`` when it holds a full
@@ -270,7 +270,7 @@ def speedrun_dpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = No
                           "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in speedrun_pairs(rows)))
     tok = str(base) if (base / "tokenizer.json").is_file() else str(run)
     fields = {"run_dir": str(run / "dpo"), "base": str(base), "tokenizer": tok, "method": "lora", "steps": steps,
-              "batch_size": 8, "lr": 2e-3, "beta": 0.1, "log_every": 5, "warmup_steps": 4,
+              "batch_size": 8, "lr": 3e-3, "beta": 0.1, "log_every": 5, "warmup_steps": 3,
               "data": {"train": [str(data_dir / "train.jsonl")], "valid": [str(data_dir / "valid.jsonl")],
                        "max_len": 128}}
     cfg = from_dict(DPOConfig, merge(fields, overrides))
