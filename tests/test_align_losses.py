@@ -181,3 +181,25 @@ def test_unknown_loss_type_names_the_field():
     z = torch.zeros(2)
     with pytest.raises(ConfigError, match="loss_type: must be one of sigmoid, ipo, robust"):
         dpo_loss(z, z, z, z, loss_type="hinge")
+
+
+def test_simpo_and_orpo_match_trl(monkeypatch):
+    """Reference-free losses against trl's experimental CPO (simpo) and ORPO loss methods, on a minimal self."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    from lmstack.align.dpo import orpo_odds_ratio, simpo_loss
+
+    g = torch.Generator().manual_seed(7)
+    c = -torch.rand(12, generator=g, dtype=torch.float64) * 3       # token-averaged log-probs
+    r = -torch.rand(12, generator=g, dtype=torch.float64) * 3
+    for eps in (0.0, 0.1):
+        me = SimpleNamespace(alpha=0.0, accelerator=_Acc(), loss_type="simpo", simpo_gamma=0.7, beta=2.0,
+                             label_smoothing=eps)
+        want, wc, wr = CPOTrainer.cpo_loss(me, c, r)
+        got, gc, gr = simpo_loss(c, r, beta=2.0, gamma=0.7, label_smoothing=eps)
+        assert torch.allclose(got, want, atol=1e-6) and torch.allclose(gc, wc) and torch.allclose(gr, wr)
+    me = SimpleNamespace(beta=0.25, accelerator=_Acc())
+    want = ORPOTrainer.odds_ratio_loss(me, c, r)[0]
+    assert torch.allclose(orpo_odds_ratio(c, r, beta=0.25)[0], want, atol=1e-6)

@@ -10,6 +10,7 @@ disabled (:func:`lmstack.finetune.lora.adapters_disabled`), so no second copy of
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -74,6 +75,40 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     else:
         losses = (delta - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *, beta: float = 2.0,
+               gamma: float = 0.5, label_smoothing: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6):
+    ``(losses, chosen_rewards, rejected_rewards)`` from *token-averaged* policy log-probs
+    (``sequence_logps(..., average=True)``), no reference model.
+
+    :math:`-\log\sigma(eta(ar\ell_c - ar\ell_r) - \gamma)` with the target margin :math:`\gamma`, smoothed
+    like cDPO with ``label_smoothing``; trl's ``CPOTrainer`` with ``loss_type="simpo"`` (``simpo_gamma`` =
+    :math:`\gamma`). What it drops relative to DPO: the reference (the reward is the length-normalised
+    log-likelihood itself), so nothing holds the policy near its start but the data.
+    """
+    logits = (policy_chosen_logps - policy_rejected_logps) - gamma / beta
+    eps = label_smoothing
+    losses = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def orpo_odds_ratio(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *, beta: float = 0.1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""ORPO's odds-ratio term (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model", eqs. 4 and 7) from token-averaged policy log-probs: ``(losses, chosen_rewards, rejected_rewards)``
+    with ``losses`` :math:`= eta\log\sigma(\lograc{odds(y_c)}{odds(y_r)})`,
+    :math:`odds(y) = p/(1-p)`, :math:`p = e^{ar\ell}` (trl's ``ORPOTrainer.odds_ratio_loss``, same sign: ORPO's
+    total loss is the chosen reply's SFT loss *minus* the mean of these). No reference model.
+    """
+    def log1mexp(x: torch.Tensor) -> torch.Tensor:  # log(1 - e^x), stable on both sides of -ln 2
+        return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+    c, r = policy_chosen_logps.float(), policy_rejected_logps.float()
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    return beta * F.logsigmoid(log_odds), beta * c.detach(), beta * r.detach()
 
 
 def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -293,4 +328,4 @@ def main_config(path: str | None, overrides: list[str]) -> DPOConfig:
     return load_config(DPOConfig, path, overrides)
 
 
-__all__ = ["dpo_loss", "dpo", "speedrun_dpo", "speedrun_pairs", "make_loss_fn", "heldout_metrics"]
+__all__ = ["dpo_loss", "simpo_loss", "orpo_odds_ratio", "dpo", "speedrun_dpo", "speedrun_pairs", "make_loss_fn", "heldout_metrics"]
