@@ -138,7 +138,8 @@ def heldout_metrics(policy: list[tuple[float, float]], ref: list[tuple[float, fl
     losses, cr, rr, kl = _batch_loss(cfg, logps, refs, lab)
     out = {"val_loss": float(losses.nanmean()), **{f"val_{k}": float(v) for k, v in _metrics(cr, rr, kl).items()}}
     rewards = cfg.beta * (p[:, 0] - r[:, 0])
-    out["val_accuracy"] = float(((rewards > 0) == lab).double().mean())
+    # a zero reward (the start: policy = reference) has no sign: counted wrong, as DPO counts ties
+    out["val_accuracy"] = float((((rewards > 0) & lab) | ((rewards < 0) & ~lab)).double().mean())
     return out
 
 
