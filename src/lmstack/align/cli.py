@@ -46,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="align_command", metavar="METHOD")
     for name, (help_text, *_rest) in METHODS.items():
-        m = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        m = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                           epilog=f"examples:\n  lmstack align {name} configs/align_{name}.toml\n"
+                                  f"  lmstack align {name} configs/align_{name}.toml --steps 20 --method full "
+                                  f"--run_dir runs/align/{name}_full --json")
         m.add_argument("config", metavar="CONFIG", help="config file (TOML/YAML/JSON)")
         m.add_argument("--json", action="store_true", help="print the summary as JSON")
         m.set_defaults(func=cmd_align, align_method=name, accepts_overrides=True)
