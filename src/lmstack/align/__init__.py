@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["dpo_loss", "grpo_loss", "kto_loss", "ppo_loss"]
+__all__ = ["dpo_loss", "grpo_loss", "kto_loss", "ppo_loss", "bradley_terry_loss", "score", "speedrun_dpo",
+           "load_reward_model", "add_scalar_head", "simpo_loss", "orpo_odds_ratio"]
 
 # torch loads only when a name is used
-_LAZY = {"dpo_loss": "dpo", "kto_loss": "kto", "grpo_loss": "grpo", "ppo_loss": "ppo"}
+_LAZY = {"dpo_loss": "dpo", "kto_loss": "kto", "grpo_loss": "grpo", "ppo_loss": "ppo",
+         "bradley_terry_loss": "reward", "score": "reward", "load_reward_model": "reward",
+         "add_scalar_head": "reward", "speedrun_dpo": "dpo", "simpo_loss": "dpo", "orpo_odds_ratio": "dpo"}
 
 
 def __getattr__(name: str) -> Any:

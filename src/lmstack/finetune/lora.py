@@ -25,9 +25,10 @@ inference) and :func:`unmerge_lora` takes them out again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -293,6 +294,28 @@ def set_adapter(model: nn.Module, names: str | list[str] | None) -> None:
     for m in layers.values():
         m.unmerge()
         m.active = [n for n in names if n in m.lora_A]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base inside the block: no LoRA adapter is added (merged ones are taken out first),
+    then the adapters that were active (and merged) before are restored.
+
+    This is the reference model of DPO/KTO/PPO with LoRA: the frozen base is the same tensors as the policy's,
+    so no second copy of the model is held (peft's ``disable_adapter()``).
+    """
+    layers = lora_layers(model)
+    saved = {name: (list(m.active), list(m.merged)) for name, m in layers.items()}
+    for m in layers.values():
+        m.unmerge()
+        m.active = []
+    try:
+        yield model
+    finally:
+        for name, m in layers.items():
+            m.active = saved[name][0]
+            if saved[name][1]:
+                m.merge()
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -120,14 +120,25 @@ class Example:
         return sum(1 for y in self.labels if y != -100)
 
 
-def encode_messages(tokenizer: Any, messages: Messages, max_len: int, where: str = "") -> Example | None:
-    """Render, mask, shift and truncate to ``max_len`` positions; None when nothing is left to learn."""
+def encode_messages(tokenizer: Any, messages: Messages, max_len: int, where: str = "",
+                    last_turn_only: bool = False) -> Example | None:
+    """Render, mask, shift and truncate to ``max_len`` positions; None when nothing is left to learn.
+
+    ``last_turn_only``: the loss is on the final assistant message only (earlier assistant turns are part
+    of the prompt): what preference methods score, e.g. the last reply of an HH-RLHF dialogue.
+    """
     from lmstack.tokenizer.chat import render_chat
 
     try:
         ids, mask = render_chat(tokenizer, messages)
     except LmstackError as e:
         raise DataError(f"{where}: {e}") from None
+    if last_turn_only:
+        # role markers never occur inside content (content is encoded as plain text), so the last
+        # assistant marker starts the last assistant message
+        marker = tokenizer.special_tokens["<|assistant|>"]
+        start = max((i for i, t in enumerate(ids) if t == marker), default=len(ids))
+        mask = [0] * start + mask[start:]
     ids, mask = ids[: max_len + 1], mask[: max_len + 1]
     x = ids[:-1]
     y = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]

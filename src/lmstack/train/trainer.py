@@ -693,7 +693,8 @@ class Trainer:
                     if not math.isfinite(loss_v):
                         raise DataError(f"step {step}: the loss is {loss_v}; lower optim.lr or check the data")
                     self._log(record)
-                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}")
+                    # a task's own metrics (alignment: rewards, margin, accuracy) ride on the progress line too
+                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}", **self.strategy.step_metrics)
                 progress.update(1)
                 at_end = step == cfg.steps
                 new_best = False

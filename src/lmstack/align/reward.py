@@ -1,0 +1,285 @@
+"""Reward models: any lmstack decoder with its LM head swapped for a scalar head, trained on preference pairs.
+
+``add_scalar_head(model)`` replaces ``lm_head`` (d_model -> vocab) by a ``Linear(d_model, 1)`` through
+:func:`lmstack.model.swap.set_module`, so the decoder's own forward runs unchanged and returns (B, T, 1):
+one score per position. The reward of a conversation is the score at its last response token (the
+hidden state that has read the whole reply). Training minimises the Bradley-Terry loss on pairs
+(:func:`bradley_terry_loss`); held-out pairwise accuracy comes with a bootstrap interval
+(:func:`lmstack.eval.stats.bootstrap_ci`). :func:`score` serves RL and judges.
+
+A saved reward model is a model folder: ``model.safetensors`` + ``model_config.json`` (the decoder's) +
+``reward_config.json`` (``{"head": "scalar", ...}``) marking the head; :func:`load_reward_model` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.align.config import RMConfig
+from lmstack.errors import ConfigError, DataError
+from lmstack.model.swap import set_module
+
+IGNORE = -100
+REWARD_CONFIG = "reward_config.json"
+
+
+def add_scalar_head(model: nn.Module) -> nn.Module:
+    """Swap ``model.lm_head`` for a ``Linear(d_model, 1, bias=True)`` (in place; returns the model).
+
+    The weight starts at N(0, 1/d_model) (as a sequence-classification head in transformers), the bias at 0,
+    so rewards start small and the body gets gradients from the first step. A tied embedding stays with
+    the embedding; a vocab-sized LM head bias is dropped with the head."""
+    if not hasattr(model, "lm_head"):
+        raise ConfigError(f"a reward model needs a decoder with an lm_head; got {type(model).__name__}")
+    d = model.lm_head.in_features
+    ref = model.lm_head.weight
+    head = nn.Linear(d, 1, bias=True, device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    nn.init.normal_(head.weight, std=d ** -0.5)
+    nn.init.zeros_(head.bias)
+    set_module(model, "lm_head", head)
+    if getattr(model, "lm_head_bias", None) is not None:
+        model.lm_head_bias = None
+    return model
+
+
+def last_response_index(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) position of the last scored label per row: its input token is the reply's last token."""
+    t = labels.shape[1]
+    pos = torch.arange(t, device=labels.device).expand_as(labels)
+    idx = torch.where(labels != IGNORE, pos, torch.full_like(pos, -1)).amax(-1)
+    if bool((idx < 0).any()):
+        raise DataError("a reward-model row has no response token to read the reward at")
+    return idx
+
+
+def rewards(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 rewards: the scalar head's output at each row's last response token."""
+    out = model(input_ids)                                                   # (B, T, 1)
+    idx = last_response_index(labels)
+    return out[torch.arange(out.shape[0], device=out.device), idx, 0].float()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None
+                       ) -> torch.Tensor:
+    r"""Mean Bradley-Terry negative log-likelihood of the preferences: :math:`-\log\sigma(r_c - r_r - m)`.
+
+    Bradley & Terry 1952, "Rank Analysis of Incomplete Block Designs"; as the reward-model loss of
+    Ouyang et al. 2022 (InstructGPT, eq. 1). ``margin`` :math:`m` (a float or a (B,) tensor) is Llama 2's
+    (Touvron et al. 2023, eq. 2): pairs rated far apart must be separated by at least that much;
+    None or 0 is the plain loss (trl's ``RewardTrainer``, with its optional ``margin`` column, is the same).
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def pair_rewards(model: nn.Module, items: list, batch_size: int, pad: int, device: torch.device
+                 ) -> list[tuple[float, float]]:
+    """(chosen reward, rejected reward) of every pair, in order."""
+    from lmstack.align.data import fixed_batches
+
+    out: list[tuple[float, float] | None] = [None] * len(items)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for idx, (x, y) in fixed_batches(items, batch_size, pad):
+            r = rewards(model, x["input_ids"].to(device), y["labels"].to(device)).cpu()
+            b = len(idx)
+            for k, i in enumerate(idx):
+                out[i] = (float(r[k]), float(r[b + k]))
+    model.train(was)
+    return out  # type: ignore[return-value]
+
+
+def pair_accuracy(pairs: Sequence[tuple[float, float]], n_resamples: int = 1000, seed: int = 0
+                  ) -> dict[str, Any]:
+    """Share of pairs whose chosen reply gets the higher reward, with its 95% percentile-bootstrap interval."""
+    from lmstack.eval.metrics.base import MetricResult
+    from lmstack.eval.stats import bootstrap_ci
+
+    hits = [1.0 if c > r else 0.0 for c, r in pairs]
+    result = MetricResult("pair_accuracy", sum(hits) / len(hits), hits)
+    lo, hi = bootstrap_ci(result, n_resamples=n_resamples, seed=seed)
+    return {"accuracy": result.score, "ci": [lo, hi], "n": len(hits)}
+
+
+@torch.no_grad()
+def score(model: nn.Module, tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]],
+          responses: Sequence[str], *, max_len: int = 512, batch_size: int = 16,
+          device: torch.device | str | None = None) -> list[float]:
+    """The reward of each (prompt, response): for RL rewards and judges. A prompt is a user message or a
+    list of chat messages; the conversation is rendered with the chat template, as in training."""
+    from lmstack.finetune.sft import collate, encode_messages
+
+    if len(prompts) != len(responses):
+        raise DataError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    exs = []
+    for k, (p, resp) in enumerate(zip(prompts, responses)):
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        ex = encode_messages(tokenizer, [*msgs, {"role": "assistant", "content": resp}], max_len, f"item {k}",
+                             last_turn_only=True)
+        if ex is None:
+            raise DataError(f"score: item {k}'s prompt leaves no room for the response in max_len={max_len}")
+        exs.append(ex)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    was = model.training
+    model.eval()
+    out: list[float] = []
+    for b in range(0, len(exs), batch_size):
+        x, y = collate(exs[b:b + batch_size], pad)
+        out += rewards(model, x.to(device), y.to(device)).tolist()
+    model.train(was)
+    return out
+
+
+def save_reward_model(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None,
+                      meta: dict[str, Any] | None = None) -> Path:
+    """A model folder (``lmstack.model.save``) plus ``reward_config.json`` marking the scalar head."""
+    from lmstack.model import save
+    from lmstack.runs import atomic_write_json
+
+    folder = save(model, folder)
+    atomic_write_json(folder / REWARD_CONFIG, {"head": "scalar", "read_at": "last_response_token", **(meta or {})})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+
+
+def load_reward_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Read a folder written by :func:`save_reward_model`."""
+    from safetensors.torch import load_file
+
+    from lmstack.config import from_dict
+    from lmstack.model import build_model
+    from lmstack.model.config import ModelConfig
+    from lmstack.runs import read_json
+
+    folder = Path(folder)
+    if not (folder / REWARD_CONFIG).is_file():
+        raise DataError(f"{folder}: no {REWARD_CONFIG}; is this a reward model folder (lmstack align rm)?")
+    cfg = from_dict(ModelConfig, read_json(folder / "model_config.json"))
+    model = add_scalar_head(build_model(cfg))
+    state = load_file(str(folder / "model.safetensors"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{folder}: model.safetensors does not fit its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+def make_loss_fn(cfg: RMConfig):
+    def loss_fn(model: nn.Module, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], generator: Any):
+        r = rewards(model, x["input_ids"], y["labels"])
+        b = r.shape[0] // 2
+        c, j = r[:b], r[b:]
+        loss = bradley_terry_loss(c, j, cfg.margin or None)
+        return loss, {"rewards_chosen": c.detach().mean(), "rewards_rejected": j.detach().mean(),
+                      "margin": (c - j).detach().mean(), "accuracy": (c > j).float().mean()}
+
+    return loss_fn
+
+
+def heldout_metrics(pairs: list[tuple[float, float]], cfg: RMConfig) -> dict[str, float]:
+    t = torch.tensor(pairs, dtype=torch.float64)
+    c, r = t[:, 0], t[:, 1]
+    return {"val_loss": float(bradley_terry_loss(c, r, cfg.margin or None)),
+            "val_accuracy": float((c > r).double().mean()), "val_margin": float((c - r).mean()),
+            "val_rewards_chosen": float(c.mean()), "val_rewards_rejected": float(r.mean())}
+
+
+def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
+    """Train a reward model on ``cfg.data`` pairs; write the run folder (a loadable reward model)."""
+    from lmstack.runs import remove_if_failed
+
+    with remove_if_failed(cfg.run_dir):
+        return _train(cfg)
+
+
+def _train(cfg: RMConfig) -> dict[str, Any]:
+    from safetensors.torch import load_file, save_file
+
+    from lmstack.align.data import PairLoader
+    from lmstack.align.offline import (announce, apply_method, finish, fit, load_items, load_policy, pad_id,
+                                       train_config)
+    from lmstack.runtime import resolve_device, seed_everything
+    from lmstack.train.trainer import Task
+
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, tok = load_policy(cfg, device)
+    tok.save(run)
+    train, held, stats = load_items(cfg, tok, "pairs")
+    pad = pad_id(tok)
+    add_scalar_head(model)
+    added = apply_method(model, cfg)
+    model.lm_head.requires_grad_(True)         # LoRA freezes everything but its adapters: the head trains too
+    model.to(device)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return heldout_metrics(pair_rewards(m, held, cfg.batch_size, pad, device), cfg)
+
+    def save(m: nn.Module, folder: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
+                  str(folder / "reward_state.safetensors"))
+
+    def load(m: nn.Module, folder: Path) -> None:
+        m.load_state_dict(load_file(str(folder / "reward_state.safetensors")))
+
+    before = pair_accuracy(pair_rewards(model, held, cfg.batch_size, pad, device), cfg.bootstrap, cfg.seed)
+    task = Task(model=model, loader=PairLoader(train, cfg.batch_size, pad, cfg.seed), eval_batches=lambda: [],
+                tokenizer=tok, save_weights=save, load_weights=load, loss_fn=make_loss_fn(cfg), evaluate=evaluate)
+    summary, seconds = fit(train_config(cfg, run, len(held), model.config.vocab_size), task)
+    held_pairs = pair_rewards(model, held, cfg.batch_size, pad, device)
+    after = pair_accuracy(held_pairs, cfg.bootstrap, cfg.seed)
+    (run / "reward_state.safetensors").unlink(missing_ok=True)
+    if cfg.method == "lora":
+        from lmstack.finetune.lora import merge_and_unload
+
+        merge_and_unload(model)
+    save_reward_model(model, run, tok, {"base": str(Path(cfg.base).resolve()), "trained_steps": cfg.steps})
+    results = {"method": cfg.method, "base": cfg.base, "steps": cfg.steps, "lr": cfg.learning_rate,
+               "margin": cfg.margin, "before": before, "after": after, "heldout": heldout_metrics(held_pairs, cfg),
+               "data": stats, "added": added, "tokens_per_s": summary.get("tokens_per_s"),
+               "train_seconds": round(seconds, 2)}
+    finish(run, results, render_report(results))
+    announce(f"reward model ({cfg.method}): held-out pair accuracy {after['accuracy']:.3f} "
+             f"[{after['ci'][0]:.3f}, {after['ci'][1]:.3f}] on {after['n']} pairs -> {run}")
+    return results
+
+
+def render_report(r: dict[str, Any]) -> str:
+    d, a = r["data"], r["after"]
+    return "\n".join([
+        f"Reward model (Bradley-Terry{', margin ' + format(r['margin'], 'g') if r['margin'] else ''}), method "
+        f"**{r['method']}**, {r['steps']} steps at lr {r['lr']:g} on {d['train_items']:,} pairs.", "",
+        "| held-out pairs | accuracy | 95% bootstrap CI | margin (chosen - rejected) | BT loss |",
+        "|---:|---:|---|---:|---:|",
+        f"| {a['n']} | {a['accuracy']:.3f} | [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] | {r['heldout']['val_margin']:.4f} "
+        f"| {r['heldout']['val_loss']:.4f} |", "",
+        f"Before training (a random head) the held-out accuracy is {r['before']['accuracy']:.3f} "
+        f"[{r['before']['ci'][0]:.3f}, {r['before']['ci'][1]:.3f}].", ""])
+
+
+def main_config(path: str | None, overrides: list[str]) -> RMConfig:
+    from lmstack.config import load_config
+
+    return load_config(RMConfig, path, overrides)
+
+
+__all__ = ["add_scalar_head", "rewards", "bradley_terry_loss", "pair_accuracy", "score", "save_reward_model",
+           "load_reward_model", "train_reward_model"]
