@@ -103,6 +103,16 @@ class DistillStageConfig:
 
 
 @dataclass
+class DPOStageConfig:
+    """DPO on the SFT model: the SFT answer preferred over a corrupted one (lmstack.align.dpo.speedrun_dpo)."""
+
+    steps: int = 60
+    train_pairs: int = 256
+    heldout_pairs: int = 96
+    beta: float = 0.1
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -117,6 +127,7 @@ class SpeedrunConfig:
     evaluate: EvalStageConfig = field(default_factory=EvalStageConfig)
     compress: CompressStageConfig = field(default_factory=CompressStageConfig)
     distill: DistillStageConfig = field(default_factory=DistillStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
 
 
 @dataclass
@@ -368,6 +379,15 @@ def _pruned_student(run: Path, drop: int) -> Path:
     return out
 
 
+def stage_dpo(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.align.dpo import speedrun_dpo
+
+    d = cfg.dpo
+    results, report = speedrun_dpo(run, steps=d.steps, n_train=d.train_pairs, n_heldout=d.heldout_pairs,
+                                   beta=d.beta)
+    return StageResult(results, report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
@@ -377,6 +397,7 @@ STAGES: list[Stage] = [
     Stage("evaluate", "Evaluation", stage_evaluate, ("evaluate",)),
     Stage("compress", "Compression", stage_compress, ("compress",)),
     Stage("distill", "Distillation", stage_distill, ("distill",)),
+    Stage("dpo", "Preference alignment (DPO)", stage_dpo, ("sft", "dpo")),
 ]
 
 
