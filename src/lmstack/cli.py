@@ -27,6 +27,7 @@ LAYER_CLIS = [
     "lmstack.infer.cli",
     "lmstack.train.cli",
     "lmstack.finetune.cli",
+    "lmstack.align.cli",
     "lmstack.eval.cli",
     "lmstack.speedrun",
 ]

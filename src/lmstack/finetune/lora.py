@@ -25,9 +25,10 @@ inference) and :func:`unmerge_lora` takes them out again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -305,6 +306,24 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take merged adapters back out of the base weights."""
     for m in lora_layers(model).values():
         m.unmerge()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes its base alone (no adapter active; merged ones taken out), then
+    the adapters are back as they were: the frozen reference of RL / preference training, no second copy."""
+    layers = list(lora_layers(model).values())
+    saved = [(m, list(m.active), list(m.merged)) for m in layers]
+    for m in layers:
+        m.unmerge()
+        m.active = []
+    try:
+        yield model
+    finally:
+        for m, active, merged in saved:
+            m.active = active
+            if merged:
+                m.merge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -128,6 +128,7 @@ class Task:
     load_weights: Any = None               # (model, folder) -> None
     loss_fn: Any = None                    # (model, x, y, generator) -> loss | (loss, metrics); None = objective's
     evaluate: Any = None                   # (model) -> {name: float}; None = the eval_batches loss
+    progress_metrics: tuple = ()           # names of loss_fn metrics also shown on the progress line
 
 
 # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads); the config loader
@@ -650,7 +651,9 @@ class Trainer:
                     if not math.isfinite(loss_v):
                         raise DataError(f"step {step}: the loss is {loss_v}; lower optim.lr or check the data")
                     self._log(record)
-                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}")
+                    shown = {k: v for k, v in self.strategy.step_metrics.items()
+                             if self.task is not None and k in self.task.progress_metrics}
+                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}", **shown)
                 progress.update(1)
                 at_end = step == cfg.steps
                 new_best = False
@@ -658,7 +661,7 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         self._log({"step": step, **ev})
-                        if self.best_val is None or ev["val_loss"] < self.best_val:
+                        if "val_loss" in ev and (self.best_val is None or ev["val_loss"] < self.best_val):
                             self.best_val, self.best_step, new_best = ev["val_loss"], step, True
                 if cfg.sample_every and step % cfg.sample_every == 0 and self.strategy.holds_whole_model:
                     for s in self.samples():
@@ -709,7 +712,7 @@ class Trainer:
                 "params_total": self.n_params, "params_non_embedding": self.n_params_non_embedding,
                 "flops": self.flops_per_token * self.tokens, "seconds": round(seconds, 2),
                 "train_loss": last.get("loss"), "val_loss": evals[-1]["val_loss"] if evals else None,
-                "val_ppl": evals[-1]["val_ppl"] if evals else None, "best_val_loss": self.best_val,
+                "val_ppl": evals[-1].get("val_ppl") if evals else None, "best_val_loss": self.best_val,
                 "best_step": self.best_step,
                 "tokens_per_s": round(statistics.median(tps), 1) if tps else last.get("tokens_per_s"),
                 "mfu": last.get("mfu"), "peak_tflops": round(self.peak_flops / 1e12, 3), "steps_this_run": steps_run,
