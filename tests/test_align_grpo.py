@@ -122,3 +122,198 @@ def test_bad_loss_type_and_missing_reference():
         grpo_loss(logps, old, None, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="needs max_completion_length"):
         grpo_loss(logps, old, ref, adv, mask, loss_type="dr_grpo")
+
+
+# ----------------------------------------------------------------------------------------- runs (tiny model)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random decoder and a BPE trained on arithmetic questions and worked answers."""
+    from lmstack.align.rl_data import arithmetic_items
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    items = arithmetic_items(30, split="train", max_operand=9, ops=["+", "-"]) + \
+        arithmetic_items(10, split="heldout", max_operand=9, ops=["+", "-"])
+    tok = train_bpe([it["question"] + " " + it["solution"] for it in items], 300)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, max_seq_len=96))
+    folder = tmp_path_factory.mktemp("base")
+    save(model, folder)
+    tok.save(folder)
+    return folder
+
+
+def _cfg(base, run_dir, **kw):
+    from lmstack.align.rl_config import OnlineConfig
+    from lmstack.config import from_dict, merge
+
+    fields = {"run_dir": str(run_dir), "base": str(base), "steps": 4, "minibatch_size": 8, "lr": 1e-3,
+              "rollout": {"prompts": 4, "num_samples": 4, "max_new_tokens": 10},
+              "data": {"arithmetic": {"max_operand": 9, "train_items": 24, "heldout_items": 6}, "eval_items": 6}}
+    return from_dict(OnlineConfig, merge(fields, kw))
+
+
+def digits(responses, items):
+    """A shaping reward with spread even for an untrained model (the exact-match reward is all zeros there)."""
+    return [sum(ch.isdigit() for ch in r) / max(len(r), 1) for r in responses]
+
+
+def _rows(run):
+    from lmstack.train.trainer import read_metrics
+
+    return read_metrics(run / "metrics.jsonl")
+
+
+def test_grpo_run_full_logs_metrics_and_keeps_the_reference(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmstack.align.online import run_online
+
+    cfg = _cfg(tiny_base, tmp_path / "grpo", grpo={"beta": 0.1})
+    res = run_online(cfg, extra_rewards=[(digits, 1.0)])
+    rows = _rows(tmp_path / "grpo")
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("reward_mean", "reward_std", "kl", "entropy", "response_len", "rollout_s", "rollout_tok_s",
+                "clip_frac", "reward_failures", "reward_correct_strict", "reward_format_reward"):
+        assert key in train[0], key
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert any("exact_match_strict" in r and "exact_match_lenient" in r for r in rows)
+    assert res["rollouts"] == 2 and res["reference_unchanged"] is True
+    t = res["timing"]
+    assert t["rollout_s"] > 0 and t["update_s"] > 0 and t["rollout_tokens"] > 0
+    assert set(res["before"]) >= {"exact_match_strict", "exact_match_lenient", "reward_mean"}
+    for name in ("reward.png", "report.md", "summary.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "grpo" / name).is_file(), name
+    # the policy moved at this learning rate (the reference, a frozen copy, did not: checked above)
+    before, after = load_file(str(tiny_base / "model.safetensors")), load_file(str(tmp_path / "grpo" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grpo_lora_reference_is_the_base_with_the_adapter_disabled(tiny_base, tmp_path):
+    from lmstack.align.online import run_online
+    from lmstack.finetune.lora import adapters_disabled, lora_layers
+    from lmstack.infer.text import load_run
+    from lmstack.model import load
+
+    cfg = _cfg(tiny_base, tmp_path / "lora", method="lora", lr=1e-2, lora={"r": 4, "targets": ["attention"]},
+               grpo={"beta": 0.1, "loss_type": "dapo"})
+    res = run_online(cfg, extra_rewards=[(digits, 1.0)])
+    assert res["reference_unchanged"] is True
+    assert (tmp_path / "lora" / "adapter.safetensors").is_file()
+    trained, _ = load_run(tmp_path / "lora")            # the base + the saved adapter
+    assert lora_layers(trained)
+    base = load(tiny_base).eval()
+    x = torch.randint(0, base.config.vocab_size, (2, 12))
+    with torch.no_grad(), adapters_disabled(trained):
+        assert torch.equal(trained(x), base(x))
+    with torch.no_grad():
+        assert not torch.allclose(trained(x), base(x))   # the adapter learned something
+        assert all(layer.active == ["default"] for layer in lora_layers(trained).values())   # restored
+
+
+def test_failing_reward_is_counted_and_never_a_nan_loss(tiny_base, tmp_path, capsys):
+    from lmstack.align.online import run_online
+
+    calls = {"n": 0}
+
+    def flaky(responses, items):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise RuntimeError("grader offline")
+        return [math.nan if i % 3 == 0 else 0.5 for i in range(len(responses))]
+
+    res = run_online(_cfg(tiny_base, tmp_path / "flaky", steps=2), extra_rewards=[(flaky, 1.0)])
+    train = [r for r in _rows(tmp_path / "flaky") if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert res["reward_failures"] > 0 and train[-1]["reward_failures"] > 0
+    assert "flaky failed on" in res["reward_summary"] and "no gradient" in res["reward_summary"]
+    assert "flaky failed on" in capsys.readouterr().err
+
+
+def test_resume_is_exact(tiny_base, tmp_path):
+    from lmstack.align.online import run_online
+
+    kw = dict(steps=6, minibatch_size=4, ckpt_every=2, rollout={"prompts": 4, "num_samples": 4, "max_new_tokens": 8})
+    extra = [(digits, 1.0)]
+    run_online(_cfg(tiny_base, tmp_path / "straight", **kw), extra_rewards=extra)
+    stopped = run_online(_cfg(tiny_base, tmp_path / "resumed", **kw), extra_rewards=extra, until=3)   # a crash
+    assert stopped == {"stopped_at": 3}
+    run_online(_cfg(tiny_base, tmp_path / "resumed", **kw), extra_rewards=extra, resume=True)   # from step 2
+    a = [(r["step"], r["loss"], r["reward_mean"]) for r in _rows(tmp_path / "straight") if "loss" in r]
+    b = [(r["step"], r["loss"], r["reward_mean"]) for r in _rows(tmp_path / "resumed") if "loss" in r]
+    assert a == b and len(a) == 6
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("straight", "resumed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_validates_the_config_at_the_edge(tiny_base, tmp_path, capsys):
+    from lmstack.cli import main
+
+    cfg = tmp_path / "grpo.toml"
+    cfg.write_text(f'base = "{tiny_base}"\nrun_dir = "{tmp_path / "cli"}"\nsteps = 1\nminibatch_size = 8\n'
+                   '[rollout]\nprompts = 2\nnum_samples = 4\nmax_new_tokens = 6\n'
+                   '[data.arithmetic]\ntrain_items = 8\nheldout_items = 2\n')
+    assert main(["align", "grpo", str(cfg), "--grpo.bta", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown config field 'grpo.bta' (did you mean 'grpo.beta'?)"
+    assert main(["align", "grpo", str(cfg), "--rollout.num_samples", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: rollout.num_samples: GRPO compares samples within a group") and "\n" not in err
+    assert main(["align", "grpo", str(cfg), "--minibatch_size", "3"]) == 2
+    assert "is not a multiple of minibatch_size * grad_accum = 3" in capsys.readouterr().err
+    assert main(["align", "ppo", str(cfg), "--base", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["align", "grpo", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["algo"] == "grpo" and out["steps"] == 1
+
+
+def test_speedrun_hook_on_a_tiny_run(tiny_base, tmp_path):
+    import shutil
+
+    from lmstack.align.grpo import speedrun_grpo
+
+    run = tmp_path / "speedrun"
+    shutil.copytree(tiny_base, run / "pretrain")
+    results, report = speedrun_grpo(
+        run, warmup_steps=4, grpo_steps=2, warmup={"batch_size": 8}, minibatch_size=8,
+        rollout={"prompts": 2, "num_samples": 4, "max_new_tokens": 8},
+        data={"eval_items": 4, "arithmetic": {"train_items": 16, "heldout_items": 4}})
+    for side in ("before", "after"):
+        assert set(results[side]) >= {"exact_match_strict", "exact_match_lenient", "reward_mean"}
+    assert results["heldout_items"] == 4 and results["steps"] == 2
+    assert (run / "grpo" / "warmup" / "model.safetensors").is_file()       # the fine-tuning layer's run
+    assert (run / "grpo" / "rl" / "reward.png").is_file() and (run / "grpo" / "summary.json").is_file()
+    assert "| exact match, strict (`#### N`) |" in report and "| exact match, lenient (last number) |" in report
+    assert "![reward curve](grpo/rl/reward.png)" in report
+    assert "rollouts" in report and "updates" in report
+
+
+def test_gsm8k_end_to_end(shared_data, tmp_path):
+    from lmstack.align.online import run_online
+    from lmstack.align.rl_data import gsm8k_items
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    path = shared_data / "reasoning" / "gsm8k_train.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    items = gsm8k_items(path, limit=40)
+    assert all(it["answer"] and it["prompt"][-1]["role"] == "user" for it in items)
+    tok = train_bpe([it["question"] + " " + it["solution"] for it in items], 512)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, max_seq_len=256)),
+         base)
+    tok.save(base)
+    res = run_online(_cfg(base, tmp_path / "gsm8k", steps=2, data={"source": "gsm8k", "train": [str(path)],
+                                                                    "max_train": 40, "eval_items": 4}),
+                     extra_rewards=[(digits, 1.0)])
+    assert res["heldout_items"] == 4 and res["train_prompts"] >= 4
+    assert set(res["after"]) >= {"exact_match_strict", "exact_match_lenient"}
+    rows = [r for r in _rows(tmp_path / "gsm8k") if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)

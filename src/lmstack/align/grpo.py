@@ -151,13 +151,16 @@ def _warmup_rows(n: int, seed: int, arith: dict[str, Any]) -> list[dict[str, Any
 
 
 def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, warmup_steps: int = 150,
-                  grpo_steps: int = 24, seed: int = 1337, **overrides: Any) -> tuple[dict[str, Any], str]:
+                  grpo_steps: int = 24, seed: int = 1337, warmup: dict[str, Any] | None = None,
+                  **overrides: Any) -> tuple[dict[str, Any], str]:
     """The speedrun's GRPO stage: supervised warm-up on easy synthetic arithmetic, then GRPO with verifiable
     rewards (strict exact match + the ``<think>`` format), on the pre-trained tiny model.
 
     ``base`` defaults to the first of ``RUN/pretrain``, ``RUN/train``, ``RUN/model`` holding a model; the
     tokenizer is the base's or ``RUN/tokenizer.json``. Writes ``RUN/grpo/warmup/`` (the fine-tuning run) and
-    ``RUN/grpo/`` (the GRPO run: metrics.jsonl, reward.png, summary.json, report.md). ``overrides`` are
+    ``RUN/grpo/rl/`` (the GRPO run: metrics.jsonl, reward.png, summary.json) and ``RUN/grpo/summary.json``.
+    ``warmup``: :class:`lmstack.finetune.run.FinetuneConfig` fields for the warm-up; ``arithmetic``: the
+    synthetic task (``max_operand``, ``n_terms``, ``ops``); other ``overrides`` are
     :class:`lmstack.align.rl_config.OnlineConfig` fields (nested dicts). Returns the results (held-out strict
     and lenient exact match after the warm-up and after GRPO, the time split) and a markdown section.
     """
@@ -166,7 +169,7 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     from lmstack.config import from_dict, merge
     from lmstack.errors import DataError
     from lmstack.finetune.run import FinetuneConfig, finetune
-    from lmstack.runs import atomic_write_text
+    from lmstack.runs import atomic_write_json, atomic_write_text
 
     t0 = time.perf_counter()
     run = Path(run_dir)
@@ -185,10 +188,10 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
 
     rows = _warmup_rows(60, seed, arith)
     atomic_write_text(data_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    ft = from_dict(FinetuneConfig, {
+    ft = from_dict(FinetuneConfig, merge({
         "run_dir": str(out / "warmup"), "base": str(base), "tokenizer": tok, "method": "full", "seed": seed,
         "steps": warmup_steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "log_every": 25, "n_samples": 0,
-        "data": {"train": [str(data_dir / "train.jsonl")], "valid_fraction": 0.1, "max_len": 48}})
+        "data": {"train": [str(data_dir / "train.jsonl")], "valid_fraction": 0.1, "max_len": 48}}, warmup or {}))
     t_warm = time.perf_counter()
     finetune(ft)
     warm_s = time.perf_counter() - t_warm
@@ -204,8 +207,8 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     results = run_online(cfg)
     results["warmup_seconds"] = round(warm_s, 2)
     results["seconds_total"] = round(time.perf_counter() - t0, 2)
-    report = render_speedrun_report(results, cfg)
-    atomic_write_text(out / "report.md", report)
+    report = render_speedrun_report(results, cfg)      # links are relative to RUN (the speedrun's report.md)
+    atomic_write_json(out / "summary.json", results)
     print(f"[grpo] held-out exact match (strict) {results['before']['exact_match_strict']:.2f} -> "
           f"{results['after']['exact_match_strict']:.2f} in {results['seconds_total']:.0f} s", file=sys.stderr)
     return results, report

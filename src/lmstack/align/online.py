@@ -273,8 +273,13 @@ def evaluate_policy(model: nn.Module, tokenizer: Any, items: list[Item], rewards
 
 
 def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[tuple[RewardFn, float]] | None = None,
-               resume: bool = False) -> dict[str, Any]:
-    """Run GRPO or PPO as ``cfg`` says; write the run directory; return the results (module docstring)."""
+               resume: bool = False, until: int | None = None) -> dict[str, Any]:
+    """Run GRPO or PPO as ``cfg`` says; write the run directory; return the results (module docstring).
+
+    ``reward_model``: any ``score(prompts, responses)`` scorer, added with ``reward.reward_model_weight``;
+    ``extra_rewards``: more ``(fn, weight)`` terms; ``resume``: continue from the newest checkpoint;
+    ``until``: stop after that step without finishing (as a crash would; for tests of the resume).
+    """
     from lmstack.align.grpo import make_grpo_loss_fn
     from lmstack.align.ppo import ActorCritic, make_ppo_loss_fn, value_model
     from lmstack.align.rollout import response_logps
@@ -395,17 +400,24 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
     task = Task(model=model, loader=loader, eval_batches=lambda: [], tokenizer=tok, save_weights=save_weights,
                 load_weights=load_weights, loss_fn=loss_fn, evaluate=evaluate, progress_metrics=STATS_SHOWN)
     before = evaluate_policy(policy, tok, held, rewards, cfg.rollout.max_new_tokens) if held else {}
-    ref_before = {k: v.detach().clone() for k, v in ref_model.state_dict().items()} if ref_model is not None else None
+    def ref_state() -> dict[str, torch.Tensor]:   # the reference's weights: the copy, or LoRA's frozen base
+        if ref_model is not None:
+            return dict(ref_model.state_dict())
+        return {n: p for n, p in policy.named_parameters() if not p.requires_grad}
+
+    ref_before = {k: v.detach().clone() for k, v in ref_state().items()} if needs_ref else None
     t0 = time.perf_counter()
     trainer = Trainer(tcfg, resume=resume, task=task)
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(until=until)
     finally:
         trainer.close()
+    if until is not None and "stopped_at" in summary:
+        return summary
     seconds = time.perf_counter() - t0
     after = evaluate_policy(policy, tok, held, rewards, cfg.rollout.max_new_tokens) if held else {}
-    if ref_before is not None:   # the reference is frozen: a changed weight is a bug, not a result
-        assert all(torch.equal(ref_before[k], v) for k, v in ref_model.state_dict().items()), "reference changed"
+    # the reference is frozen: checked, since a shared tensor or a stray optimizer group would move it
+    ref_unchanged = ref_before is None or all(torch.equal(ref_before[k], v) for k, v in ref_state().items())
     rows = read_metrics(run / "metrics.jsonl")
     curve = plot_reward_curve(rows, run / "reward.png")
     tot = loader.totals
@@ -421,7 +433,7 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
                    "rollout_fraction": round(rollout_s / max(rollout_s + update_s, 1e-9), 3),
                    "rollout_tokens": tot["rollout_tokens"],
                    "rollout_tokens_per_s": round(tot["rollout_tokens"] / max(tot["generate_s"], 1e-9), 1)},
-        "reward_curve": str(curve) if curve else None,
+        "reward_curve": str(curve) if curve else None, "reference_unchanged": ref_unchanged,
         "reward_failures": loader.reward_stats.total_failed, "reward_summary": loader.reward_stats.summary(),
         "train_loss": summary.get("train_loss"), "tokens_per_s": summary.get("tokens_per_s"),
     }

@@ -187,14 +187,14 @@ class OnlineConfig:
                 raise _bad(name, "must be >= 1", getattr(self, name))
         if not self.lr > 0:
             raise _bad("lr", "must be > 0", self.lr)
+        if self.algo == "grpo" and self.rollout.num_samples < 2:
+            raise _bad("rollout.num_samples", "GRPO compares samples within a group: must be >= 2",
+                       self.rollout.num_samples)
         buffer = self.rollout.prompts * self.rollout.num_samples
         per_step = self.minibatch_size * self.grad_accum
         if buffer % per_step:
             raise ConfigError(f"rollout.prompts * rollout.num_samples = {buffer} sequences per buffer is not a "
                               f"multiple of minibatch_size * grad_accum = {per_step}; change one of them")
-        if self.algo == "grpo" and self.rollout.num_samples < 2:
-            raise _bad("rollout.num_samples", "GRPO compares samples within a group: must be >= 2",
-                       self.rollout.num_samples)
 
     @property
     def buffer_size(self) -> int:
