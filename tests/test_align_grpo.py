@@ -317,3 +317,52 @@ def test_gsm8k_end_to_end(shared_data, tmp_path):
     assert set(res["after"]) >= {"exact_match_strict", "exact_match_lenient"}
     rows = [r for r in _rows(tmp_path / "gsm8k") if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_strict_exact_match_on_a_tiny_task(tmp_path):
+    """A tiny task where what GRPO must learn is clear: the answer is easy (``What is 37 - 37?``, always 0) but
+    must come in the required ``#### N`` form. The supervised warm-up (through lmstack.finetune) shows it in the
+    wrong form 70% of the time (``Answer: 0``), so after it greedy decoding is right under the lenient
+    extraction and wrong under the strict one; GRPO with the strict reward (sampling finds the required form
+    in ~20% of samples) moves the held-out prompts, never trained on, to the required form."""
+    import random
+
+    from lmstack.align.online import run_online
+    from lmstack.finetune.run import FinetuneConfig, finetune
+    from lmstack.config import from_dict
+    from lmstack.data.split import is_heldout
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    rows, sft = {"train": [], "heldout": []}, []
+    for n in range(100):
+        q = f"What is {n} - {n}?"
+        side = "heldout" if is_heldout(q, 0.2, 0) else "train"
+        rows[side].append({"prompt": q, "answer": "0"})
+        if side == "train":
+            for _ in range(2):
+                tail = "#### 0" if rng.random() < 0.3 else "Answer: 0"
+                sft.append({"prompt": q, "response": f"<think>{n} - {n} = 0</think>\n{tail}"})
+    for side, items in rows.items():
+        (tmp_path / f"{side}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    tok = train_bpe([r["prompt"] + " " + r["response"] for r in sft], 400)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, max_seq_len=64)),
+         base)
+    tok.save(base)
+    finetune(from_dict(FinetuneConfig, {"run_dir": str(tmp_path / "warm"), "base": str(base), "method": "full",
+                                        "steps": 150, "batch_size": 16, "lr": 3e-3, "n_samples": 0, "log_every": 50,
+                                        "data": {"train": [str(tmp_path / "sft.jsonl")], "max_len": 40}}))
+    res = run_online(_cfg(tmp_path / "warm", tmp_path / "grpo", steps=12, minibatch_size=32, lr=3e-4,
+                          warmup_steps=2, rollout={"prompts": 8, "num_samples": 8, "max_new_tokens": 20,
+                                                    "temperature": 0.7},
+                          data={"source": "rows", "train": [str(tmp_path / "train.jsonl")],
+                                "valid": [str(tmp_path / "heldout.jsonl")], "eval_items": 40},
+                          reward={"correct": 1.0, "format": 0.2}, grpo={"beta": 0.02}))
+    b, a = res["before"], res["after"]
+    assert b["exact_match_lenient"] >= 0.5 > b["exact_match_strict"]     # right answers, wrong form
+    assert a["exact_match_strict"] >= b["exact_match_strict"] + 0.3

@@ -146,3 +146,54 @@ def test_value_model_is_a_module_swap_on_a_copy():
     assert all(torch.equal(before[k], t) for k, t in policy.state_dict().items())
     ac = ActorCritic(policy, v)
     assert ac.num_parameters() == policy.num_parameters() + v.num_parameters()
+
+
+# ------------------------------------------------------------------------------------------- a run (tiny)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from lmstack.align.rl_data import arithmetic_items
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    items = arithmetic_items(30, split="train", max_operand=9)
+    tok = train_bpe([it["question"] + " " + it["solution"] for it in items], 300)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ppo_base")
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, max_seq_len=96)),
+         folder)
+    tok.save(folder)
+    return folder
+
+
+def digits(responses, items):
+    return [sum(ch.isdigit() for ch in r) / max(len(r), 1) for r in responses]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ppo_run_trains_policy_and_value_and_keeps_the_reference(tiny_base, tmp_path, method):
+    import math
+
+    from safetensors.torch import load_file
+
+    from lmstack.align.online import run_online
+    from lmstack.align.rl_config import OnlineConfig
+    from lmstack.config import from_dict
+    from lmstack.train.trainer import read_metrics
+
+    run = tmp_path / method
+    cfg = from_dict(OnlineConfig, {
+        "algo": "ppo", "run_dir": str(run), "base": str(tiny_base), "method": method, "steps": 4,
+        "minibatch_size": 4, "ppo_epochs": 2, "lr": 1e-3, "lora": {"r": 4},
+        "rollout": {"prompts": 4, "num_samples": 2, "max_new_tokens": 8}, "ppo": {"kl_coef": 0.1},
+        "data": {"arithmetic": {"max_operand": 9, "train_items": 16, "heldout_items": 4}, "eval_items": 4}})
+    res = run_online(cfg, extra_rewards=[(digits, 1.0)])
+    assert res["rollouts"] == 1 and res["reference_unchanged"] is True
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 4
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss", "pg_loss", "vf_loss", "entropy", "rollout_kl"))
+    value = load_file(str(run / "value.safetensors"))
+    assert value["lm_head.weight"].shape == (1, 64) and float(value["lm_head.weight"].abs().sum()) > 0  # trained
+    assert (run / ("model.safetensors" if method == "full" else "adapter.safetensors")).is_file()

@@ -122,11 +122,13 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 
 
 def make_grpo_loss_fn(beta: float, epsilon: float, epsilon_high: float | None, loss_type: str,
-                      max_new_tokens: int):
+                      max_new_tokens: int, temperature: float = 1.0):
     """The trainer's ``loss_fn(model, x, y, generator)`` for a rollout minibatch (see online.RolloutLoader)."""
 
     def loss_fn(model: torch.nn.Module, x: dict[str, Any], y: Any, generator: Any):
         logits = model(x["input_ids"])
+        if temperature != 1.0:            # the sampling distribution the rollouts came from
+            logits = logits / temperature
         logps = token_logps(logits, x["labels"])
         mask = x["mask"]
         loss, kl, clipped = grpo_loss(logps, x["old_logps"], x["ref_logps"] if beta else None, x["advantages"],
@@ -144,14 +146,9 @@ def make_grpo_loss_fn(beta: float, epsilon: float, epsilon_high: float | None, l
 # the speedrun stage
 
 
-def _warmup_rows(n: int, seed: int, arith: dict[str, Any]) -> list[dict[str, Any]]:
-    from lmstack.align.rl_data import arithmetic_items, sft_rows
-
-    return sft_rows(arithmetic_items(n, split="train", seed=seed, **arith))
-
-
 def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, warmup_steps: int = 150,
                   grpo_steps: int = 24, seed: int = 1337, warmup: dict[str, Any] | None = None,
+                  required_form: float = 0.3,
                   **overrides: Any) -> tuple[dict[str, Any], str]:
     """The speedrun's GRPO stage: supervised warm-up on easy synthetic arithmetic, then GRPO with verifiable
     rewards (strict exact match + the ``<think>`` format), on the pre-trained tiny model.
@@ -159,7 +156,10 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     ``base`` defaults to the first of ``RUN/pretrain``, ``RUN/train``, ``RUN/model`` holding a model; the
     tokenizer is the base's or ``RUN/tokenizer.json``. Writes ``RUN/grpo/warmup/`` (the fine-tuning run) and
     ``RUN/grpo/rl/`` (the GRPO run: metrics.jsonl, reward.png, summary.json) and ``RUN/grpo/summary.json``.
-    ``warmup``: :class:`lmstack.finetune.run.FinetuneConfig` fields for the warm-up; ``arithmetic``: the
+    The warm-up's worked solutions end in the required ``#### N`` in a ``required_form`` share of them (the
+    rest say ``The answer is N.``), so the strict extraction has room to rise under GRPO's strict reward while
+    the lenient one measures the arithmetic itself. ``warmup``: :class:`lmstack.finetune.run.FinetuneConfig`
+    fields for the warm-up; ``arithmetic``: the
     synthetic task (``max_operand``, ``n_terms``, ``ops``); other ``overrides`` are
     :class:`lmstack.align.rl_config.OnlineConfig` fields (nested dicts). Returns the results (held-out strict
     and lenient exact match after the warm-up and after GRPO, the time split) and a markdown section.
@@ -179,15 +179,28 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
             raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
         base = found[0]
     tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
-    arith = {"max_operand": 9, "n_terms": 2, "ops": ["+"]}
-    arith = {**arith, **overrides.pop("arithmetic", {})}
+    arith = {"max_operand": 9, "n_terms": 2, "ops": ["+", "-"], "train_items": 120, "heldout_items": 40,
+             **overrides.pop("arithmetic", {})}
+    held_frac = 0.25
     out = run / "grpo"
     data_dir = out / "warmup_data"
     data_dir.mkdir(parents=True, exist_ok=True)
     import json
 
-    rows = _warmup_rows(60, seed, arith)
-    atomic_write_text(data_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    from lmstack.align.rl_data import arithmetic_items, sft_rows
+
+    # the warm-up answers the GRPO train prompts; the held-out prompts are never trained on
+    warm_items = arithmetic_items(arith["train_items"], split="train", seed=seed, max_operand=arith["max_operand"],
+                                  n_terms=arith["n_terms"], ops=arith["ops"], heldout_fraction=held_frac)
+    # the worked solutions give the answer in the required '#### N' form only part of the time (else 'The
+    # answer is N.'): the warm-up teaches the task, GRPO's strict reward then has the form left to teach
+    import random
+
+    rng = random.Random(seed)
+    for it in warm_items:
+        if rng.random() >= required_form:
+            it["solution"] = it["solution"].replace(f"\n#### {it['answer']}", f"\nThe answer is {it['answer']}.")
+    atomic_write_text(data_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in sft_rows(warm_items)))
     ft = from_dict(FinetuneConfig, merge({
         "run_dir": str(out / "warmup"), "base": str(base), "tokenizer": tok, "method": "full", "seed": seed,
         "steps": warmup_steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "log_every": 25, "n_samples": 0,
@@ -197,15 +210,16 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     warm_s = time.perf_counter() - t_warm
     fields = {
         "algo": "grpo", "run_dir": str(out / "rl"), "base": str(out / "warmup"), "tokenizer": tok, "method": "full",
-        "seed": seed, "steps": grpo_steps, "minibatch_size": 32, "lr": 5e-5, "eval_every": 0,
-        "data": {"source": "arithmetic", "eval_items": 40,
-                 "arithmetic": {**arith, "train_items": 60, "heldout_items": 40}},
-        "rollout": {"prompts": 8, "num_samples": 8, "max_new_tokens": 16, "temperature": 1.0},
+        "seed": seed, "steps": grpo_steps, "minibatch_size": 32, "lr": 1e-4, "warmup_steps": 4, "eval_every": 0,
+        "data": {"source": "arithmetic", "eval_items": arith["heldout_items"], "heldout_fraction": held_frac,
+                 "arithmetic": arith},
+        "rollout": {"prompts": 8, "num_samples": 8, "max_new_tokens": 28, "temperature": 0.7},
         "reward": {"correct": 1.0, "format": 0.2}, "grpo": {"beta": 0.02},
     }
     cfg = from_dict(OnlineConfig, merge(fields, overrides))
     results = run_online(cfg)
     results["warmup_seconds"] = round(warm_s, 2)
+    results["required_form"] = required_form
     results["seconds_total"] = round(time.perf_counter() - t0, 2)
     report = render_speedrun_report(results, cfg)      # links are relative to RUN (the speedrun's report.md)
     atomic_write_json(out / "summary.json", results)
@@ -220,8 +234,9 @@ def render_speedrun_report(r: dict[str, Any], cfg: Any) -> str:
     a_cfg = cfg.data.arithmetic
     lines = [
         f"The tiny model never saw arithmetic, so it first gets a short supervised warm-up ({r.get('warmup_seconds', 0):.0f} s, "
-        f"full fine-tuning on worked `<think>...</think>` / `#### N` solutions of one-step problems with operands "
-        f"0..{a_cfg.max_operand}), then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
+        f"full fine-tuning on worked `<think>...</think>` solutions of one-step problems with operands "
+        f"0..{a_cfg.max_operand}, {r.get('required_form', 0.3):.0%} of them ending in the required `#### N`, the "
+        f"rest in `The answer is N.`), then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
         f"{cfg.rollout.num_samples} samples per rollout, beta {cfg.grpo.beta}, loss `{cfg.grpo.loss_type}`) with a "
         f"verifiable reward: strict exact match + {cfg.reward.format} x the format reward.", "",
         f"| held-out synthetic arithmetic ({r['heldout_items']} items, greedy) | after warm-up (before GRPO) "

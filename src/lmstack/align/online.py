@@ -101,7 +101,7 @@ class RolloutLoader:
         scores, parts = combine(self.rewards, ro.texts, ro.items, self.reward_stats)
         x, y = pack(ro.prompt_ids, ro.response_ids, self.pad_id)
         mask = y != -100
-        old = response_logps(self.policy, x, y, cfg.minibatch_size)
+        old = response_logps(self.policy, x, y, cfg.minibatch_size, r.temperature)
         ref = self.ref_logps_fn(x, y) if self.ref_logps_fn is not None else torch.zeros_like(old)
         score_t = torch.tensor(scores, dtype=torch.float32)
         valid = ~torch.isnan(score_t)
@@ -326,19 +326,21 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
 
     def ref_logps(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if ref_model is not None:
-            return response_logps(ref_model, x, y, cfg.minibatch_size)
+            return response_logps(ref_model, x, y, cfg.minibatch_size, cfg.rollout.temperature)
         with adapters_disabled(policy):          # LoRA: the base is the reference
-            return response_logps(policy, x, y, cfg.minibatch_size)
+            return response_logps(policy, x, y, cfg.minibatch_size, cfg.rollout.temperature)
 
     value = None
     if cfg.algo == "ppo":
         value = value_model(policy)
         model: nn.Module = ActorCritic(policy, value)
-        loss_fn = make_ppo_loss_fn(cfg.ppo.clip_range, cfg.ppo.clip_range_value, cfg.ppo.vf_coef)
+        loss_fn = make_ppo_loss_fn(cfg.ppo.clip_range, cfg.ppo.clip_range_value, cfg.ppo.vf_coef,
+                                   cfg.rollout.temperature)
     else:
         model = policy
         g = cfg.grpo
-        loss_fn = make_grpo_loss_fn(g.beta, g.epsilon, g.epsilon_high, g.loss_type, cfg.rollout.max_new_tokens)
+        loss_fn = make_grpo_loss_fn(g.beta, g.epsilon, g.epsilon_high, g.loss_type, cfg.rollout.max_new_tokens,
+                                    cfg.rollout.temperature)
     loader = RolloutLoader(cfg, policy, tok, train_items, rewards, ref_logps if needs_ref else None, value)
 
     base_config = None

@@ -160,11 +160,13 @@ def response_values(value: nn.Module, x: torch.Tensor, mask: torch.Tensor, batch
     return torch.cat(out) * mask.to(torch.float32)
 
 
-def make_ppo_loss_fn(clip_range: float, clip_range_value: float, vf_coef: float):
+def make_ppo_loss_fn(clip_range: float, clip_range_value: float, vf_coef: float, temperature: float = 1.0):
     """The trainer's ``loss_fn(model, x, y, generator)`` for a PPO minibatch; ``model`` is an :class:`ActorCritic`."""
 
     def loss_fn(model: nn.Module, x: dict[str, Any], y: Any, generator: Any):
         logits = model.policy(x["input_ids"])
+        if temperature != 1.0:            # the sampling distribution the rollouts came from
+            logits = logits / temperature
         values = model.value(x["input_ids"])[..., 0].float()
         logps = token_logps(logits, x["labels"])
         mask = x["mask"]

@@ -52,8 +52,9 @@ class Rollouts:
 
 def sampling_config(max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                     seed: int | None = None, num_samples: int = 1) -> GenerationConfig:
-    """The rollout policy: plain sampling from the model's distribution (temperature 1, no truncation) by
-    default, so the sampled tokens' log-probs are the ones the loss recomputes."""
+    """The rollout policy: sampling from ``softmax(logits / temperature)``; the losses score tokens under the
+    same tempered distribution. Keep ``top_p`` at 1 for exact ratios (a truncated sampler is not the
+    distribution the loss scores)."""
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed, num_return_sequences=num_samples)
 
@@ -100,8 +101,11 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
 
 
 @torch.no_grad()
-def response_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Per-token log-probs (N, T) of ``y`` under ``model`` (0 where ``y == -100``), in eval mode, no gradient."""
+def response_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs (N, T) of ``y`` under ``model`` (0 where ``y == -100``), in eval mode, no gradient;
+    of the sampling distribution ``softmax(logits / temperature)`` (the policy the rollouts were drawn from,
+    as trl scores it)."""
     from lmstack.infer.session import eval_mode
 
     device = next(model.parameters()).device
@@ -109,6 +113,8 @@ def response_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     with eval_mode(model):
         for s in range(0, x.shape[0], batch_size):
             logits = model(x[s:s + batch_size].to(device))
+            if temperature != 1.0:
+                logits = logits / temperature
             out.append(token_logps(logits, y[s:s + batch_size].to(device)).cpu())
     return torch.cat(out)
 
