@@ -236,7 +236,7 @@ def test_failing_reward_is_counted_and_never_a_nan_loss(tiny_base, tmp_path, cap
 def test_resume_is_exact(tiny_base, tmp_path):
     from lmstack.align.online import run_online
 
-    kw = dict(steps=6, minibatch_size=4, ckpt_every=2, rollout={"prompts": 4, "num_samples": 4, "max_new_tokens": 8})
+    kw = {"steps": 6, "minibatch_size": 4, "ckpt_every": 2, "rollout": {"prompts": 4, "num_samples": 4, "max_new_tokens": 8}}
     extra = [(digits, 1.0)]
     run_online(_cfg(tiny_base, tmp_path / "straight", **kw), extra_rewards=extra)
     stopped = run_online(_cfg(tiny_base, tmp_path / "resumed", **kw), extra_rewards=extra, until=3)   # a crash
@@ -329,9 +329,9 @@ def test_grpo_raises_heldout_strict_exact_match_on_a_tiny_task(tmp_path):
     import random
 
     from lmstack.align.online import run_online
-    from lmstack.finetune.run import FinetuneConfig, finetune
     from lmstack.config import from_dict
     from lmstack.data.split import is_heldout
+    from lmstack.finetune.run import FinetuneConfig, finetune
     from lmstack.model import build_model, preset, save
     from lmstack.tokenizer import train_bpe
 

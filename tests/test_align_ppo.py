@@ -70,11 +70,11 @@ def _batch(seed=0, b=5, t=8):
     mask = torch.ones(b, t, dtype=torch.float64)
     for i, n in enumerate([8, 3, 6, 1, 5]):
         mask[i, n:] = 0
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)   # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 2
-    return dict(mask=mask, old=old * mask, new=(old + 0.4 * r(b, t)) * mask, ref=(old + 0.2 * r(b, t)) * mask,
-                values=r(b, t) * mask, vpred=r(b, t) * mask, returns=r(b, t) * mask, adv=r(b, t) * mask,
-                scores=r(b))
+    return {"mask": mask, "old": old * mask, "new": (old + 0.4 * r(b, t)) * mask, "ref": (old + 0.2 * r(b, t)) * mask,
+                "values": r(b, t) * mask, "vpred": r(b, t) * mask, "returns": r(b, t) * mask, "adv": r(b, t) * mask,
+                "scores": r(b)}
 
 
 def test_ppo_loss_matches_trl():

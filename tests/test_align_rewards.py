@@ -8,9 +8,22 @@ import math
 
 import pytest
 
-from lmstack.align.rewards import (RewardStats, answer_of, code_reward, combine, correct_lenient, correct_strict,
-                                   default_rewards, exact_match, extract_lenient, extract_strict, format_reward,
-                                   gsm8k_answer, reward_model_reward, score_one)
+from lmstack.align.rewards import (
+    RewardStats,
+    answer_of,
+    code_reward,
+    combine,
+    correct_lenient,
+    correct_strict,
+    default_rewards,
+    exact_match,
+    extract_lenient,
+    extract_strict,
+    format_reward,
+    gsm8k_answer,
+    reward_model_reward,
+    score_one,
+)
 
 
 @pytest.mark.parametrize("text, strict, lenient", [

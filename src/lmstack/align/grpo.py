@@ -233,19 +233,21 @@ def render_speedrun_report(r: dict[str, Any], cfg: Any) -> str:
     t = r["timing"]
     a_cfg = cfg.data.arithmetic
     lines = [
-        f"The tiny model never saw arithmetic, so it first gets a short supervised warm-up ({r.get('warmup_seconds', 0):.0f} s, "
+        (f"The tiny model never saw arithmetic, so it first gets a short supervised warm-up ({r.get('warmup_seconds', 0):.0f} s, "
         f"full fine-tuning on worked `<think>...</think>` solutions of one-step problems with operands "
         f"0..{a_cfg.max_operand}, {r.get('required_form', 0.3):.0%} of them ending in the required `#### N`, the "
         f"rest in `The answer is N.`), then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
         f"{cfg.rollout.num_samples} samples per rollout, beta {cfg.grpo.beta}, loss `{cfg.grpo.loss_type}`) with a "
-        f"verifiable reward: strict exact match + {cfg.reward.format} x the format reward.", "",
-        f"| held-out synthetic arithmetic ({r['heldout_items']} items, greedy) | after warm-up (before GRPO) "
-        f"| after GRPO |", "|---|---:|---:|",
+        f"verifiable reward: strict exact match + {cfg.reward.format} x the format reward."), "",
+        (f"| held-out synthetic arithmetic ({r['heldout_items']} items, greedy) | after warm-up (before GRPO) "
+        f"| after GRPO |"), "|---|---:|---:|",
         f"| exact match, strict (`#### N`) | {b['exact_match_strict']:.3f} | {a['exact_match_strict']:.3f} |",
         f"| exact match, lenient (last number) | {b['exact_match_lenient']:.3f} | {a['exact_match_lenient']:.3f} |",
         f"| mean reward | {b['reward_mean']:.3f} | {a['reward_mean']:.3f} |", "",
-        f"Time: rollouts {t['rollout_s']:.1f} s ({t['rollout_fraction']:.0%} of the GRPO loop, "
-        f"{t['rollout_tokens_per_s']:.0f} generated tokens/s), updates {t['update_s']:.1f} s.", "",
+        (f"Rollout reward (mean over the buffer's samples): {r['reward_first']:.3f} in the first buffer, "
+         f"{r['reward_last']:.3f} in the last." if r.get("reward_first") is not None else ""), "",
+        (f"Time: rollouts {t['rollout_s']:.1f} s ({t['rollout_fraction']:.0%} of the GRPO loop, "
+        f"{t['rollout_tokens_per_s']:.0f} generated tokens/s), updates {t['update_s']:.1f} s."), "",
         f"![reward curve]({Path(r['reward_curve']).relative_to(Path(cfg.run_dir).parent.parent)})"
         if r.get("reward_curve") else "", ""]
     if r.get("reward_failures"):

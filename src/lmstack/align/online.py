@@ -197,8 +197,8 @@ def load_items(cfg: OnlineConfig) -> tuple[list[Item], list[Item]]:
     d = cfg.data
     if d.source == "arithmetic":
         a = d.arithmetic
-        kw = dict(seed=cfg.seed, max_operand=a.max_operand, n_terms=a.n_terms, ops=a.ops,
-                  heldout_fraction=d.heldout_fraction, system=d.system)
+        kw = {"seed": cfg.seed, "max_operand": a.max_operand, "n_terms": a.n_terms, "ops": a.ops,
+              "heldout_fraction": d.heldout_fraction, "system": d.system}
         return (arithmetic_items(a.train_items, split="train", **kw),
                 arithmetic_items(a.heldout_items, split="heldout", **kw))
     reader = gsm8k_items if d.source == "gsm8k" else row_items
@@ -399,7 +399,7 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
                        optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          warmup_steps=min(cfg.warmup_steps, cfg.steps), schedule=cfg.schedule,
                                          grad_clip=cfg.grad_clip))
-    task = Task(model=model, loader=loader, eval_batches=lambda: [], tokenizer=tok, save_weights=save_weights,
+    task = Task(model=model, loader=loader, eval_batches=list, tokenizer=tok, save_weights=save_weights,
                 load_weights=load_weights, loss_fn=loss_fn, evaluate=evaluate, progress_metrics=STATS_SHOWN)
     before = evaluate_policy(policy, tok, held, rewards, cfg.rollout.max_new_tokens) if held else {}
     def ref_state() -> dict[str, torch.Tensor]:   # the reference's weights: the copy, or LoRA's frozen base
@@ -422,6 +422,7 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
     ref_unchanged = ref_before is None or all(torch.equal(ref_before[k], v) for k, v in ref_state().items())
     rows = read_metrics(run / "metrics.jsonl")
     curve = plot_reward_curve(rows, run / "reward.png")
+    train_rows = [row for row in rows if "reward_mean" in row and "loss" in row]
     tot = loader.totals
     rollout_s = tot["generate_s"] + tot["score_s"]
     update_s = max(seconds - rollout_s - eval_time[0], 0.0)
@@ -436,6 +437,8 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
                    "rollout_tokens": tot["rollout_tokens"],
                    "rollout_tokens_per_s": round(tot["rollout_tokens"] / max(tot["generate_s"], 1e-9), 1)},
         "reward_curve": str(curve) if curve else None, "reference_unchanged": ref_unchanged,
+        "reward_first": train_rows[0]["reward_mean"] if train_rows else None,
+        "reward_last": train_rows[-1]["reward_mean"] if train_rows else None,
         "reward_failures": loader.reward_stats.total_failed, "reward_summary": loader.reward_stats.summary(),
         "train_loss": summary.get("train_loss"), "tokens_per_s": summary.get("tokens_per_s"),
     }
@@ -485,9 +488,9 @@ def render_report(r: dict[str, Any]) -> str:
             if k in b:
                 lines.append(f"| {k} | {b[k]:.3f} | {a.get(k, float('nan')):.3f} |")
         lines.append("")
-    lines += [f"Time: {t['seconds']:.1f} s; rollouts {t['rollout_s']:.1f} s ({t['rollout_fraction']:.0%}; "
+    lines += [(f"Time: {t['seconds']:.1f} s; rollouts {t['rollout_s']:.1f} s ({t['rollout_fraction']:.0%}; "
               f"{t['rollout_tokens_per_s']:.0f} generated tokens/s), updates {t['update_s']:.1f} s, "
-              f"held-out evaluation {t['eval_s']:.1f} s.", "", r["reward_summary"], ""]
+              f"held-out evaluation {t['eval_s']:.1f} s."), "", r["reward_summary"], ""]
     if r.get("reward_curve"):
         lines.append("![reward curve](reward.png)")
     return "\n".join(lines)

@@ -187,9 +187,8 @@ def _name(fn: Any) -> str:
 
 def _one(fn: RewardFn, response: str, item: dict[str, Any]) -> tuple[float, str | None]:
     try:
-        v = fn([response], [item])
-        v = float(list(v)[0])
-    except Exception as e:  # a user's reward function may raise anything: isolate it to this sample
+        v = float(next(iter(fn([response], [item]))))
+    except Exception as e:  # noqa: BLE001 -- a user's reward function may raise anything: isolate this sample
         return math.nan, f"{type(e).__name__}: {e}"[:200]
     return (v, None) if math.isfinite(v) else (math.nan, f"returned {v}")
 
@@ -204,7 +203,7 @@ def score_one(fn: RewardFn, responses: list[str], items: list[dict[str, Any]], s
         values = [float(v) for v in fn(list(responses), list(items))]
         if len(values) != len(responses):
             raise ValueError(f"returned {len(values)} scores for {len(responses)} responses")
-    except Exception:
+    except Exception:  # noqa: BLE001 -- any failure of the batch call: retry sample by sample
         pairs = [_one(fn, r, it) for r, it in zip(responses, items)]
         values = [v for v, _ in pairs]
         errors = [e for _, e in pairs if e]
