@@ -146,8 +146,8 @@ def make_grpo_loss_fn(beta: float, epsilon: float, epsilon_high: float | None, l
 # the speedrun stage
 
 
-def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, warmup_steps: int = 150,
-                  grpo_steps: int = 24, seed: int = 1337, warmup: dict[str, Any] | None = None,
+def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, warmup_steps: int = 300,
+                  grpo_steps: int = 64, seed: int = 1337, warmup: dict[str, Any] | None = None,
                   required_form: float = 0.3,
                   **overrides: Any) -> tuple[dict[str, Any], str]:
     """The speedrun's GRPO stage: supervised warm-up on easy synthetic arithmetic, then GRPO with verifiable

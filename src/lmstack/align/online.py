@@ -421,7 +421,7 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
     # the reference is frozen: checked, since a shared tensor or a stray optimizer group would move it
     ref_unchanged = ref_before is None or all(torch.equal(ref_before[k], v) for k, v in ref_state().items())
     rows = read_metrics(run / "metrics.jsonl")
-    curve = plot_reward_curve(rows, run / "reward.png")
+    curve = plot_reward_curve(rows, run / "reward.png", before)
     train_rows = [row for row in rows if "reward_mean" in row and "loss" in row]
     tot = loader.totals
     rollout_s = tot["generate_s"] + tot["score_s"]
@@ -448,8 +448,9 @@ def run_online(cfg: OnlineConfig, reward_model: Any = None, extra_rewards: list[
     return results
 
 
-def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Reward (mean +- std per rollout buffer) and held-out exact match against the step, as a PNG."""
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path, before: dict[str, float] | None = None) -> Path | None:
+    """Reward (mean +- std per rollout buffer) and held-out exact match (from step 0: ``before``) against the
+    step, as a PNG."""
     train = [r for r in rows if "reward_mean" in r and "loss" in r]
     if not train:
         return None
@@ -466,7 +467,8 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
     std = [r.get("reward_std", 0.0) for r in train]
     ax.plot(steps, mean, label="rollout reward (mean)")
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-    evals = [r for r in rows if "exact_match_strict" in r]
+    evals = ([{"step": 0, **before}] if before and "exact_match_strict" in before else []) + \
+        [r for r in rows if "exact_match_strict" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["exact_match_strict"] for r in evals], "o--",
                 label="held-out exact match (strict)")
