@@ -177,7 +177,7 @@ def test_grpo_run_full_logs_metrics_and_keeps_the_reference(tiny_base, tmp_path)
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for key in ("reward_mean", "reward_std", "kl", "entropy", "response_len", "rollout_s", "rollout_tok_s",
-                "clip_frac", "reward_failures", "reward_correct_strict", "reward_format_reward"):
+                "clip_frac", "reward_failures", "reward_correct_strict", "reward_format_reward", "update_s"):
         assert key in train[0], key
     assert all(math.isfinite(r["loss"]) for r in train)
     assert any("exact_match_strict" in r and "exact_match_lenient" in r for r in rows)

@@ -18,7 +18,7 @@ The run directory is the trainer's (config.json, metrics.jsonl, checkpoints/, su
 PPO's value model), ``tokenizer.json``, ``reward.png`` (the reward curve) and ``report.md``.
 Every step logs, besides the loss: ``reward_mean``/``reward_std`` (and each reward term's mean),
 ``kl``, ``entropy``, ``clip_frac``, ``response_len``, ``rollout_s`` (the buffer's generation + scoring),
-``rollout_tok_s``, ``reward_failures``; held-out ``exact_match_strict``/``exact_match_lenient``/
+``rollout_tok_s``, ``update_s`` (the previous buffer's optimizer steps), ``reward_failures``; held-out ``exact_match_strict``/``exact_match_lenient``/
 ``reward_mean`` are logged as eval rows.
 """
 
@@ -40,7 +40,7 @@ from lmstack.align.rl_config import OnlineConfig
 from lmstack.align.rl_data import Item
 from lmstack.errors import ConfigError, DataError
 
-STATS_SHOWN = ("reward_mean", "kl", "response_len", "rollout_s")   # on the progress line
+STATS_SHOWN = ("reward_mean", "kl", "response_len", "rollout_s", "update_s")   # on the progress line
 
 
 def _pack_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -67,6 +67,7 @@ class RolloutLoader:
         self.stats: dict[str, float] = {}
         self.reward_stats = RewardStats()
         self.totals = {"generate_s": 0.0, "score_s": 0.0, "rollout_tokens": 0}
+        self._refilled_at: float | None = None
 
     # -- prompts ----------------------------------------------------------------------------------------
     def _shuffled(self, epoch: int) -> list[int]:
@@ -92,6 +93,8 @@ class RolloutLoader:
         from lmstack.align.rollout import generate_rollouts, pack, response_logps, sampling_config
 
         cfg, r = self.cfg, self.cfg.rollout
+        # the previous buffer's update time: from the end of its refill to now (its optimizer steps)
+        update_s = time.perf_counter() - self._refilled_at if self._refilled_at is not None else 0.0
         items = self._next_prompts()
         gen = sampling_config(r.max_new_tokens, r.temperature, r.top_p, seed=cfg.seed * 7919 + self.refills,
                               num_samples=r.num_samples)
@@ -147,10 +150,12 @@ class RolloutLoader:
             "rollout_tok_s": round(ro.tokens_per_s, 1),
             "truncated_frac": sum(f == "length" for f in ro.finish_reasons) / n,
             "reward_failures": float(self.reward_stats.total_failed),
+            "update_s": round(update_s, 4),
         }
         for name, vals in parts.items():
             good = [v for v in vals if not math.isnan(v)]
             self.stats[f"reward_{name}"] = sum(good) / len(good) if good else math.nan
+        self._refilled_at = time.perf_counter()
 
     # -- the loader contract ---------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict[str, Any], dict[str, Any]]:
