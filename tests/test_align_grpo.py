@@ -319,7 +319,6 @@ def test_gsm8k_end_to_end(shared_data, tmp_path):
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
 
 
-@pytest.mark.slow
 def test_grpo_raises_heldout_strict_exact_match_on_a_tiny_task(tmp_path):
     """A tiny task where what GRPO must learn is clear: the answer is easy (``What is 37 - 37?``, always 0) but
     must come in the required ``#### N`` form. The supervised warm-up (through lmstack.finetune) shows it in the
