@@ -1,8 +1,9 @@
-"""``lmstack align METHOD CONFIG``: reward models, DPO and KTO runs (thin wrappers over :mod:`lmstack.align`).
+"""``lmstack align METHOD CONFIG``: reward models, DPO and KTO (offline) and GRPO/PPO (online) runs, thin
+wrappers over :mod:`lmstack.align`.
 
-Each method is one entry of :data:`METHODS`: ``name -> (help, "module:run function", "module:config loader",
-"module:report renderer")``. The runner is imported when the subcommand runs, never at ``lmstack --help``.
-Adding a method (``ppo``, ``grpo``) is one more entry with the same three callables.
+Each offline method is one entry of :data:`METHODS`: ``name -> (help, "module:run function", "module:config
+loader", "module:report renderer")``; the online ones (:func:`register_online`) take ``--base``/``--method``/
+``--resume`` too. Runners are imported when the subcommand runs, never at ``lmstack --help``.
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from lmstack.clihelp import HelpFormatter
 
     p = subparsers.add_parser(
-        "align", help="alignment: reward models, DPO/IPO, KTO on preference data",
+        "align", help="alignment: reward models, DPO/IPO, KTO on preference data; GRPO and PPO with rewards",
         description="Align a fine-tuned model on preference data (JSONL/JSON/Parquet: prompt/chosen/rejected, "
                     "HH-RLHF dialogues, ShareGPT conversations + chosen/rejected, or prompt/completion/label for "
                     "KTO), rendered with the chat template, loss on the response tokens only. CONFIG is a "
                     "TOML/YAML/JSON file of the method's config fields; any field can be overridden with "
-                    "--field VALUE (--beta 0.05, --data.train pairs.jsonl).",
+                    "--field VALUE (--beta 0.05, --data.train pairs.jsonl). 'grpo' and 'ppo' sample responses to prompts "
+                    "with the policy, score them (exact numeric answer, the <think>...</think> then '#### N' format, "
+                    "code that passes tests, a reward model) and update it on the same trainer.",
         epilog="examples:\n"
                "  lmstack align rm configs/align_rm.toml\n"
+               "  lmstack align grpo configs/grpo_arith.toml --base runs/sft\n"
                "  lmstack align dpo configs/align_dpo.toml --loss_type ipo --beta 0.5\n"
                "  lmstack align kto configs/align_kto.toml --method full --lr 1e-5",
         formatter_class=HelpFormatter)
@@ -53,14 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         m.add_argument("config", metavar="CONFIG", help="config file (TOML/YAML/JSON)")
         m.add_argument("--json", action="store_true", help="print the summary as JSON")
         m.set_defaults(func=cmd_align, align_method=name, accepts_overrides=True)
+    register_online(sub)
     p.set_defaults(func=_usage)
 
 
 def _usage(args: argparse.Namespace) -> int:
     from lmstack.errors import ConfigError
 
-    raise ConfigError(f"align: name a method ({'|'.join(METHODS)}) and a config, e.g. lmstack align dpo "
-                      f"configs/align_dpo.toml")
+    methods = "|".join([*METHODS, "grpo", "ppo"])
+    raise ConfigError(f"align: name a method ({methods}) and a config, e.g. lmstack align dpo configs/align_dpo.toml")
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -68,4 +73,42 @@ def cmd_align(args: argparse.Namespace) -> int:
     cfg = _resolve(load)(args.config, list(getattr(args, "overrides", []) or []))
     results = _resolve(run)(cfg)
     print(json.dumps(results, indent=2, default=str) if args.json else _resolve(render)(results))
+    return 0
+
+
+def register_online(sub: argparse._SubParsersAction) -> None:
+    """The ``ppo`` and ``grpo`` subcommands (the alignment group's online half)."""
+    from lmstack.clihelp import HelpFormatter
+
+    for algo, what in (("grpo", "GRPO: group-normalised advantages, clipped ratio, k3 KL to the reference"),
+                       ("ppo", "PPO: value head, GAE, clipped policy and value losses, per-token KL penalty")):
+        p = sub.add_parser(
+            algo, help=what, formatter_class=HelpFormatter,
+            description=f"{what}. CONFIG is a TOML/YAML/JSON file of OnlineConfig fields (see docs/align_online.md);"
+                        f" any field can be overridden with --field VALUE (--rollout.num_samples 8, --grpo.beta 0).",
+            epilog="examples:\n"
+                   f"  lmstack align {algo} configs/{algo}.toml --base runs/sft\n"
+                   f"  lmstack align {algo} configs/{algo}.toml --method lora --steps 20 --resume")
+        p.add_argument("config", metavar="CONFIG", help="the run's config file")
+        p.add_argument("--base", default=None, help="the policy's model folder (overrides the config)")
+        p.add_argument("--method", choices=["full", "lora"], default=None, help="full fine-tuning or LoRA")
+        p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+        p.add_argument("--json", action="store_true", help="print the results as JSON")
+        p.set_defaults(func=cmd_online, algo=algo, accepts_overrides=True)
+
+
+def cmd_online(args: argparse.Namespace) -> int:
+    from lmstack.align.rl_config import load_online_config
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    if args.base:
+        overrides += ["--base", args.base]
+    if args.method:
+        overrides += ["--method", args.method]
+    cfg = load_online_config(args.config, overrides, algo=args.algo)   # validated before torch loads
+
+    from lmstack.align.online import render_report, run_online
+
+    results = run_online(cfg, resume=args.resume)
+    print(json.dumps(results, indent=2) if args.json else render_report(results))
     return 0

@@ -128,6 +128,7 @@ class Task:
     load_weights: Any = None               # (model, folder) -> None
     loss_fn: Any = None                    # (model, x, y, generator) -> loss | (loss, metrics); None = objective's
     evaluate: Any = None                   # (model) -> {name: float}; None = the eval_batches loss
+    progress_metrics: tuple = ()           # names of loss_fn metrics also shown on the progress line
 
 
 # config.json: what "auto" resolved to on the machine that ran (dtype, reason, threads); the config loader
@@ -693,8 +694,11 @@ class Trainer:
                     if not math.isfinite(loss_v):
                         raise DataError(f"step {step}: the loss is {loss_v}; lower optim.lr or check the data")
                     self._log(record)
-                    # a task's own metrics (alignment: rewards, margin, accuracy) ride on the progress line too
-                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}", **self.strategy.step_metrics)
+                    # a task's own metrics (alignment: rewards, margin, accuracy) ride on the progress line too:
+                    # those it names in progress_metrics, else all of them
+                    named = self.task.progress_metrics if self.task is not None else ()
+                    shown = {k: v for k, v in self.strategy.step_metrics.items() if not named or k in named}
+                    progress.update(0, loss=loss_v, tok_s=int(tps), mfu=f"{mfu:.1%}", **shown)
                 progress.update(1)
                 at_end = step == cfg.steps
                 new_best = False
@@ -702,7 +706,7 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         self._log({"step": step, **ev})
-                        if self.best_val is None or ev["val_loss"] < self.best_val:
+                        if "val_loss" in ev and (self.best_val is None or ev["val_loss"] < self.best_val):
                             self.best_val, self.best_step, new_best = ev["val_loss"], step, True
                 if cfg.sample_every and step % cfg.sample_every == 0 and self.strategy.holds_whole_model:
                     for s in self.samples():

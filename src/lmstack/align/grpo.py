@@ -1,0 +1,255 @@
+"""GRPO: Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath: Pushing the Limits of
+Mathematical Reasoning in Open Language Models", sec. 4.1), with the Dr.GRPO and DAPO variants.
+
+For each prompt ``q`` sample a group of ``G`` responses ``o_1..o_G`` from the rollout policy
+``pi_old`` and score them, ``r_1..r_G``. No value model: the baseline is the group's mean,
+
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)          (std with Bessel's correction; every token of o_i gets A_i)
+
+and the loss is PPO's clipped surrogate per token plus a KL penalty to the frozen reference ``pi_ref``::
+
+    rho_it   = pi(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    l_it     = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it
+    KL_it    = pi_ref / pi - log(pi_ref / pi) - 1     (the k3 estimator, Schulman 2020: unbiased, >= 0)
+
+    grpo     L = mean_i [ sum_t l_it / |o_i| ]                 (DeepSeekMath: per-sequence mean, then mean)
+    dr_grpo  L = sum_it l_it / (G_total * max_new_tokens)      (Liu et al. 2025, "Understanding R1-Zero-Like
+             Training: A Critical Perspective": no length normalisation; pair with ``scale="none"``, no std)
+    dapo     L = sum_it l_it / sum_i |o_i|                     (Yu et al. 2025, DAPO: token-level mean, so
+             long responses weigh per token, not per sequence; its clip-higher is ``epsilon_high``)
+
+These are exactly ``trl`` 1.16 ``GRPOTrainer``'s ``loss_type`` "grpo", "dr_grpo" and "dapo" (one process,
+``steps_per_generation`` 1; the tests check it). With ``beta = 0`` the KL term and the reference forward
+vanish; with one pass per buffer (``rho = 1``) the loss's gradient is the REINFORCE gradient with the
+group-mean baseline. A sample whose reward is NaN (a failing reward function) gets ``A = 0`` and no tokens
+in the mask: no gradient, never a NaN.
+
+:func:`speedrun_grpo` is the speedrun's stage: a short supervised warm-up on easy synthetic arithmetic (the
+tiny pre-trained model has never seen any), then GRPO with verifiable rewards; held-out exact match before
+and after.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmstack.align.logps import token_logps
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """``(r - mean_group(r)) / (std_group(r) + 1e-4)`` per sample (``scale="none"``: no division), over
+    consecutive groups of ``group_size``; NaN rewards are left out of their group's statistics and get 0."""
+    r = rewards.view(-1, group_size).float()
+    valid = ~torch.isnan(r)
+    n = valid.sum(1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    adv = r - mean
+    if scale == "group":
+        adv = adv / (var.sqrt() + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    adv = torch.where(valid & (n > 1), adv, 0.0)   # a lone valid sample has no baseline: no signal
+    return adv.view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token ``exp(ref - logp) - (ref - logp) - 1``: Schulman's k3 estimate of KL(pi || pi_ref)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.04, epsilon: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None,
+              num_tokens: torch.Tensor | float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GRPO policy loss (see the module docstring); tensors in, tensors out.
+
+    ``logps``, ``old_logps``, ``ref_logps`` (B, T): per-token log-probs of the sampled response tokens under
+    the policy being trained, the rollout policy and the reference (``ref_logps`` may be None when
+    ``beta == 0``); ``advantages`` (B,) or (B, T); ``mask`` (B, T) 1 on response tokens. ``loss_type``
+    "grpo" | "dr_grpo" (needs ``max_completion_length``) | "dapo" (normalised by ``num_tokens``, default the
+    mask's sum; pass the whole optimizer step's count under gradient accumulation).
+
+    Returns ``(loss, per_token_kl, clipped)``: the scalar loss, the k3 KL (B, T) (zeros when ``beta == 0``)
+    and where the clip was active (B, T) bool.
+    """
+    mask = mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logps - old_logps)
+    high = epsilon if epsilon_high is None else epsilon_high
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + high)
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta != 0 needs ref_logps")
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+    else:
+        kl = torch.zeros_like(logps)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("grpo_loss: loss_type 'dr_grpo' needs max_completion_length")
+        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    elif loss_type == "dapo":
+        denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype)
+        loss = (per_token * mask).sum() / denom.clamp(min=1.0)
+    else:
+        raise ValueError(f"grpo_loss: loss_type must be grpo, dr_grpo or dapo, got {loss_type!r}")
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    return loss, kl, clipped
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy (B, T) of the next-token distribution, no gradient."""
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
+def make_grpo_loss_fn(beta: float, epsilon: float, epsilon_high: float | None, loss_type: str,
+                      max_new_tokens: int, temperature: float = 1.0):
+    """The trainer's ``loss_fn(model, x, y, generator)`` for a rollout minibatch (see online.RolloutLoader)."""
+
+    def loss_fn(model: torch.nn.Module, x: dict[str, Any], y: Any, generator: Any):
+        logits = model(x["input_ids"])
+        if temperature != 1.0:            # the sampling distribution the rollouts came from
+            logits = logits / temperature
+        logps = token_logps(logits, x["labels"])
+        mask = x["mask"]
+        loss, kl, clipped = grpo_loss(logps, x["old_logps"], x["ref_logps"] if beta else None, x["advantages"],
+                                      mask, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
+                                      loss_type=loss_type, max_completion_length=max_new_tokens,
+                                      num_tokens=x.get("step_tokens"))
+        metrics = {"kl": masked_mean(kl.detach(), mask), "clip_frac": masked_mean(clipped.float(), mask),
+                   "entropy": masked_mean(entropy_of(logits), mask), **x.get("stats", {})}
+        return loss, metrics
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the speedrun stage
+
+
+def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, warmup_steps: int = 300,
+                  grpo_steps: int = 64, seed: int = 1337, warmup: dict[str, Any] | None = None,
+                  required_form: float = 0.3,
+                  **overrides: Any) -> tuple[dict[str, Any], str]:
+    """The speedrun's GRPO stage: supervised warm-up on easy synthetic arithmetic, then GRPO with verifiable
+    rewards (strict exact match + the ``<think>`` format), on the pre-trained tiny model.
+
+    ``base`` defaults to the first of ``RUN/pretrain``, ``RUN/train``, ``RUN/model`` holding a model; the
+    tokenizer is the base's or ``RUN/tokenizer.json``. Writes ``RUN/grpo/warmup/`` (the fine-tuning run) and
+    ``RUN/grpo/rl/`` (the GRPO run: metrics.jsonl, reward.png, summary.json) and ``RUN/grpo/summary.json``.
+    The warm-up's worked solutions end in the required ``#### N`` in a ``required_form`` share of them (the
+    rest say ``The answer is N.``), so the strict extraction has room to rise under GRPO's strict reward while
+    the lenient one measures the arithmetic itself. ``warmup``: :class:`lmstack.finetune.run.FinetuneConfig`
+    fields for the warm-up; ``arithmetic``: the
+    synthetic task (``max_operand``, ``n_terms``, ``ops``); other ``overrides`` are
+    :class:`lmstack.align.rl_config.OnlineConfig` fields (nested dicts). Returns the results (held-out strict
+    and lenient exact match after the warm-up and after GRPO, the time split) and a markdown section.
+    """
+    from lmstack.align.online import run_online
+    from lmstack.align.rl_config import OnlineConfig
+    from lmstack.config import from_dict, merge
+    from lmstack.errors import DataError
+    from lmstack.finetune.run import FinetuneConfig, finetune
+    from lmstack.runs import atomic_write_json, atomic_write_text
+
+    t0 = time.perf_counter()
+    run = Path(run_dir)
+    if base is None:
+        found = [run / n for n in ("pretrain", "train", "model") if (run / n / "model_config.json").is_file()]
+        if not found:
+            raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
+        base = found[0]
+    tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
+    arith = {"max_operand": 9, "n_terms": 2, "ops": ["+", "-"], "train_items": 120, "heldout_items": 40,
+             **overrides.pop("arithmetic", {})}
+    held_frac = 0.25
+    out = run / "grpo"
+    data_dir = out / "warmup_data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    import json
+
+    from lmstack.align.rl_data import arithmetic_items, sft_rows
+
+    # the warm-up answers the GRPO train prompts; the held-out prompts are never trained on
+    warm_items = arithmetic_items(arith["train_items"], split="train", seed=seed, max_operand=arith["max_operand"],
+                                  n_terms=arith["n_terms"], ops=arith["ops"], heldout_fraction=held_frac)
+    # the worked solutions give the answer in the required '#### N' form only part of the time (else 'The
+    # answer is N.'): the warm-up teaches the task, GRPO's strict reward then has the form left to teach
+    import random
+
+    rng = random.Random(seed)
+    for it in warm_items:
+        if rng.random() >= required_form:
+            it["solution"] = it["solution"].replace(f"\n#### {it['answer']}", f"\nThe answer is {it['answer']}.")
+    atomic_write_text(data_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in sft_rows(warm_items)))
+    ft = from_dict(FinetuneConfig, merge({
+        "run_dir": str(out / "warmup"), "base": str(base), "tokenizer": tok, "method": "full", "seed": seed,
+        "steps": warmup_steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "log_every": 25, "n_samples": 0,
+        "data": {"train": [str(data_dir / "train.jsonl")], "valid_fraction": 0.1, "max_len": 48}}, warmup or {}))
+    t_warm = time.perf_counter()
+    finetune(ft)
+    warm_s = time.perf_counter() - t_warm
+    fields = {
+        "algo": "grpo", "run_dir": str(out / "rl"), "base": str(out / "warmup"), "tokenizer": tok, "method": "full",
+        "seed": seed, "steps": grpo_steps, "minibatch_size": 32, "lr": 1e-4, "warmup_steps": 4, "eval_every": 0,
+        "data": {"source": "arithmetic", "eval_items": arith["heldout_items"], "heldout_fraction": held_frac,
+                 "arithmetic": arith},
+        "rollout": {"prompts": 8, "num_samples": 8, "max_new_tokens": 28, "temperature": 0.7},
+        "reward": {"correct": 1.0, "format": 0.2}, "grpo": {"beta": 0.02},
+    }
+    cfg = from_dict(OnlineConfig, merge(fields, overrides))
+    results = run_online(cfg)
+    results["warmup_seconds"] = round(warm_s, 2)
+    results["required_form"] = required_form
+    results["seconds_total"] = round(time.perf_counter() - t0, 2)
+    report = render_speedrun_report(results, cfg)      # links are relative to RUN (the speedrun's report.md)
+    atomic_write_json(out / "summary.json", results)
+    print(f"[grpo] held-out exact match (strict) {results['before']['exact_match_strict']:.2f} -> "
+          f"{results['after']['exact_match_strict']:.2f} in {results['seconds_total']:.0f} s", file=sys.stderr)
+    return results, report
+
+
+def render_speedrun_report(r: dict[str, Any], cfg: Any) -> str:
+    b, a = r["before"], r["after"]
+    t = r["timing"]
+    a_cfg = cfg.data.arithmetic
+    lines = [
+        (f"The tiny model never saw arithmetic, so it first gets a short supervised warm-up ({r.get('warmup_seconds', 0):.0f} s, "
+        f"full fine-tuning on worked `<think>...</think>` solutions of one-step problems with operands "
+        f"0..{a_cfg.max_operand}, {r.get('required_form', 0.3):.0%} of them ending in the required `#### N`, the "
+        f"rest in `The answer is N.`), then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
+        f"{cfg.rollout.num_samples} samples per rollout, beta {cfg.grpo.beta}, loss `{cfg.grpo.loss_type}`) with a "
+        f"verifiable reward: strict exact match + {cfg.reward.format} x the format reward."), "",
+        (f"| held-out synthetic arithmetic ({r['heldout_items']} items, greedy) | after warm-up (before GRPO) "
+        f"| after GRPO |"), "|---|---:|---:|",
+        f"| exact match, strict (`#### N`) | {b['exact_match_strict']:.3f} | {a['exact_match_strict']:.3f} |",
+        f"| exact match, lenient (last number) | {b['exact_match_lenient']:.3f} | {a['exact_match_lenient']:.3f} |",
+        f"| mean reward | {b['reward_mean']:.3f} | {a['reward_mean']:.3f} |", "",
+        (f"Rollout reward (mean over the buffer's samples): {r['reward_first']:.3f} in the first buffer, "
+         f"{r['reward_last']:.3f} in the last." if r.get("reward_first") is not None else ""), "",
+        (f"Time: rollouts {t['rollout_s']:.1f} s ({t['rollout_fraction']:.0%} of the GRPO loop, "
+        f"{t['rollout_tokens_per_s']:.0f} generated tokens/s), updates {t['update_s']:.1f} s."), "",
+        f"![reward curve]({Path(r['reward_curve']).relative_to(Path(cfg.run_dir).parent.parent)})"
+        if r.get("reward_curve") else "", ""]
+    if r.get("reward_failures"):
+        lines.append(r["reward_summary"])
+    return "\n".join(lines)
