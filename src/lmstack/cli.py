@@ -28,6 +28,7 @@ LAYER_CLIS = [
     "lmstack.train.cli",
     "lmstack.finetune.cli",
     "lmstack.eval.cli",
+    "lmstack.rag.cli",
     "lmstack.speedrun",
 ]
 
