@@ -104,7 +104,7 @@ class TokenChunker:
         if self.size < 1:
             raise ConfigError(f"chunker size must be >= 1 token, got {self.size}")
         if not 0 <= self.overlap < self.size:
-            raise ConfigError(f"chunker overlap must be in 0..size-1 ({self.size - 1}), got {self.overlap}")
+            raise ConfigError(f"chunker overlap must be in 0..{self.size - 1} (below the size {self.size}), got {self.overlap}")
 
     def chunk(self, doc: Document) -> list[Chunk]:
         spans = token_spans(doc.text, self.tokenizer)

@@ -266,7 +266,6 @@ class DenseIndex(_Store):
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.train(train)
-        index.own_fields = True
         self._quantizer = quantizer  # keep the Python object alive with the index
         return index
 
