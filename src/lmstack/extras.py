@@ -5,6 +5,7 @@ dependencies of ``pyproject.toml``. The rest are extras::
 
     pip install "lmstack[data]"   # pyarrow (Parquet), trafilatura (HTML main text), langid (language filter)
     pip install "lmstack[eval]"   # sacrebleu (BLEU/chrF), nltk (ROUGE stemming, METEOR), rapidfuzz (fast edit distance)
+    pip install "lmstack[rag]"    # faiss-cpu (HNSW / IVF-PQ indexes), pypdf (PDF documents)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from lmstack.errors import LmstackError
 
 # the extra that provides each optional top-level package (its pip name where that differs)
 EXTRAS = {"pyarrow": "data", "trafilatura": "data", "langid": "data",
-          "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval"}
+          "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval",
+          "faiss": "rag", "pypdf": "rag"}
 
 
 class MissingExtraError(LmstackError):
