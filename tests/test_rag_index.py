@@ -218,3 +218,28 @@ def test_a_killed_save_leaves_the_previous_index(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert len(load_index(tmp_path / "i")) == 20  # the old index, whole
+
+
+def test_where_matches_fields_metadata_and_headings():
+    from lmstack.rag.index import matches
+
+    c = Chunk("a#0", "a", "x.md", 0, 3, "abc", ("Guide", "Install"), "T", {"lang": "en"})
+    assert matches(c, {"doc_id": "a", "lang": "en"}) and matches(c, {"source": ["y.md", "x.md"]})
+    assert matches(c, {"heading": "Install"}) and matches(c, {"heading": ["Guide", "Install"]})
+    assert not matches(c, {"heading": "Usage"}) and not matches(c, {"lang": "de"}) and not matches(c, {"nokey": 1})
+
+
+def test_a_missing_faiss_names_the_extra(monkeypatch):
+    import lmstack.extras as extras
+    from lmstack.extras import MissingExtraError
+
+    real = extras.importlib.import_module
+
+    def fake(name, *a):
+        if name.split(".")[0] == "faiss":
+            raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+        return real(name, *a)
+
+    monkeypatch.setattr(extras.importlib, "import_module", fake)
+    with pytest.raises(MissingExtraError, match=r'pip install "lmstack\[rag\]"'):
+        DenseIndex("e", 4, "hnsw").add(*corpus(3, 4))
