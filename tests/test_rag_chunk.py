@@ -101,3 +101,52 @@ def test_bad_settings_are_config_errors():
         make_chunker("x")
     with pytest.raises(ConfigError, match="separators: unknown"):
         RecursiveChunker(10, ("heading", "bogus"))
+
+
+def topic_embed(texts):
+    """A stand-in embedder: a sentence about cats points one way, about the stock market another."""
+    import numpy as np
+
+    out = []
+    for t in texts:
+        v = np.array([1.0, 0.05]) if "cat" in t.lower() else np.array([0.05, 1.0])
+        out.append(v / np.linalg.norm(v))
+    return np.stack(out)
+
+
+def test_semantic_chunker_splits_where_the_topic_changes():
+    from lmstack.rag.chunk import SemanticChunker
+
+    text = ("Cats sleep a lot. A cat purrs. Cats hunt mice. The stock market fell. Shares dropped sharply. "
+            "Investors sold bonds. My cat is back.")
+    chunks = SemanticChunker(topic_embed, max_chars=1000, threshold=0.5).chunk(doc(text))
+    assert [c.text for c in chunks] == ["Cats sleep a lot. A cat purrs. Cats hunt mice.",
+                                        "The stock market fell. Shares dropped sharply. Investors sold bonds.",
+                                        "My cat is back."]
+    assert all(text[c.start:c.end] == c.text for c in chunks)
+    small = SemanticChunker(topic_embed, max_chars=40, threshold=0.5).chunk(doc(text))
+    assert all(len(c.text) <= 40 for c in small) and len(small) > 3
+    for name, t in CASES.items():
+        for c in SemanticChunker(topic_embed, max_chars=60).chunk(doc(t)):
+            assert t[c.start:c.end] == c.text and len(c.text) <= 60, name
+
+
+def test_parent_child_chunks_return_their_section():
+    from lmstack.rag.chunk import ParentChildChunker, parent_hits
+    from lmstack.rag.index import BM25Index
+
+    d = doc(MD)
+    chunker = ParentChildChunker(RecursiveChunker(120), SentenceChunker(40))
+    children = chunker.chunk(d)
+    assert all(MD[c.start:c.end] == c.text and c.heading == d.heading_at(c.start) for c in children)
+    for c in children:
+        p = c.metadata["parent"]
+        assert MD[p["start"]:p["end"]] == p["text"] and p["start"] <= c.start < c.end <= p["end"]
+    index = BM25Index()
+    index.add(children)
+    hits = index.search("alpha beta gamma delta", 5)
+    parents = parent_hits(hits)
+    assert hits[0].chunk.text.endswith("Alpha beta gamma delta.") and "Epsilon zeta!" in parents[0].chunk.text
+    assert len(parents[0].chunk.text) > len(hits[0].chunk.text)
+    assert len({h.chunk.id for h in parents}) == len(parents) and parents[0].chunk.heading == ("Title", "Part A")
+    assert parents[0].score == hits[0].score

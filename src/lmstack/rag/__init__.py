@@ -12,8 +12,8 @@ See docs/rag.md.
 """
 
 from lmstack.rag.bm25 import BM25, bm25_scores, tokenize
-from lmstack.rag.chunk import (Chunk, Chunker, RecursiveChunker, SentenceChunker, TokenChunker, WholeChunker,
-                               chunk_documents, make_chunker)
+from lmstack.rag.chunk import (Chunk, Chunker, ParentChildChunker, RecursiveChunker, SemanticChunker, SentenceChunker,
+                               TokenChunker, WholeChunker, chunk_documents, make_chunker, parent_hits)
 from lmstack.rag.documents import Document, LoadReport, iter_documents, load_documents
 from lmstack.rag.fusion import mmr, reciprocal_rank_fusion, suppress_near_duplicates, weighted_fusion
 from lmstack.rag.index import BM25Index, DenseIndex, Hit, HybridIndex, Index, Query, load_index
@@ -30,8 +30,8 @@ def __getattr__(name: str):
 
 
 __all__ = ["BM25", "BM25Index", "Chunk", "Chunker", "DenseIndex", "Document", "Embedder", "EmbeddingCache", "Hit",
-           "HybridIndex", "Index", "LoadReport", "Query", "RecursiveChunker", "SentenceChunker", "TokenChunker",
+           "HybridIndex", "Index", "LoadReport", "ParentChildChunker", "Query", "RecursiveChunker", "SemanticChunker", "SentenceChunker", "TokenChunker",
            "WholeChunker", "average_precision", "bm25_scores", "chunk_documents", "evaluate", "hit_rate",
-           "iter_documents", "load_documents", "load_index", "make_chunker", "mmr", "ndcg", "precision", "recall",
+           "iter_documents", "load_documents", "load_index", "make_chunker", "mmr", "parent_hits", "ndcg", "precision", "recall",
            "reciprocal_rank", "reciprocal_rank_fusion", "squad_exact_match", "squad_f1",
            "suppress_near_duplicates", "tokenize", "weighted_fusion"]

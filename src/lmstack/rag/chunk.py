@@ -12,6 +12,9 @@ from the document's sections (the headings in force where the chunk starts).
 - :class:`SentenceChunker`: whole sentences packed up to ``max_chars``, ``overlap`` sentences repeated between
   neighbours; a sentence longer than ``max_chars`` is split recursively.
 - :class:`WholeChunker`: one chunk per document (short documents such as SQuAD paragraphs).
+- :class:`SemanticChunker`: sentences grouped, split where neighbouring sentences' embeddings drift apart.
+- :class:`ParentChildChunker`: small child chunks to index, each knowing its enclosing parent chunk;
+  :func:`parent_hits` returns the parents of retrieved children.
 
 Chunks are stripped of leading/trailing whitespace (offsets follow) and whitespace-only chunks are dropped.
 """
@@ -216,6 +219,89 @@ class SentenceChunker:
 class WholeChunker:
     def chunk(self, doc: Document) -> list[Chunk]:
         return make_chunks(doc, [(0, len(doc.text))])
+
+
+@dataclass
+class SemanticChunker:
+    """Split between sentences where the meaning shifts: where the cosine distance between neighbouring
+    sentences' embeddings is in the top ``100 - percentile`` % of the document's distances (or above
+    ``threshold`` when set), and wherever a chunk would pass ``max_chars``.
+
+    ``embed`` maps a list of texts to normalised vectors (``Embedder.embed_documents``)."""
+
+    embed: Any
+    max_chars: int = 1000
+    percentile: float = 90.0
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_chars < 1:
+            raise ConfigError(f"chunker max_chars must be >= 1, got {self.max_chars}")
+        if not 0 <= self.percentile <= 100:
+            raise ConfigError(f"semantic chunker percentile must be in [0, 100], got {self.percentile}")
+
+    def chunk(self, doc: Document) -> list[Chunk]:
+        import numpy as np
+
+        splitter = RecursiveChunker(self.max_chars, ("line", "word"))
+        units: list[tuple[int, int]] = []
+        for a, b in sentence_spans(doc.text):
+            if doc.text[a:b].strip():
+                units += splitter.spans(doc.text, a, b) if b - a > self.max_chars else [(a, b)]
+        if len(units) <= 1:
+            return make_chunks(doc, units)
+        vecs = np.asarray(self.embed([doc.text[a:b].strip() for a, b in units]), dtype=np.float64)
+        dist = 1.0 - (vecs[:-1] * vecs[1:]).sum(1)          # between unit i and i + 1
+        cut = self.threshold if self.threshold is not None else float(np.percentile(dist, self.percentile))
+        windows, start = [], 0
+        for i in range(1, len(units)):
+            if dist[i - 1] > cut or units[i][1] - units[start][0] > self.max_chars:
+                windows.append((units[start][0], units[i - 1][1]))
+                start = i
+        windows.append((units[start][0], units[-1][1]))
+        return make_chunks(doc, windows)
+
+
+@dataclass
+class ParentChildChunker:
+    """Retrieve small, return the enclosing section: ``parent`` chunks the document (e.g. a
+    ``RecursiveChunker(2000)``), ``child`` chunks each parent; the children are what gets indexed, each with
+    ``metadata["parent"] = {"id", "start", "end", "text"}`` (offsets into the document).
+    :func:`parent_hits` turns child hits into their parents."""
+
+    parent: Any
+    child: Any
+
+    def chunk(self, doc: Document) -> list[Chunk]:
+        out: list[Chunk] = []
+        for p in self.parent.chunk(doc):
+            sub = Document(p.id, p.text, doc.source, doc.title, [], dict(doc.metadata))
+            for c in self.child.chunk(sub):
+                start, end = p.start + c.start, p.start + c.end
+                meta = {**doc.metadata, "parent": {"id": p.id, "start": p.start, "end": p.end, "text": p.text,
+                                                    "heading": list(p.heading)}}
+                out.append(Chunk(f"{doc.id}#{len(out)}", doc.id, doc.source, start, end, doc.text[start:end],
+                                 doc.heading_at(start), doc.title, meta))
+        return out
+
+
+def parent_hits(hits: Sequence[Any]) -> list[Any]:
+    """Child hits (``Hit(chunk, score)``) as their parent chunks, each parent once at its best child's rank."""
+    from lmstack.rag.index import Hit
+
+    seen: set[str] = set()
+    out = []
+    for h in hits:
+        p = h.chunk.metadata.get("parent")
+        if p is None:
+            raise ConfigError(f"chunk {h.chunk.id!r} has no parent: index chunks from a ParentChildChunker")
+        if p["id"] in seen:
+            continue
+        seen.add(p["id"])
+        meta = {k: v for k, v in h.chunk.metadata.items() if k != "parent"}
+        out.append(Hit(Chunk(p["id"], h.chunk.doc_id, h.chunk.source, p["start"], p["end"], p["text"],
+                             tuple(p["heading"]), h.chunk.title, meta), h.score))
+    return out
 
 
 CHUNKERS = {"recursive": RecursiveChunker, "sentence": SentenceChunker, "tokens": TokenChunker,
