@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from lmstack.errors import ConfigError
-from lmstack.rag.chunk import (Chunker, RecursiveChunker, SentenceChunker, TokenChunker, WholeChunker, make_chunker,
-                               sentence_spans)
+from lmstack.rag.chunk import (
+    Chunker,
+    RecursiveChunker,
+    SentenceChunker,
+    TokenChunker,
+    WholeChunker,
+    make_chunker,
+    sentence_spans,
+)
 from lmstack.rag.documents import Document, markdown_sections
 
 MD = ("# Title\n\nFirst paragraph. It has two sentences.\n\n## Part A\n\nAlpha beta gamma delta. Epsilon zeta!\n\n"
@@ -84,7 +91,8 @@ def test_huge_word_is_cut_hard_and_cjk_splits_at_stops():
     assert [len(c.text) for c in chunks] == [1000, 1000, 500]
     cjk = RecursiveChunker(40).chunk(doc(CJK))
     assert all(c.text.endswith(("。", "！", "？")) for c in cjk)
-    assert [text for _, text in [(0, CJK[a:b]) for a, b in sentence_spans(CJK)]][0] == "自然语言处理是人工智能的一个分支。"
+    a, b = sentence_spans(CJK)[0]
+    assert CJK[a:b] == "自然语言处理是人工智能的一个分支。"
 
 
 def test_sentence_chunker_packs_whole_sentences_with_overlap():

@@ -15,7 +15,7 @@ def embedder():
 
     emb = Embedder(batch_size=8)
     try:
-        emb.id
+        assert emb.id
     except ConfigError as e:
         pytest.skip(str(e))
     return emb
@@ -77,4 +77,4 @@ def test_a_missing_embedder_folder_is_one_line(tmp_path):
     from lmstack.rag.embed import Embedder
 
     with pytest.raises(ConfigError, match="no such folder"):
-        Embedder(tmp_path / "nope").id
+        assert Embedder(tmp_path / "nope").id

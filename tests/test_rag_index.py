@@ -16,8 +16,7 @@ import pytest
 from lmstack.errors import ConfigError, DataError
 from lmstack.rag import BM25Index, Chunk, DenseIndex, HybridIndex, Index, Query, load_index
 
-WORDS = ("apple banana cherry delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango").split()
+WORDS = ["apple", "banana", "cherry", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
 
 
 def corpus(n: int, dim: int = 16, seed: int = 0):
@@ -56,7 +55,7 @@ KINDS = ["bm25", "exact", "hnsw", "ivfpq", "hybrid"]
 
 
 def test_exact_is_one_matrix_product():
-    index, chunks, vecs = make("exact")
+    index, _, vecs = make("exact")
     q = vecs[7] + 0.1 * vecs[3]
     q /= np.linalg.norm(q)
     hits = index.search(query(q), 10)
@@ -170,7 +169,7 @@ def test_ivfpq_with_too_few_vectors_says_what_to_do():
 
 
 def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
-    index, _, vecs = make("exact", 20)
+    index, _, _ = make("exact", 20)
     index.save(tmp_path / "i")
     bigger, _, _ = make("exact", 30)
 
@@ -230,7 +229,7 @@ def test_where_matches_fields_metadata_and_headings():
 
 
 def test_a_missing_faiss_names_the_extra(monkeypatch):
-    import lmstack.extras as extras
+    from lmstack import extras
     from lmstack.extras import MissingExtraError
 
     real = extras.importlib.import_module

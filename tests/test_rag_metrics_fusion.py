@@ -8,9 +8,21 @@ import numpy as np
 import pytest
 
 from lmstack.errors import ConfigError
-from lmstack.rag import (average_precision, evaluate, hit_rate, mmr, ndcg, precision, recall, reciprocal_rank,
-                         reciprocal_rank_fusion, squad_exact_match, squad_f1, suppress_near_duplicates,
-                         weighted_fusion)
+from lmstack.rag import (
+    average_precision,
+    evaluate,
+    hit_rate,
+    mmr,
+    ndcg,
+    precision,
+    recall,
+    reciprocal_rank,
+    reciprocal_rank_fusion,
+    squad_exact_match,
+    squad_f1,
+    suppress_near_duplicates,
+    weighted_fusion,
+)
 
 RANKED = ["d1", "d2", "d3", "d4", "d5"]
 REL = {"d2", "d4", "d9"}

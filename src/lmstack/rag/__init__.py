@@ -12,13 +12,33 @@ See docs/rag.md.
 """
 
 from lmstack.rag.bm25 import BM25, bm25_scores, tokenize
-from lmstack.rag.chunk import (Chunk, Chunker, ParentChildChunker, RecursiveChunker, SemanticChunker, SentenceChunker,
-                               TokenChunker, WholeChunker, chunk_documents, make_chunker, parent_hits)
+from lmstack.rag.chunk import (
+    Chunk,
+    Chunker,
+    ParentChildChunker,
+    RecursiveChunker,
+    SemanticChunker,
+    SentenceChunker,
+    TokenChunker,
+    WholeChunker,
+    chunk_documents,
+    make_chunker,
+    parent_hits,
+)
 from lmstack.rag.documents import Document, LoadReport, iter_documents, load_documents
 from lmstack.rag.fusion import mmr, reciprocal_rank_fusion, suppress_near_duplicates, weighted_fusion
 from lmstack.rag.index import BM25Index, DenseIndex, Hit, HybridIndex, Index, Query, load_index
-from lmstack.rag.metrics import (average_precision, evaluate, hit_rate, ndcg, precision, recall, reciprocal_rank,
-                                 squad_exact_match, squad_f1)
+from lmstack.rag.metrics import (
+    average_precision,
+    evaluate,
+    hit_rate,
+    ndcg,
+    precision,
+    recall,
+    reciprocal_rank,
+    squad_exact_match,
+    squad_f1,
+)
 
 
 def __getattr__(name: str):
@@ -29,9 +49,45 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["BM25", "BM25Index", "Chunk", "Chunker", "DenseIndex", "Document", "Embedder", "EmbeddingCache", "Hit",
-           "HybridIndex", "Index", "LoadReport", "ParentChildChunker", "Query", "RecursiveChunker", "SemanticChunker", "SentenceChunker", "TokenChunker",
-           "WholeChunker", "average_precision", "bm25_scores", "chunk_documents", "evaluate", "hit_rate",
-           "iter_documents", "load_documents", "load_index", "make_chunker", "mmr", "parent_hits", "ndcg", "precision", "recall",
-           "reciprocal_rank", "reciprocal_rank_fusion", "squad_exact_match", "squad_f1",
-           "suppress_near_duplicates", "tokenize", "weighted_fusion"]
+__all__ = [
+    "BM25",
+    "BM25Index",
+    "Chunk",
+    "Chunker",
+    "DenseIndex",
+    "Document",
+    "Embedder",
+    "EmbeddingCache",
+    "Hit",
+    "HybridIndex",
+    "Index",
+    "LoadReport",
+    "ParentChildChunker",
+    "Query",
+    "RecursiveChunker",
+    "SemanticChunker",
+    "SentenceChunker",
+    "TokenChunker",
+    "WholeChunker",
+    "average_precision",
+    "bm25_scores",
+    "chunk_documents",
+    "evaluate",
+    "hit_rate",
+    "iter_documents",
+    "load_documents",
+    "load_index",
+    "make_chunker",
+    "mmr",
+    "ndcg",
+    "parent_hits",
+    "precision",
+    "recall",
+    "reciprocal_rank",
+    "reciprocal_rank_fusion",
+    "squad_exact_match",
+    "squad_f1",
+    "suppress_near_duplicates",
+    "tokenize",
+    "weighted_fusion",
+]

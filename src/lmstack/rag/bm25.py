@@ -25,9 +25,10 @@ from lmstack.errors import ConfigError
 
 _WORD = re.compile(r"\w+")
 # a short English list (the most frequent function words); pass stopwords=ENGLISH_STOPWORDS to use it
-ENGLISH_STOPWORDS = frozenset(
-    "a an and are as at be but by for from has have he in is it its of on or she that the their them they this "
-    "to was were which who will with".split())
+ENGLISH_STOPWORDS = frozenset([
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "has", "have", "he", "in", "is", "it",
+    "its", "of", "on", "or", "she", "that", "the", "their", "them", "they", "this", "to", "was", "were", "which",
+    "who", "will", "with"])
 
 
 def tokenize(text: str, stopwords: Iterable[str] | None = None) -> list[str]:

@@ -22,8 +22,10 @@ Chunks are stripped of leading/trailing whitespace (offsets follow) and whitespa
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from itertools import pairwise
+from typing import Any, Protocol, runtime_checkable
 
 from lmstack.errors import ConfigError
 from lmstack.rag.documents import Document
@@ -158,7 +160,7 @@ class RecursiveChunker:
         cuts = [start, *_split_points(text, start, end, self._patterns[level]), end]
         out: list[tuple[int, int]] = []
         cur = None  # the span being packed
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in pairwise(cuts):
             if b - a > self.max_chars:
                 if cur:
                     out.append(cur)
@@ -184,7 +186,7 @@ _SENTENCE_END = re.compile(SEPARATORS["sentence"] + r"|\n[ \t]*\n\s*")
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """Contiguous spans of ``text``, one per sentence (a sentence ends at ``.!?`` + space, CJK stops, blank lines)."""
     cuts = [0, *_split_points(text, 0, len(text), _SENTENCE_END), len(text)]
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [(a, b) for a, b in pairwise(cuts) if b > a]
 
 
 @dataclass

@@ -58,9 +58,7 @@ class EmbeddingCache:
             return
         raw = keys_path.read_bytes()
         keys = raw.decode("ascii", errors="replace").split("\n")
-        if keys and keys[-1] == "":
-            keys.pop()
-        elif keys:  # a torn last line from a killed writer
+        if keys and keys[-1] == "" or keys:
             keys.pop()
         row_bytes = 4 * self.dim
         n = min(len(keys), vec_path.stat().st_size // row_bytes)

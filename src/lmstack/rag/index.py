@@ -121,8 +121,7 @@ class _Store:
 
     def _write_chunks(self, folder: Path) -> None:
         with open(folder / "chunks.jsonl", "w", encoding="utf-8") as f:
-            for c in self.chunks:
-                f.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(c.to_json(), ensure_ascii=False) + "\n" for c in self.chunks)
 
     @staticmethod
     def _read_chunks(folder: Path) -> list[Chunk]:
