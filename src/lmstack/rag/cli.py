@@ -43,10 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ix.add_argument("docs", nargs="+", metavar="DOCS", help="files, folders or globs")
     ix.add_argument("--out", required=True, help="the index folder to write")
     ix.add_argument("--retriever", choices=["bm25", "dense", "hybrid"], default="hybrid")
-    ix.add_argument("--chunker", choices=["recursive", "sentence", "tokens", "none"], default="recursive",
-                    help="recursive/sentence: --chunk-size in characters; tokens: in words; none: whole documents")
+    ix.add_argument("--chunker", choices=["recursive", "sentence", "tokens", "semantic", "parent", "none"],
+                    default="recursive",
+                    help="recursive/sentence/semantic: --chunk-size in characters; tokens: in words; parent: "
+                         "sentence chunks of --chunk-size (default 400) indexed, their 4x larger recursive "
+                         "section returned by `query --parents`; none: whole documents")
     ix.add_argument("--chunk-size", type=int_at_least(1), default=None,
-                    help="default 1000 characters (recursive, sentence) or 256 words (tokens)")
+                    help="default 1000 characters (recursive, sentence, semantic) or 256 words (tokens)")
     ix.add_argument("--overlap", type=int_at_least(0), default=None,
                     help="tokens: words shared by neighbours (default 32); sentence: sentences (default 0)")
     ix.add_argument("--backend", choices=["exact", "hnsw", "ivfpq"], default="exact", help="dense index kind")
@@ -68,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--k", type=int_at_least(1), default=5)
     q.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only chunks whose doc_id/source/title/metadata KEY equals VALUE (repeatable)")
+    q.add_argument("--parents", action="store_true",
+                   help="return each hit's enclosing section (an index built with --chunker parent)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)
@@ -94,24 +99,29 @@ def cmd_index(args: argparse.Namespace) -> int:
     from lmstack.rag.retrieve import build_index
     from lmstack.runs import Progress
 
-    chunker = make_chunker(args.chunker, args.chunk_size, args.overlap)
-    docs, report = load_documents(args.docs, text_field=args.text_field, id_field=args.id_field)
-    print(f"loaded {report.summary()}", file=sys.stderr)
     embedder = None
-    if args.retriever != "bm25":
+    if args.retriever != "bm25" or args.chunker == "semantic":
         from lmstack.rag.embed import Embedder
 
         out = Path(args.out)
         cache = args.cache or out.with_name(f".{out.name}.embcache")
         embedder = Embedder(args.embedder, args.batch_size, args.query_prefix, args.document_prefix,
                             cache_dir=cache, device=args.device)
+    chunker = make_chunker(args.chunker, args.chunk_size, args.overlap,
+                           embed=embedder.embed_documents if embedder is not None else None)
+    docs, report = load_documents(args.docs, text_field=args.text_field, id_field=args.id_field)
+    print(f"loaded {report.summary()}", file=sys.stderr)
     stop = sorted(ENGLISH_STOPWORDS) if args.stopwords else ()
-    n_chunks = sum(len(chunker.chunk(d)) for d in docs) if embedder is not None else 0
-    with Progress(n_chunks, "embedding", "chunks", disable=embedder is None) as bar:
-        index, chunks = build_index(docs, args.retriever, chunker, embedder, args.backend, bar.update, stop)
+    dense = args.retriever != "bm25"
+    n_chunks = sum(len(chunker.chunk(d)) for d in docs) if dense else 0
+    with Progress(n_chunks, "embedding", "chunks", disable=not dense) as bar:
+        index, chunks = build_index(docs, args.retriever, chunker, embedder if dense else None, args.backend,
+                                    bar.update, stop)
     index.save(args.out)
-    note = f"; {embedder.truncated} chunks longer than the {embedder.max_length}-token window were truncated " \
-           f"(use a smaller --chunk-size)" if embedder is not None and embedder.truncated else ""
+    note = ""
+    if dense and embedder.truncated:
+        note = (f"; {embedder.truncated} chunks longer than the {embedder.max_length}-token window were "
+                f"truncated (use a smaller --chunk-size)")
     print(f"indexed {len(docs)} documents as {len(chunks)} chunks ({args.retriever}) -> {args.out}{note}")
     return 0
 
@@ -135,7 +145,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     index = load_index(args.index)
     embedder = embedder_for(index, device=args.device)
     query = make_queries(index, embedder, [args.question])[0]
-    hits = index.search(query, args.k, _where(args.where))
+    if args.parents:
+        from lmstack.rag.chunk import parent_hits
+
+        # several children of one section may rank high: fetch more, so k distinct sections remain
+        hits = parent_hits(index.search(query, 4 * args.k, _where(args.where)))[:args.k]
+    else:
+        hits = index.search(query, args.k, _where(args.where))
     if args.json:
         print(json.dumps([{"score": h.score, **h.chunk.to_json()} for h in hits], ensure_ascii=False, indent=2))
     else:
