@@ -57,6 +57,19 @@ def test_hybrid_index_reports_every_retriever(docs, tmp_path, capsys):
                  "--chunker", "none"]) == 0
     capsys.readouterr()
     assert (tmp_path / ".h.embcache").is_dir()
+    # a re-run (say after a killed one) takes every vector from the cache: nothing is encoded again
+    from lmstack.rag.embed import Embedder
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded a cached chunk")
+
+    real, Embedder._encode = Embedder._encode, no_encoding
+    try:
+        assert main(["rag", "index", str(d), "--out", str(tmp_path / "h2"), "--retriever", "dense", "--chunker",
+                     "none", "--cache", str(tmp_path / ".h.embcache")]) == 0
+    finally:
+        Embedder._encode = real
+    capsys.readouterr()
     assert main(["rag", "eval", str(tmp_path / "h"), str(q), "--k", "1,5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert list(result) == ["bm25", "dense", "hybrid"]
