@@ -29,6 +29,7 @@ LAYER_CLIS = [
     "lmstack.finetune.cli",
     "lmstack.align.cli",
     "lmstack.eval.cli",
+    "lmstack.rag.cli",
     "lmstack.speedrun",
 ]
 

@@ -6,6 +6,7 @@ dependencies of ``pyproject.toml``. The rest are extras::
     pip install "lmstack[data]"   # pyarrow (Parquet), trafilatura (HTML main text), langid (language filter)
     pip install "lmstack[eval]"   # sacrebleu (BLEU/chrF), nltk (ROUGE stemming, METEOR), rapidfuzz (fast edit distance)
     pip install "lmstack[compress]"   # gguf (GGUF export of quantized weights)
+    pip install "lmstack[rag]"    # faiss-cpu (HNSW / IVF-PQ indexes), pypdf (PDF documents)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from lmstack.errors import LmstackError
 
 # the extra that provides each optional top-level package (its pip name where that differs)
 EXTRAS = {"pyarrow": "data", "trafilatura": "data", "langid": "data",
-          "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval", "gguf": "compress"}
+          "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval", "gguf": "compress",
+          "faiss": "rag", "pypdf": "rag"}
 
 
 class MissingExtraError(LmstackError):
