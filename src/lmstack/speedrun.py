@@ -113,6 +113,14 @@ class DPOStageConfig:
 
 
 @dataclass
+class GRPOStageConfig:
+    """A supervised warm-up on synthetic arithmetic, then GRPO with verifiable rewards (align.grpo.speedrun_grpo)."""
+
+    warmup_steps: int = 300
+    grpo_steps: int = 64
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -128,6 +136,7 @@ class SpeedrunConfig:
     compress: CompressStageConfig = field(default_factory=CompressStageConfig)
     distill: DistillStageConfig = field(default_factory=DistillStageConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
 
 
 @dataclass
@@ -388,6 +397,14 @@ def stage_dpo(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(results, report)
 
 
+def stage_grpo(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.align.grpo import speedrun_grpo
+
+    results, report = speedrun_grpo(run, warmup_steps=cfg.grpo.warmup_steps, grpo_steps=cfg.grpo.grpo_steps,
+                                    seed=cfg.seed)
+    return StageResult(results, report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
@@ -398,6 +415,7 @@ STAGES: list[Stage] = [
     Stage("compress", "Compression", stage_compress, ("compress",)),
     Stage("distill", "Distillation", stage_distill, ("distill",)),
     Stage("dpo", "Preference alignment (DPO)", stage_dpo, ("sft", "dpo")),
+    Stage("grpo", "Reinforcement learning with verifiable rewards (GRPO)", stage_grpo, ("grpo",)),
 ]
 
 

@@ -87,8 +87,8 @@ def register_online(sub: argparse._SubParsersAction) -> None:
             description=f"{what}. CONFIG is a TOML/YAML/JSON file of OnlineConfig fields (see docs/align_online.md);"
                         f" any field can be overridden with --field VALUE (--rollout.num_samples 8, --grpo.beta 0).",
             epilog="examples:\n"
-                   f"  lmstack align {algo} configs/{algo}.toml --base runs/sft\n"
-                   f"  lmstack align {algo} configs/{algo}.toml --method lora --steps 20 --resume")
+                   f"  lmstack align {algo} configs/grpo_arith.toml --base runs/sft\n"
+                   f"  lmstack align {algo} configs/grpo_arith.toml --method lora --steps 20 --resume")
         p.add_argument("config", metavar="CONFIG", help="the run's config file")
         p.add_argument("--base", default=None, help="the policy's model folder (overrides the config)")
         p.add_argument("--method", choices=["full", "lora"], default=None, help="full fine-tuning or LoRA")

@@ -330,24 +330,6 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes its base alone (no adapter active; merged ones taken out), then
-    the adapters are back as they were: the frozen reference of RL / preference training, no second copy."""
-    layers = list(lora_layers(model).values())
-    saved = [(m, list(m.active), list(m.merged)) for m in layers]
-    for m in layers:
-        m.unmerge()
-        m.active = []
-    try:
-        yield model
-    finally:
-        for m, active, merged in saved:
-            m.active = active
-            if merged:
-                m.merge()
-
-
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain ``nn.Linear`` holding base + active adapters (quantized bases are
     dequantized first). The result is an ordinary model: ``lmstack.model.save`` / ``hf.save`` export it."""
