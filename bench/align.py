@@ -266,6 +266,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(MODEL))
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "METHOD"))
     ap.add_argument("--rm-hh", action="store_true", help="also train the HH-RLHF reward model (~10 minutes)")
+    ap.add_argument("--no-grpo", action="store_true", help="skip the GRPO rows (bench/align_rl.py)")
     args = ap.parse_args()
     if args.child:
         import torch
@@ -280,6 +281,12 @@ def main() -> None:
     rows = dpo_rows(args)
     print(render(rows, args))
     print(json.dumps(rows))
+    if not args.no_grpo:  # the same run: GRPO's rollout/update time split and the batched engine's rollout rate
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from align_rl import grpo_rows
+
+        for row in grpo_rows():
+            print(json.dumps(row))
     if args.rm_hh:
         print(json.dumps(rm_hh(args)))
 

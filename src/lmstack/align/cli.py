@@ -84,7 +84,7 @@ def register_online(sub: argparse._SubParsersAction) -> None:
                        ("ppo", "PPO: value head, GAE, clipped policy and value losses, per-token KL penalty")):
         p = sub.add_parser(
             algo, help=what, formatter_class=HelpFormatter,
-            description=f"{what}. CONFIG is a TOML/YAML/JSON file of OnlineConfig fields (see docs/align_online.md);"
+            description=f"{what}. CONFIG is a TOML/YAML/JSON file of OnlineConfig fields (see docs/align.md);"
                         f" any field can be overridden with --field VALUE (--rollout.num_samples 8, --grpo.beta 0).",
             epilog="examples:\n"
                    f"  lmstack align {algo} configs/grpo_arith.toml --base runs/sft\n"
