@@ -88,7 +88,7 @@ class CompressStageConfig:
 class DistillStageConfig:
     """A student of half the teacher's depth, distilled from the pre-trained model vs trained from scratch."""
 
-    steps: int = 200                 # for each of the two students (the same token budget)
+    steps: int = 120                 # for each of the two students (the same token budget)
     student_layers: int = 0          # 0: half the teacher's blocks (at least 1)
     temperature: float = 2.0
     alpha: float = 0.5               # weight of the soft (KL) term; 1 - alpha on the hard labels
