@@ -75,3 +75,11 @@ def test_verify_fuzzy_match_citation_out_of_range_and_missing_citation():
 
 def test_split_cited_reads_several_citations():
     assert split_cited("A b. [1][2] C d. [3]") == [("A b.", [1, 2]), ("C d.", [3])]
+
+
+def test_verify_flags_a_near_duplicate_that_differs_in_key_words():
+    chunk = "The alpha0 bravo0 charlie0 delta0 parser reads input."
+    v = verify("The alpha7 bravo7 charlie7 delta7 parser reads input. [1]", [chunk])
+    assert not v.checks[0].supported and v.checks[0].score == 0.0  # 3 of 7 content words in the chunk
+    assert verify("The alpha7 bravo7 charlie7 delta7 parser reads input. [1]", [chunk], min_coverage=0.0
+                  ).checks[0].supported  # what a character match alone would say

@@ -51,6 +51,8 @@ def test_speedrun_rag_bm25(tmp_path):
     assert a["n_unanswerable"] == 3 and a["unanswerable"] == 1.0
     # the documents are alike, so every answerable question's best score is equal: none is below the percentile
     assert a["answerable"] == 0.0 and a["verified"] == 1.0 and a["first_source_relevant"] == 1.0
+    # citations moved to other retrieved chunks (near-duplicates differing in their own words) are all flagged
+    assert a["n_wrong_citations"] == 20 and a["wrong_citations_flagged"] == 1.0
     assert "| bm25 | 1.000 | 1.000 | 1.000 | 1.000 |" in md
     assert "Dense and hybrid skipped (dense=False)." in md
     assert md.count("unanswerable Q:") == 3 and "I don't know: nothing was retrieved" in md

@@ -16,8 +16,11 @@ no sentence shares a content word with the question.
 
 :func:`render_prompt` writes the numbered-sources prompt a generator would get for the same hits.
 :func:`verify` checks each cited sentence of an answer (ours or a model's) against the chunk it cites: an
-exact match after whitespace is collapsed, else a fuzzy partial match (``rapidfuzz.fuzz.partial_ratio`` when
-rapidfuzz is installed, else difflib's matched-character ratio) of at least ``threshold`` (0-100).
+exact match (case-insensitive, whitespace collapsed) scores 100; otherwise, when at least ``min_coverage`` of
+the sentence's content words occur in the chunk, a fuzzy partial match (``rapidfuzz.fuzz.partial_ratio`` when
+rapidfuzz is installed, else difflib's matched-character ratio), else 0. A sentence is supported when its best
+score over the chunks it cites reaches ``threshold`` (0-100). The word check keeps a near-duplicate sentence
+that differs in its key words ("alpha1 ..." against "alpha2 ...") from passing on characters alone.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class SentenceCheck:
     sentence: str
     citations: list[int]
     supported: bool
-    score: float  # 100 for an exact match, else the best fuzzy score over the cited chunks (0 without citation)
+    score: float  # 100 exact, else the best fuzzy score over the cited chunks (0: no citation or too few words)
     why: str = ""
 
 
@@ -168,12 +171,28 @@ def _source_text(source: Source | Hit | Chunk | str) -> str:
     return source.text
 
 
-def verify(answer_text: str, sources: Sequence[Source | Hit | Chunk | str], *, threshold: float = 90.0
-           ) -> Verification:
+def _coverage(sentence: str, text: str) -> float:
+    """The share of the sentence's content words that occur in ``text`` (1.0 without content words)."""
+    words = content_words(sentence)
+    return len(words & content_words(text)) / len(words) if words else 1.0
+
+
+def verify(answer_text: str, sources: Sequence[Source | Hit | Chunk | str], *, threshold: float = 90.0,
+           min_coverage: float = 0.9) -> Verification:
     """Check each sentence against the source(s) it cites (``[n]`` = ``sources[n-1]``); see the module doc."""
     if not 0 <= threshold <= 100:
         raise ConfigError(f"verify threshold must be in 0..100, got {threshold}")
+    if not 0 <= min_coverage <= 1:
+        raise ConfigError(f"verify min_coverage must be in 0..1, got {min_coverage}")
     texts = [_squash(_source_text(s)) for s in sources]
+
+    def support(sentence: str, text: str) -> float:
+        low, tlow = sentence.lower(), text.lower()
+        if low in tlow:
+            return 100.0
+        # a fuzzy character match alone passes near-duplicates that differ in the key words (names, numbers)
+        return _fuzzy(low, tlow) if _coverage(sentence, text) >= min_coverage else 0.0
+
     checks = []
     for sentence, cited in split_cited(answer_text):
         if sentence.strip().rstrip(".") == IDK:
@@ -186,9 +205,7 @@ def verify(answer_text: str, sources: Sequence[Source | Hit | Chunk | str], *, t
             checks.append(SentenceCheck(sentence, cited, False, 0.0, f"cites [{bad[0]}] but there are "
                                         f"{len(texts)} sources"))
             continue
-        score = max(100.0 if sentence.lower() in texts[n - 1].lower() else _fuzzy(sentence.lower(),
-                                                                                   texts[n - 1].lower())
-                    for n in cited)
+        score = max(support(sentence, texts[n - 1]) for n in cited)
         ok = score >= threshold
         checks.append(SentenceCheck(sentence, cited, ok, score, "" if ok else
                                     f"best match {score:.0f} < {threshold:g} in the cited source"))
