@@ -23,15 +23,14 @@ def _run(tmp_path, n_train=20, n_valid=16):
     (tmp_path / "corpus").mkdir()
     for split, rows in (("train", range(n_train)), ("valid", range(100, 100 + n_valid))):
         with open(tmp_path / "corpus" / f"{split}.jsonl", "w") as f:
-            for i in rows:
-                f.write(json.dumps({"text": _doc(i), "source": f"docstring:mod{i % 3}.py"}) + "\n")
+            f.writelines(json.dumps({"text": _doc(i), "source": f"docstring:mod{i % 3}.py"}) + "\n" for i in rows)
     return tmp_path
 
 
 def test_question_is_half_of_one_sentence_in_order():
     doc = Document("d", _doc(7), "s")
     q = make_question(doc, random.Random(0)).split()
-    first = "the alpha7 bravo7 charlie7 delta7 echo7 foxtrot7 golf7 hotel7 parser reads input".split()
+    first = ["the", "alpha7", "bravo7", "charlie7", "delta7", "echo7", "foxtrot7", "golf7", "hotel7", "parser", "reads", "input"]
     content = [w for w in first if w != "the"]  # the only sentence with >= 4 content words
     assert len(sentence_spans(doc.text)) == 3
     assert len(q) == len(content) // 2 and q == [w for w in content if w in q]  # a half, original order

@@ -6,11 +6,13 @@
     index = DenseIndex(emb.id, emb.dim, embedder=emb.spec())
     index.add(chunks, emb.embed_documents([c.text for c in chunks]))
     hits = index.search(emb.query("how do I ...?"), k=5)
+    a = answer("how do I ...?", hits, min_score=0.3)       # extractive, cited [n], or "I don't know"
     index.save("my.index"); index = load_index("my.index")
 
 See docs/rag.md.
 """
 
+from lmstack.rag.answer import Answer, Source, Verification, answer, render_prompt, verify
 from lmstack.rag.bm25 import BM25, bm25_scores, tokenize
 from lmstack.rag.chunk import (
     Chunk,
@@ -51,6 +53,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BM25",
+    "Answer",
     "BM25Index",
     "Chunk",
     "Chunker",
@@ -67,8 +70,11 @@ __all__ = [
     "RecursiveChunker",
     "SemanticChunker",
     "SentenceChunker",
+    "Source",
     "TokenChunker",
+    "Verification",
     "WholeChunker",
+    "answer",
     "average_precision",
     "bm25_scores",
     "chunk_documents",
@@ -85,9 +91,11 @@ __all__ = [
     "recall",
     "reciprocal_rank",
     "reciprocal_rank_fusion",
+    "render_prompt",
     "squad_exact_match",
     "squad_f1",
     "suppress_near_duplicates",
     "tokenize",
+    "verify",
     "weighted_fusion",
 ]

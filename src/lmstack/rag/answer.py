@@ -123,8 +123,8 @@ def answer(question: str, hits: Sequence[Hit], *, min_score: float = 0.0, max_se
 
 def render_prompt(question: str, hits: Sequence[Hit]) -> str:
     """The prompt a generator gets: instructions, the hits numbered [1].. in rank order, the question."""
-    lines = ["Answer the question using only the numbered sources below. After each sentence, cite the source it "
-             f"comes from as [n]. If the sources do not contain the answer, reply \"{IDK}\".", ""]
+    lines = [("Answer the question using only the numbered sources below. After each sentence, cite the source it "
+             f"comes from as [n]. If the sources do not contain the answer, reply \"{IDK}\"."), ""]
     for i, hit in enumerate(hits, 1):
         where = hit.chunk.source + (f" > {' > '.join(hit.chunk.heading)}" if hit.chunk.heading else "")
         lines.append(f"[{i}] ({where})")

@@ -182,9 +182,9 @@ def speedrun_rag(run_dir: str | os.PathLike, *, questions: int = 100, k: tuple[i
 def _report(results: dict[str, Any], examples: list, unanswered: list, dense_note: str) -> str:
     k = results["k"]
     lines = ["## RAG", "",
-             f"{results['documents']} documents ({results['chunks']} chunks) of the speedrun corpus indexed; "
+             (f"{results['documents']} documents ({results['chunks']} chunks) of the speedrun corpus indexed; "
              f"{results['questions']} questions from held-out documents (a random half of one sentence's content "
-             "words; relevant = that document).", "",
+             "words; relevant = that document)."), "",
              "| retriever | " + " | ".join(f"recall@{x}" for x in k) + " | MRR | query/s | index build s |",
              "|---|" + "---|" * (len(k) + 3)]
     for name, m in results["retrievers"].items():
@@ -197,7 +197,7 @@ def _report(results: dict[str, Any], examples: list, unanswered: list, dense_not
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.0f} %"
 
-    lines += ["", f"Grounded extractive answers over the BM25 top 5 (`lmstack.rag.answer`), min_score "
+    lines += ["", (f"Grounded extractive answers over the BM25 top 5 (`lmstack.rag.answer`), min_score "
               f"{a['min_score']:.2f} (10th percentile of the answerable questions' best score): abstained on "
               f"{pct(a['answerable'])} of {a['n_answerable']} answerable and {pct(a['unanswerable'])} of "
               f"{a['n_unanswerable']} unanswerable questions (their document removed from the index). Of the "
@@ -205,7 +205,7 @@ def _report(results: dict[str, Any], examples: list, unanswered: list, dense_not
               f"checks the pipeline) and {pct(a['first_source_relevant'])} cite the relevant document first; with "
               f"each citation pointed at another retrieved chunk, verification flags "
               f"{pct(a['wrong_citations_flagged'])} of {a['n_wrong_citations']} sentences (near-duplicate "
-              "docstrings can still support them).", ""]
+              "docstrings can still support them)."), ""]
     for q, ans in examples:
         lines.append(f"- Q: `{q}`  \n  A: {ans.text}  \n  sources: "
                      + "; ".join(f"[{s.n}] {s.doc_id} ({s.source}, score {s.score:.2f})" for s in ans.sources))
@@ -214,4 +214,4 @@ def _report(results: dict[str, Any], examples: list, unanswered: list, dense_not
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["make_question", "speedrun_rag", "content_words"]
+__all__ = ["content_words", "make_question", "speedrun_rag"]
