@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lmstack.errors import DataError
+from lmstack.errors import ConfigError, DataError
 from lmstack.rag.chunk import sentence_spans
 from lmstack.rag.documents import Document
 from lmstack.rag.speedrun import make_question, speedrun_rag
@@ -30,7 +30,8 @@ def _run(tmp_path, n_train=20, n_valid=16):
 def test_question_is_half_of_one_sentence_in_order():
     doc = Document("d", _doc(7), "s")
     q = make_question(doc, random.Random(0)).split()
-    first = ["the", "alpha7", "bravo7", "charlie7", "delta7", "echo7", "foxtrot7", "golf7", "hotel7", "parser", "reads", "input"]
+    first = ["the", "alpha7", "bravo7", "charlie7", "delta7", "echo7", "foxtrot7", "golf7", "hotel7", "parser",
+             "reads", "input"]
     content = [w for w in first if w != "the"]  # the only sentence with >= 4 content words
     assert len(sentence_spans(doc.text)) == 3
     assert len(q) == len(content) // 2 and q == [w for w in content if w in q]  # a half, original order
@@ -59,6 +60,13 @@ def test_speedrun_rag_bm25(tmp_path):
     again, md2 = speedrun_rag(run, questions=10, unanswerable=3, dense=False)
     assert md2.split("Grounded")[1] == md.split("Grounded")[1]  # seeded: the same questions, answers, sources
     assert again["abstention"] == a
+
+
+def test_speedrun_rag_checks_its_arguments(tmp_path):
+    with pytest.raises(ConfigError, match=r"^speedrun_rag: questions must be >= 1, got 0$"):
+        speedrun_rag(tmp_path, questions=0)
+    with pytest.raises(ConfigError, match=r"^speedrun_rag: k must be a non-empty list of ints >= 1, got \(0, 5\)$"):
+        speedrun_rag(tmp_path, k=(0, 5))
 
 
 def test_speedrun_rag_needs_the_corpus(tmp_path):

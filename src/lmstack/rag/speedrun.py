@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lmstack.errors import DataError
+from lmstack.errors import ConfigError, DataError
 from lmstack.rag.answer import answer, content_words, verify
 from lmstack.rag.bm25 import ENGLISH_STOPWORDS, tokenize
 from lmstack.rag.chunk import RecursiveChunker, chunk_documents, sentence_spans
@@ -83,6 +83,13 @@ def speedrun_rag(run_dir: str | os.PathLike, *, questions: int = 100, k: tuple[i
     ``dense=None`` runs dense and hybrid when the MiniLM encoder is installed; ``False`` never does.
     Embeddings are cached in ``RUN/rag/embcache`` (a re-run embeds nothing new).
     """
+    if questions < 1:
+        raise ConfigError(f"speedrun_rag: questions must be >= 1, got {questions}")
+    if not k or any(not isinstance(x, int) or x < 1 for x in k):
+        raise ConfigError(f"speedrun_rag: k must be a non-empty list of ints >= 1, got {k}")
+    if unanswerable < 0:
+        raise ConfigError(f"speedrun_rag: unanswerable must be >= 0, got {unanswerable}")
+    k = tuple(k)
     run = Path(run_dir)
     train, valid = _read_corpus(run)
     rng = random.Random(seed)
