@@ -54,7 +54,7 @@ def test_speedrun_rag_bm25(tmp_path):
     # citations moved to other retrieved chunks (near-duplicates differing in their own words) are all flagged
     assert a["n_wrong_citations"] == 20 and a["wrong_citations_flagged"] == 1.0
     assert "| bm25 | 1.000 | 1.000 | 1.000 | 1.000 |" in md
-    assert "Dense and hybrid skipped (dense=False)." in md
+    assert "Dense and hybrid skipped: off by default" in md
     assert md.count("unanswerable Q:") == 3 and "I don't know: nothing was retrieved" in md
     assert "[1] valid:" in md  # the examples cite held-out documents by id
     again, md2 = speedrun_rag(run, questions=10, unanswerable=3, dense=False)
