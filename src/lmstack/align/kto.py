@@ -153,24 +153,18 @@ def kto(cfg: KTOConfig) -> dict[str, Any]:
 
 def _kto(cfg: KTOConfig) -> dict[str, Any]:
     from lmstack.align.data import PairLoader
-    from lmstack.align.offline import (announce, apply_method, cached_logps, finish, fit, frozen_copy, load_items,
-                                       load_policy, pad_id, reference, train_config, weight_io)
+    from lmstack.align.offline import (announce, apply_method, cached_logps, finish, fit, frozen_copy, reference,
+                                       start_run, train_config, weight_io)
     from lmstack.config import to_dict
     from lmstack.finetune.run import base_fingerprint
-    from lmstack.runtime import resolve_device, seed_everything
     from lmstack.train.trainer import Task
 
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    model, tok = load_policy(cfg, device)
-    tok.save(run)
+    st = start_run(cfg, "unpaired")
+    run, device, model, tok, train, held, stats, pad = (st.run, st.device, st.model, st.tokenizer, st.train, st.held,
+                                                        st.stats, st.pad)
     base_config, fingerprint = to_dict(model.config), base_fingerprint(model)
-    train, held, stats = load_items(cfg, tok, "unpaired")
     attach_kl(train, cfg.data.max_len)
     attach_kl(held, cfg.data.max_len)
-    pad = pad_id(tok)
     ref_model = frozen_copy(model) if cfg.method == "full" else None
     added = apply_method(model, cfg)
     model.to(device)

@@ -13,6 +13,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,35 @@ def load_policy(cfg: AlignConfig, device: torch.device) -> tuple[nn.Module, Any]
         raise ConfigError(f"tokenizer: {tokenizer.vocab_size} ids but the base model has vocab_size="
                           f"{model.config.vocab_size}; use the tokenizer the base was trained with")
     return model, tokenizer
+
+
+@dataclass
+class RunStart:
+    """What an offline run has once it started: its folder, device, policy, tokenizer and data."""
+
+    run: Path
+    device: torch.device
+    model: nn.Module
+    tokenizer: Any
+    train: list
+    held: list
+    stats: dict[str, Any]
+    pad: int
+
+
+def start_run(cfg: AlignConfig, kind: str) -> RunStart:
+    """The start every offline run shares: create the run folder, seed, load the policy and its tokenizer (saved
+    into the run), read the data (``kind``: ``"pairs"`` or ``"unpaired"``, see :func:`load_items`)."""
+    from lmstack.runtime import resolve_device, seed_everything
+
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, tok = load_policy(cfg, device)
+    tok.save(run)
+    train, held, stats = load_items(cfg, tok, kind)
+    return RunStart(run, device, model, tok, train, held, stats, pad_id(tok))
 
 
 def apply_method(model: nn.Module, cfg: AlignConfig) -> dict[str, Any]:

@@ -130,7 +130,9 @@ def score(model: nn.Module, tokenizer: Any, prompts: Sequence[str | list[dict[st
         if ex is None:
             raise DataError(f"score: item {k}'s prompt leaves no room for the response in max_len={max_len}")
         exs.append(ex)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    from lmstack.align.offline import pad_id
+
+    pad = pad_id(tokenizer)
     was = model.training
     model.eval()
     out: list[float] = []
@@ -212,19 +214,12 @@ def _train(cfg: RMConfig) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
     from lmstack.align.data import PairLoader
-    from lmstack.align.offline import (announce, apply_method, finish, fit, load_items, load_policy, pad_id,
-                                       train_config)
-    from lmstack.runtime import resolve_device, seed_everything
+    from lmstack.align.offline import announce, apply_method, finish, fit, start_run, train_config
     from lmstack.train.trainer import Task
 
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    model, tok = load_policy(cfg, device)
-    tok.save(run)
-    train, held, stats = load_items(cfg, tok, "pairs")
-    pad = pad_id(tok)
+    st = start_run(cfg, "pairs")
+    run, device, model, tok, train, held, stats, pad = (st.run, st.device, st.model, st.tokenizer, st.train, st.held,
+                                                        st.stats, st.pad)
     add_scalar_head(model)
     added = apply_method(model, cfg)
     model.lm_head.requires_grad_(True)         # LoRA freezes everything but its adapters: the head trains too
