@@ -179,19 +179,25 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
             raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
         base = found[0]
     tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
-    arith = {"max_operand": 9, "n_terms": 2, "ops": ["+", "-"], "train_items": 120, "heldout_items": 40,
-             **overrides.pop("arithmetic", {})}
+    arith = {"max_operand": 9, "n_terms": 3, "ops": ["+", "-"], "max_value": 9, "train_items": 600,
+             "heldout_items": 80, **overrides.pop("arithmetic", {})}
     held_frac = 0.25
     out = run / "grpo"
     data_dir = out / "warmup_data"
     data_dir.mkdir(parents=True, exist_ok=True)
     import json
 
-    from lmstack.align.rl_data import arithmetic_items, sft_rows
+    from lmstack.align.rl_data import arithmetic_facts, arithmetic_items, sft_rows
 
-    # the warm-up answers the GRPO train prompts; the held-out prompts are never trained on
+    # the warm-up trains on every one-step fact and on the train side of the multi-step problems (the GRPO
+    # train prompts); the held-out problems are never trained on, but each of their steps is a known fact, so
+    # answering them takes the procedure (chain the steps), not recall of a memorised answer
     warm_items = arithmetic_items(arith["train_items"], split="train", seed=seed, max_operand=arith["max_operand"],
-                                  n_terms=arith["n_terms"], ops=arith["ops"], heldout_fraction=held_frac)
+                                  n_terms=arith["n_terms"], ops=arith["ops"], heldout_fraction=held_frac,
+                                  max_value=arith.get("max_value"))
+    if arith["n_terms"] > 2:
+        warm_items += arithmetic_facts(max_operand=arith["max_operand"], ops=arith["ops"],
+                                       max_value=arith.get("max_value"))
     # the worked solutions give the answer in the required '#### N' form only part of the time (else 'The
     # answer is N.'): the warm-up teaches the task, GRPO's strict reward then has the form left to teach
     import random
@@ -204,7 +210,7 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     ft = from_dict(FinetuneConfig, merge({
         "run_dir": str(out / "warmup"), "base": str(base), "tokenizer": tok, "method": "full", "seed": seed,
         "steps": warmup_steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "log_every": 25, "n_samples": 0,
-        "data": {"train": [str(data_dir / "train.jsonl")], "valid_fraction": 0.1, "max_len": 48}}, warmup or {}))
+        "data": {"train": [str(data_dir / "train.jsonl")], "valid_fraction": 0.1, "max_len": 64}}, warmup or {}))
     t_warm = time.perf_counter()
     finetune(ft)
     warm_s = time.perf_counter() - t_warm
@@ -213,7 +219,7 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
         "seed": seed, "steps": grpo_steps, "minibatch_size": 32, "lr": 1e-4, "warmup_steps": 4, "eval_every": 0,
         "data": {"source": "arithmetic", "eval_items": arith["heldout_items"], "heldout_fraction": held_frac,
                  "arithmetic": arith},
-        "rollout": {"prompts": 8, "num_samples": 8, "max_new_tokens": 28, "temperature": 0.7},
+        "rollout": {"prompts": 8, "num_samples": 8, "max_new_tokens": 40, "temperature": 0.7},
         "reward": {"correct": 1.0, "format": 0.2}, "grpo": {"beta": 0.02},
     }
     cfg = from_dict(OnlineConfig, merge(fields, overrides))

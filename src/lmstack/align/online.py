@@ -203,7 +203,7 @@ def load_items(cfg: OnlineConfig) -> tuple[list[Item], list[Item]]:
     if d.source == "arithmetic":
         a = d.arithmetic
         kw = {"seed": cfg.seed, "max_operand": a.max_operand, "n_terms": a.n_terms, "ops": a.ops,
-              "heldout_fraction": d.heldout_fraction, "system": d.system}
+              "max_value": a.max_value, "heldout_fraction": d.heldout_fraction, "system": d.system}
         return (arithmetic_items(a.train_items, split="train", **kw),
                 arithmetic_items(a.heldout_items, split="heldout", **kw))
     reader = gsm8k_items if d.source == "gsm8k" else row_items

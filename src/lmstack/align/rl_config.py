@@ -44,6 +44,7 @@ class ArithmeticConfig:
     max_operand: int = 20
     n_terms: int = 2
     ops: list[str] = field(default_factory=lambda: ["+", "-"])
+    max_value: int | None = None     # keep questions whose every running value is in 0..max_value
     train_items: int = 2000
     heldout_items: int = 64
 
@@ -54,6 +55,8 @@ class ArithmeticConfig:
             raise _bad("data.arithmetic.n_terms", "must be >= 2", self.n_terms)
         if not self.ops or any(o not in ("+", "-", "*") for o in self.ops):
             raise _bad("data.arithmetic.ops", "use some of '+', '-', '*'", self.ops)
+        if self.max_value is not None and self.max_value < 1:
+            raise _bad("data.arithmetic.max_value", "must be >= 1 (or unset for no bound)", self.max_value)
 
 
 @dataclass

@@ -6,10 +6,12 @@
   difference, its interval and the share of resamples where the sign of the observed difference flips.
 - :func:`paired_permutation`: approximate randomisation (Noreen 1989; Riezler & Maxwell 2005): swap the
   two systems' outputs item by item at random; two-sided p = (#|delta*| >= |delta| + 1) / (n + 1).
+- :func:`wilson_interval`: the Wilson score interval of a pass rate or attack success rate.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -82,3 +84,23 @@ def paired_permutation(a: MetricResult, b: MetricResult, n_resamples: int = 2000
         perm = (signs * diff).mean(axis=1)
         count = int(np.sum(np.abs(perm) >= abs(diff.mean()) - 1e-12))
     return {"delta": observed, "p_value": (count + 1) / (n_resamples + 1), "n_resamples": n_resamples}
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927; Brown, Cai & DasGupta 2001 recommend it
+    over the normal interval, which collapses to a point at 0 or n successes, the common case for small n).
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),  half = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
+    """
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in 0..{n}, got {successes}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
