@@ -1,0 +1,211 @@
+"""Prompt test suites: assertions, repeats with Wilson intervals, comparisons that flag a regressed version,
+and the exit codes of ``lmstack prompt test`` (a deterministic fake generator stands in for a model)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from lmstack.cli import main
+from lmstack.errors import ConfigError
+from lmstack.eval.llm import Completion
+from lmstack.prompts.registry import open_registry
+from lmstack.prompts.suite import (compare, fisher_less, format_comparison, pass_variance, run_suite,
+                                   suite_from_dict, text_generator, wilson_interval)
+from lmstack.prompts.template import PromptTemplate
+
+GOOD = PromptTemplate(instruction="Be precise.", input="{{ question }}")
+BAD = PromptTemplate(instruction="Be creative.", input="{{ question }}")
+
+SUITE = {
+    "name": "capitals", "repeats": 3, "min_pass_rate": 0.6,
+    "cases": [
+        {"id": "france", "vars": {"question": "capital of France?"},
+         "assert": [{"contains": "Paris"}, {"regex": "^The capital"}, {"not_contains": "London"}]},
+        {"id": "json", "vars": {"question": "capital of Italy as JSON"},
+         "assert": [{"json_schema": {"type": "object", "required": ["city"],
+                                     "properties": {"city": {"enum": ["Rome"]}}}}]},
+        {"id": "exact", "vars": {"question": "capital of Spain?"},
+         "assert": [{"equals": "the capital is madrid.", "ignore_case": True},
+                    {"metric": "exact_match", "reference": "The capital is Madrid.", "min": 1.0}]},
+        {"id": "flaky", "vars": {"question": "capital of Peru?"}, "min_pass_rate": 0.5,
+         "assert": [{"contains": "Lima"}]},
+    ],
+}
+
+
+class Fake:
+    """Deterministic: precise prompts answer right; creative ones get France and the JSON wrong; Peru is
+    right on 2 of every 3 calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, messages):
+        self.calls += 1
+        system, question = messages[0]["content"], messages[-1]["content"]
+        precise = "precise" in system
+        if "France" in question:
+            return "The capital is Paris." if precise else "London, probably."
+        if "Italy" in question:
+            return json.dumps({"city": "Rome"}) if precise else "{'city': 'Rome'}"
+        if "Spain" in question:
+            return "The capital is Madrid.\n"
+        return "Lima" if self.calls % 3 else "Cusco"
+
+
+def test_wilson_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in [(0, 3), (2, 3), (3, 3), (7, 20), (50, 100), (1, 1)]:
+        ref = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    ref = stats.binomtest(4, 9).proportion_ci(confidence_level=0.9, method="wilson")
+    assert wilson_interval(4, 9, 0.9) == pytest.approx((ref.low, ref.high), abs=1e-12)
+
+
+def test_fisher_and_variance_match_references():
+    stats = pytest.importorskip("scipy.stats")
+    for ka, na, kb, nb in [(3, 3, 0, 3), (3, 3, 1, 3), (10, 10, 5, 10), (2, 5, 4, 5), (0, 4, 0, 4)]:
+        ref = stats.fisher_exact([[kb, nb - kb], [ka, na - ka]], alternative="less").pvalue
+        assert fisher_less(ka, na, kb, nb) == pytest.approx(ref, rel=1e-9)
+    for k, n in [(0, 3), (2, 3), (4, 9)]:
+        assert pass_variance(k, n) == pytest.approx(np.var([1] * k + [0] * (n - k), ddof=1))
+    assert pass_variance(1, 1) == 0.0
+
+
+def test_run_suite_pass_rates_and_intervals():
+    suite = suite_from_dict(SUITE)
+    res = run_suite(suite, Fake(), GOOD, label="good")
+    by = {c.id: c for c in res.cases}
+    assert [(c.id, c.passes, c.n) for c in res.cases] == [("france", 3, 3), ("json", 3, 3), ("exact", 3, 3),
+                                                          ("flaky", 2, 3)]
+    assert by["flaky"].ci == wilson_interval(2, 3) and by["flaky"].variance == pytest.approx(1 / 3)
+    assert by["flaky"].ok and res.ok                                 # 2/3 >= the case's 0.5
+    assert (res.passes, res.n, res.ci) == (11, 12, wilson_interval(11, 12))
+    assert by["exact"].checks[1]["score_mean"] == 1.0 and by["exact"].checks[1]["kind"] == "metric"
+    failed = [r for r in by["flaky"].runs if not r["passed"]]
+    assert failed == [{"output": "Cusco", "passed": False, "failures": ["contains: missing ['Lima']"]}]
+
+
+def test_regressed_version_is_flagged():
+    suite = suite_from_dict(SUITE)
+    base = run_suite(suite, Fake(), GOOD, label="qa@1")
+    cand = run_suite(suite, Fake(), BAD, label="qa@2")
+    by = {c.id: c for c in cand.cases}
+    assert by["france"].runs[0]["failures"] == ["contains: missing ['Paris']", "regex: no match for '^The capital'",
+                                                "not_contains: contains ['London']"]
+    assert by["json"].runs[0]["failures"][0].startswith("json_schema: not JSON (Expecting property name")
+    cmp = compare(base, cand, alpha=0.05)
+    assert [r["id"] for r in cmp.regressions] == ["france", "json"]
+    row = cmp.rows[0]
+    assert row["p_value"] == pytest.approx(0.05) and "fell below min_pass_rate 0.6" in row["reason"]
+    assert not cmp.improvements and not compare(base, base).regressions
+    assert "REGRESSION" in format_comparison(cmp)
+    assert [r["id"] for r in compare(cand, base).improvements] == ["france", "json"]
+    # with 6 runs each the drop is also significant on its own: p = 1 / C(12, 6)
+    six = compare(run_suite(suite, Fake(), GOOD, repeats=6), run_suite(suite, Fake(), BAD, repeats=6))
+    assert six.rows[0]["p_value"] == pytest.approx(1 / 924)
+    assert six.rows[0]["reason"].startswith("pass rate fell 1.00 -> 0.00 (Fisher p=0.00108 < 0.05); ")
+
+
+def test_rubric_uses_the_judge_with_samples():
+    class Judge:
+        name = "fake-judge"
+
+        def __init__(self):
+            self.seen = []
+
+        def complete(self, prompts, *, max_tokens=256, temperature=0.0, n=1, stop=(), top_logprobs=0, seed=None):
+            self.seen.append((len(prompts), n, temperature))
+            return [[Completion("9" if "Paris" in p.split("Answer:")[1] else "2") for _ in range(n)] for p in prompts]
+
+    suite = suite_from_dict({"repeats": 2, "cases": [{"id": "r", "vars": {"question": "capital of France?"},
+                                                      "assert": [{"rubric": "Correct?", "min": 7, "samples": 3}]}]})
+    judge = Judge()
+    good = run_suite(suite, Fake(), GOOD, judge=judge)
+    bad = run_suite(suite, Fake(), BAD, judge=judge)
+    assert judge.seen == [(2, 3, 0.7), (2, 3, 0.7)]         # one batched call per case, 3 samples each
+    assert good.cases[0].passes == 2 and bad.cases[0].passes == 0
+    assert good.cases[0].checks[0]["score_mean"] == 9.0 and "judge_length_bias" in good.cases[0].checks[0]
+
+
+def test_messages_cases_and_text_generator():
+    suite = suite_from_dict({"cases": [{"id": "m", "messages": "say hi", "assert": [{"equals": "USER: say hi"}]}]})
+    res = run_suite(suite, text_generator(lambda text: "USER: " + text))
+    assert res.ok
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"assert": [{"contain": "x"}]}, r"give exactly one of equals, contains"),
+    ({"assert": [{"regex": "("}]}, r"regex '\(' does not compile"),
+    ({"assert": [{"json_schema": {"type": "objekt"}}]}, r"not a valid JSON Schema: 'objekt' is not valid"),
+    ({"assert": [{"metric": "bleu", "min": 0.1}]}, r"metric 'bleu' needs a reference"),
+    ({"assert": [{"metric": "nope", "reference": "x", "min": 1}]}, r"unknown metric 'nope'"),
+    ({"assert": [{"contains": "x", "strip": True}]}, r"unknown option\(s\) strip for contains"),
+    ({"assert": []}, r"'assert' must be a non-empty list"),
+])
+def test_bad_suites_name_the_case(case, message):
+    with pytest.raises(ConfigError, match=message):
+        suite_from_dict({"cases": [{"id": "c1", **case}]})
+
+
+FAKE_MODULE = textwrap.dedent('''
+    calls = [0]
+    def generate(messages):
+        calls[0] += 1
+        precise = "precise" in messages[0]["content"]
+        q = messages[-1]["content"]
+        if "France" in q:
+            return "The capital is Paris." if precise else "London, probably."
+        return "Lima"
+''')
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "fakegen.py").write_text(FAKE_MODULE, encoding="utf-8")
+    db = str(tmp_path / "reg.sqlite")
+    reg = open_registry(db)
+    reg.add("qa", GOOD, label="production")
+    reg.add("qa", BAD, label="staging")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(textwrap.dedent("""
+        name: capitals
+        prompt: qa@production
+        repeats: 3
+        cases:
+          - id: france
+            vars: {question: "capital of France?"}
+            assert: [{contains: Paris}]
+          - id: peru
+            vars: {question: "capital of Peru?"}
+            assert: [{contains: Lima}]
+    """), encoding="utf-8")
+    return tmp_path, ["--db", db, "--generator", "fakegen:generate"]
+
+
+def test_cli_exit_codes(project, capsys):
+    tmp, opts = project
+    assert main(["prompt", "test", str(tmp / "suite.yaml"), *opts]) == 0              # qa@production passes
+    assert "**capitals** (qa@production): 6/6 runs pass" in capsys.readouterr().out
+    assert main(["prompt", "test", str(tmp / "suite.yaml"), "--prompt", "qa@staging", *opts]) == 1
+    assert main(["prompt", "test", str(tmp / "suite.yaml"), "--prompt", "qa@staging", "--against", "qa@production",
+                 "--out", str(tmp / "cmp.json"), *opts]) == 1
+    out = capsys.readouterr().out
+    # 3 runs each: Fisher p is 0.05 at best (not < alpha); the min_pass_rate rule flags it
+    assert "| france | 100% | 0% | -100 | 0.05 | REGRESSION: pass rate 0.00 fell below min_pass_rate 1 |" in out
+    assert json.loads((tmp / "cmp.json").read_text())["regressions"] == ["france"]
+    assert main(["prompt", "test", str(tmp / "suite.yaml"), "--prompt", "qa@production", "--against", "qa@staging",
+                 *opts]) == 0                                                           # an improvement
+    capsys.readouterr()
+    assert main(["prompt", "test", str(tmp / "suite.yaml"), "--prompt", "qa@canary", *opts]) == 2
+    assert capsys.readouterr().err == "error: prompt 'qa' has no label 'canary'; its labels: production, staging\n"
+    (tmp / "bad.yaml").write_text("cases: [{id: a, assert: [{regex: '('}]}]\n", encoding="utf-8")
+    assert main(["prompt", "test", str(tmp / "bad.yaml"), "--prompt", "qa", *opts]) == 2
+    assert "case 'a' assert[0]: regex '(' does not compile" in capsys.readouterr().err
+    assert main(["prompt", "test", str(tmp / "suite.yaml"), "--db", opts[1]]) == 2
+    assert capsys.readouterr().err.startswith("error: prompt test: give --model RUN")
