@@ -209,3 +209,25 @@ def test_cli_exit_codes(project, capsys):
     assert "case 'a' assert[0]: regex '(' does not compile" in capsys.readouterr().err
     assert main(["prompt", "test", str(tmp / "suite.yaml"), "--db", opts[1]]) == 2
     assert capsys.readouterr().err.startswith("error: prompt test: give --model RUN")
+
+
+def test_cli_with_a_local_model(project, capsys):
+    torch = pytest.importorskip("torch")
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    tmp, opts = project
+    tok = train_bpe(["What is the capital of France? Paris is."] * 5, vocab_size=280, workers=1)
+    torch.manual_seed(0)
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, max_seq_len=64)),
+         tmp / "run")
+    tok.save(tmp / "run")
+    (tmp / "any.yaml").write_text("repeats: 2\ncases: [{id: a, vars: {question: hi}, assert: [{regex: '[\\s\\S]*'},"
+                                  " {not_contains: '<|end|>'}]}]\n", encoding="utf-8")
+    (tmp / "never.yaml").write_text("cases: [{id: a, vars: {question: hi}, assert: [{equals: 'no model says this'}]}]\n",
+                                    encoding="utf-8")
+    local = [opts[0], opts[1], "--model", str(tmp / "run"), "--max-new-tokens", "4"]
+    assert main(["prompt", "test", str(tmp / "any.yaml"), "--prompt", "qa@1", *local]) == 0
+    assert "2/2 runs pass" in capsys.readouterr().out
+    assert main(["prompt", "test", str(tmp / "never.yaml"), "--prompt", "qa@1", *local, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["result"]["cases"][0]["passes"] == 0
