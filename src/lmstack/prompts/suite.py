@@ -48,6 +48,7 @@ from statistics import NormalDist
 from typing import Any
 
 from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.extras import require
 from lmstack.prompts.template import PromptTemplate, RenderedPrompt, as_messages
 
 Messages = list[dict[str, str]]
@@ -143,8 +144,7 @@ def _check_assert(a: Any, where: str) -> dict[str, Any]:
         except re.error as e:
             raise ConfigError(f"{where}: regex {value!r} does not compile: {e}") from None
     if kind == "json_schema":
-        import jsonschema
-
+        jsonschema = require("jsonschema", "a json_schema assertion")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: json_schema expects a schema object")
         try:
@@ -321,8 +321,7 @@ def _check_one(a: dict[str, Any], out: str) -> tuple[bool, str]:
         ok = re.search(a["regex"], out) is not None
         return ok, "" if ok else f"no match for {a['regex']!r}"
     if "json_schema" in a:
-        import jsonschema
-
+        jsonschema = require("jsonschema", "a json_schema assertion")
         try:
             value = json.loads(out.strip())
         except json.JSONDecodeError as e:
