@@ -56,8 +56,8 @@ def test_export_import_via_cli(db, tmp_path, capsys):
     (["prompt", "rollback", "qa", "canary"], "error: prompt 'qa' has no label 'canary'; nothing to roll back\n"),
     (["prompt", "show", "nope"], "error: no prompt named 'nope' in the registry; it has qa\n"),
     (["prompt", "add", "qa", "--input", "{{ x"],
-     "error: prompt 'qa' field 'input': template syntax error at line 1: unexpected end of template, expected "
-     "'end of print statement'.\n"),
+     ("error: prompt 'qa' field 'input': template syntax error at line 1: unexpected end of template, expected "
+      "'end of print statement'.\n")),
     (["prompt", "label", "qa", "production", "5"], "error: prompt 'qa' has no version 5\n"),
 ])
 def test_bad_input_is_one_line_exit_2(db, capsys, argv, message):

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from lmstack.errors import DataError, LmstackError
-from lmstack.prompts.registry import (SQLiteStore, dump_yaml, open_registry, parse_ref, Ref, Registry)
+from lmstack.prompts.registry import Ref, Registry, SQLiteStore, dump_yaml, open_registry, parse_ref
 from lmstack.prompts.template import PromptTemplate
 
 TRICKY = "Line one  \n\ttabbed\n  {{ question }}\n\nunicode: é ✓ \u00a0nbsp\ntrailing newline\n"

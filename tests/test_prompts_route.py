@@ -74,8 +74,8 @@ def test_centroid_is_the_nearest_normalised_mean():
     x = bag_of_words(["refund my invoice"])[0]
     x = x / np.linalg.norm(x)
     cos = {}
-    for label in EXAMPLES:
-        v = bag_of_words(EXAMPLES[label])
+    for label, examples in EXAMPLES.items():
+        v = bag_of_words(examples)
         c = (v / np.linalg.norm(v, axis=1, keepdims=True)).mean(axis=0)
         cos[label] = float(x @ (c / np.linalg.norm(c)))
     assert clf.predict(["refund my invoice"])[0] == pytest.approx(("billing", cos["billing"]))

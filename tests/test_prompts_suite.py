@@ -13,8 +13,16 @@ from lmstack.cli import main
 from lmstack.errors import ConfigError
 from lmstack.eval.llm import Completion
 from lmstack.prompts.registry import open_registry
-from lmstack.prompts.suite import (compare, fisher_less, format_comparison, pass_variance, run_suite,
-                                   suite_from_dict, text_generator, wilson_interval)
+from lmstack.prompts.suite import (
+    compare,
+    fisher_less,
+    format_comparison,
+    pass_variance,
+    run_suite,
+    suite_from_dict,
+    text_generator,
+    wilson_interval,
+)
 from lmstack.prompts.template import PromptTemplate
 
 GOOD = PromptTemplate(instruction="Be precise.", input="{{ question }}")

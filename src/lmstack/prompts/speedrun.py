@@ -51,8 +51,14 @@ def speedrun_prompts(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, 
     ``report`` is the Markdown section (also written to ``OUT/report.md``; full results in
     ``OUT/suite_results.json``). ``rows`` replaces the held-out questions (tests)."""
     from lmstack.prompts.registry import open_registry
-    from lmstack.prompts.suite import compare, format_comparison, format_result, local_generator, run_suite, \
-        suite_from_dict
+    from lmstack.prompts.suite import (
+        compare,
+        format_comparison,
+        format_result,
+        local_generator,
+        run_suite,
+        suite_from_dict,
+    )
     from lmstack.runs import atomic_write_json, atomic_write_text
 
     if not 1 <= cases <= 50 or repeats < 1:

@@ -41,7 +41,7 @@ import importlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -342,7 +342,7 @@ def _score(a: dict[str, Any], outputs: list[str], messages: Messages, judge: Any
     if "metric" in a:
         from lmstack.eval.metrics import compute_metric
 
-        ref = a["reference"] if "reference" in a else None
+        ref = a.get("reference")
         r = compute_metric(a["metric"], outputs, [ref] * len(outputs) if ref is not None else None,
                            **dict(a.get("options") or {}))
         return [float(s) for s in r.per_item], {}
@@ -483,9 +483,9 @@ def _pct(x: float) -> str:
 
 def format_result(result: SuiteResult) -> str:
     """A Markdown table of one run: pass rate, Wilson interval and variance per case."""
-    lines = [f"**{result.name}** ({result.label}): {result.passes}/{result.n} runs pass "
-             f"({_pct(result.pass_rate)}, {int(result.confidence * 100)}% CI {_pct(result.ci[0])}-"
-             f"{_pct(result.ci[1])})", "",
+    head = (f"**{result.name}** ({result.label}): {result.passes}/{result.n} runs pass ({_pct(result.pass_rate)}, "
+            f"{int(result.confidence * 100)}% CI {_pct(result.ci[0])}-{_pct(result.ci[1])})")
+    lines = [head, "",
              "| case | pass | rate | CI | variance | ok | first failure |", "|---|---|---|---|---|---|---|"]
     for c in result.cases:
         fail = next((r["failures"][0] for r in c.runs if r["failures"]), "")
@@ -497,9 +497,10 @@ def format_result(result: SuiteResult) -> str:
 def format_comparison(cmp: Comparison) -> str:
     """Side by side: baseline vs candidate per case, regressions flagged."""
     b, c = cmp.baseline, cmp.candidate
-    lines = [f"baseline **{b.label}**: {_pct(b.pass_rate)} ({_pct(b.ci[0])}-{_pct(b.ci[1])}); candidate "
-             f"**{c.label}**: {_pct(c.pass_rate)} ({_pct(c.ci[0])}-{_pct(c.ci[1])}); "
-             f"{len(cmp.regressions)} regression(s), {len(cmp.improvements)} improvement(s)", "",
+    head = (f"baseline **{b.label}**: {_pct(b.pass_rate)} ({_pct(b.ci[0])}-{_pct(b.ci[1])}); candidate "
+            f"**{c.label}**: {_pct(c.pass_rate)} ({_pct(c.ci[0])}-{_pct(c.ci[1])}); "
+            f"{len(cmp.regressions)} regression(s), {len(cmp.improvements)} improvement(s)")
+    lines = [head, "",
              "| case | baseline | candidate | delta | p (worse) | verdict |", "|---|---|---|---|---|---|"]
     for r in cmp.rows:
         verdict = "REGRESSION: " + r["reason"] if r["regression"] else "improved" if r["improvement"] else ""

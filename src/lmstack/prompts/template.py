@@ -82,7 +82,7 @@ class RenderedPrompt:
     def token_ids(self, tokenizer: Any) -> list[int]:
         """The ids a local model sees: the messages through the tokenizer's chat template, up to the
         assistant's turn (:func:`lmstack.infer.text.chat_prompt_ids`, the rule every chat front-end uses)."""
-        from lmstack.infer.text import chat_prompt_ids   # torch: only when a token count is asked for
+        from lmstack.infer.text import chat_prompt_ids  # torch: only when a token count is asked for
 
         return chat_prompt_ids(tokenizer, self.messages)
 
