@@ -239,3 +239,44 @@ def test_cli_with_a_local_model(project, capsys):
     assert "2/2 runs pass" in capsys.readouterr().out
     assert main(["prompt", "test", str(tmp / "never.yaml"), "--prompt", "qa@1", *local, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["result"]["cases"][0]["passes"] == 0
+
+
+def test_remote_model_gets_the_whole_conversation(project, tmp_path, capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            precise = "precise" in body["messages"][0]["content"]
+            content = "Paris and Lima" if precise else "no idea"
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                            "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        tmp, opts = project
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1#remote-model"
+        argv = ["prompt", "test", str(tmp / "suite.yaml"), opts[0], opts[1], "--model", url, "--max-new-tokens", "9"]
+        assert main([*argv, "--prompt", "qa@staging", "--against", "qa@production"]) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "| france | 100% | 0% | -100 |" in capsys.readouterr().out
+    assert len(seen) == 12 and seen[0]["model"] == "remote-model" and seen[0]["max_tokens"] == 9
+    assert seen[0]["messages"] == [{"role": "system", "content": "Be creative."},
+                                   {"role": "user", "content": "capital of France?"}]
+    assert [b["seed"] for b in seen[:3]] == [0, 1, 2]                       # repeats differ

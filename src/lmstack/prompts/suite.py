@@ -532,6 +532,26 @@ def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 64, temper
     return generate
 
 
+def remote_generator(client: Any, max_tokens: int = 64, temperature: float = 0.8, seed: int = 0) -> Generator:
+    """``generate(messages)`` with an OpenAI-compatible chat endpoint (:class:`lmstack.eval.llm.OpenAICompatible`
+    in ``chat`` mode): the messages go as they are (the template's system turn and few-shot pairs intact), with
+    the client's cache and retries. Call ``k`` sends ``seed + k`` (repeats differ where the server honours it)."""
+    if getattr(client, "mode", "chat") != "chat":
+        raise ConfigError("remote_generator: the client must be in 'chat' mode (messages, not a prompt string)")
+    calls = [0]
+
+    def generate(messages: Messages) -> str:
+        k = calls[0]
+        calls[0] += 1
+        body = RenderedPrompt(messages).openai_request(client.model, max_tokens=max_tokens, temperature=temperature,
+                                                       n=1, seed=seed + k)
+        # the client's one request path (cache keyed by the body, retries, reply parsing); its public
+        # complete() takes a prompt string, which would flatten the conversation
+        return client._one(body)[0].text
+
+    return generate
+
+
 def import_generator(spec: str) -> Generator:
     """``MODULE:FUNC`` -> that function (``generate(messages) -> str``)."""
     module, _, attr = spec.partition(":")
@@ -574,6 +594,10 @@ def cli_test(args: Any, registry: Any) -> int:
     def generator(model_spec: str | None) -> Generator:
         if args.generator:
             return import_generator(args.generator)
+        if model_spec and model_spec.startswith(("http://", "https://")):
+            from lmstack.eval.llm import load_llm
+
+            return remote_generator(load_llm(model_spec), args.max_new_tokens, args.temperature, args.seed)
         from lmstack.infer.text import load_run
 
         model, tok = load_run(model_spec)
