@@ -48,6 +48,21 @@ def test_two_processes_never_lose_a_version(tmp_path):
         con.execute("INSERT INTO versions VALUES ('shared', 7, '{}', 'x', 'x', 'x', NULL, '')")
 
 
+def test_threads_sharing_one_registry(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = open_registry(tmp_path / "t.sqlite")
+
+    def write(w):
+        for i in range(10):
+            reg.add("t", tpl(f"{w}-{i}"), author=str(w))
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(4)))
+    log = reg.log("t")
+    assert [v.version for v in log] == list(range(1, 41))
+    assert sorted(v.fields["instruction"] for v in log) == sorted(f"{w}-{i}" for w in range(4) for i in range(10))
+
+
 def test_versions_diffs_and_lookup(tmp_path):
     reg = open_registry(tmp_path / "r.sqlite")
     v1 = reg.add("qa", tpl("Be terse."), author="ann", message="first")

@@ -239,6 +239,12 @@ def test_cli_with_a_local_model(project, capsys):
     assert "2/2 runs pass" in capsys.readouterr().out
     assert main(["prompt", "test", str(tmp / "never.yaml"), "--prompt", "qa@1", *local, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["result"]["cases"][0]["passes"] == 0
+    (tmp / "long.yaml").write_text("cases: [{id: a, vars: {question: '" + "France " * 80 + "'}, assert: [{regex: x}]}]\n",
+                                   encoding="utf-8")
+    assert main(["prompt", "test", str(tmp / "long.yaml"), "--prompt", "qa@1", *local]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt is ") and err.endswith(" over the context budget of 64; shorten the context "
+                                                                "or lower max_new_tokens\n")
 
 
 def test_remote_model_gets_the_whole_conversation(project, tmp_path, capsys):

@@ -40,6 +40,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,12 +167,14 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
-        self._con: sqlite3.Connection | None = None
-        self._pid: int | None = None
+        # one connection per (process, thread): sqlite3 connections may not cross threads, and a forked child
+        # must not reuse its parent's
+        self._local = threading.local()
 
     def _connection(self) -> sqlite3.Connection:
-        if self._con is not None and self._pid == os.getpid():
-            return self._con
+        con = getattr(self._local, "con", None)
+        if con is not None and self._local.pid == os.getpid():
+            return con
         if self.path.is_dir():
             raise LmstackError(f"prompt registry {self.path}: is a folder; give a file path such as prompts.sqlite")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ class SQLiteStore:
             except sqlite3.DatabaseError as e:
                 con.close()
                 raise LmstackError(f"prompt registry {self.path}: not a usable SQLite database ({e})") from None
-        self._con, self._pid = con, os.getpid()
+        self._local.con, self._local.pid = con, os.getpid()
         return con
 
     @contextlib.contextmanager
@@ -221,9 +224,11 @@ class SQLiteStore:
             yield con
 
     def close(self) -> None:
-        if self._con is not None and self._pid == os.getpid():
-            self._con.close()
-        self._con = None
+        """Close this thread's connection (others close when their thread's store is collected)."""
+        con = getattr(self._local, "con", None)
+        if con is not None and self._local.pid == os.getpid():
+            con.close()
+        self._local.con = None
 
     # -- reads
     @staticmethod

@@ -513,16 +513,21 @@ def format_comparison(cmp: Comparison) -> str:
 
 
 def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 64, temperature: float = 0.8,
-                    seed: int = 0) -> Generator:
+                    seed: int = 0, check_budget: bool = True) -> Generator:
     """``generate(messages)`` with a local lmstack model through its chat template (:func:`lmstack.infer.text.
     complete`). Sampling (``temperature > 0``) draws call ``k`` with seed ``seed + k``, so repeats differ and a
-    rerun is identical; ``temperature=0`` is greedy (every repeat the same)."""
+    rerun is identical; ``temperature=0`` is greedy (every repeat the same). ``check_budget``: a prompt that
+    does not fit beside ``max_new_tokens`` in a decoder's context is an error (the engine would drop its
+    beginning, the instruction, without a word)."""
     from lmstack.infer import GenerationConfig
     from lmstack.infer.text import complete
 
     calls = [0]
+    context = int(model.config.max_seq_len) if getattr(model.config, "arch", "decoder") == "decoder" else None
 
     def generate(messages: Messages) -> str:
+        if check_budget and context is not None:
+            RenderedPrompt(messages).check_budget(tokenizer, context, max_new_tokens)
         k = calls[0]
         calls[0] += 1
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
