@@ -17,6 +17,7 @@ from lmstack.prompts.suite import (
     compare,
     fisher_less,
     format_comparison,
+    judge_pairwise,
     pass_variance,
     run_suite,
     suite_from_dict,
@@ -140,6 +141,39 @@ def test_rubric_uses_the_judge_with_samples():
     assert good.cases[0].checks[0]["score_mean"] == 9.0 and "judge_length_bias" in good.cases[0].checks[0]
 
 
+class PairJudge:
+    """Prefers the answer that names Paris; asked about the same pair in both orders."""
+
+    name = "pair-judge"
+
+    def __init__(self):
+        self.prompts = []
+
+    def complete(self, prompts, *, max_tokens=256, temperature=0.0, n=1, stop=(), top_logprobs=0, seed=None):
+        self.prompts += prompts
+        out = []
+        for p in prompts:
+            first = p.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+            second = p.split("Answer B:\n")[1].split("\n\nWhich")[0]
+            verdict = "tie" if ("Paris" in first) == ("Paris" in second) else "A" if "Paris" in first else "B"
+            out.append([Completion(verdict)])
+        return out
+
+
+def test_pairwise_judge_side_by_side():
+    suite = suite_from_dict({"repeats": 2, "cases": [
+        {"id": "fr", "vars": {"question": "capital of France?"}, "assert": [{"contains": "Paris"}]},
+        {"id": "es", "vars": {"question": "capital of Spain?"}, "assert": [{"contains": "Madrid"}]}]})
+    cmp = compare(run_suite(suite, Fake(), GOOD), run_suite(suite, Fake(), BAD))
+    judge = PairJudge()
+    pw = judge_pairwise(cmp, judge, "Which is correct?")
+    assert len(judge.prompts) == 8                          # 4 pairs, each in both orders
+    assert judge.prompts[0].count("London, probably.") == 1 and "capital of France?" in judge.prompts[0]
+    # France: the baseline wins both pairs (0); Spain: identical answers, ties (0.5) -> 0.25
+    assert pw["pairs"] == 4 and pw["candidate_win_rate"] == 0.25
+    assert pw["consistency_rate"] == 1.0 and pw["first_position_rate"] == 0.5
+
+
 def test_messages_cases_and_text_generator():
     suite = suite_from_dict({"cases": [{"id": "m", "messages": "say hi", "assert": [{"equals": "USER: say hi"}]}]})
     res = run_suite(suite, text_generator(lambda text: "USER: " + text))
@@ -247,7 +281,7 @@ def test_cli_with_a_local_model(project, capsys):
                                                                 "or lower max_new_tokens\n")
 
 
-def test_remote_model_gets_the_whole_conversation(project, tmp_path, capsys):
+def test_remote_models_and_judge(project, capsys):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -260,8 +294,15 @@ def test_remote_model_gets_the_whole_conversation(project, tmp_path, capsys):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(body)
-            precise = "precise" in body["messages"][0]["content"]
-            content = "Paris and Lima" if precise else "no idea"
+            last = body["messages"][-1]["content"]
+            if body["model"] == "judge":            # pairwise: prefer the answer naming Paris
+                first = last.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+                second = last.split("Answer B:\n")[1].split("\n\nWhich")[0]
+                content = "tie" if ("Paris" in first) == ("Paris" in second) else "A" if "Paris" in first else "B"
+            elif body["model"] == "good" or "precise" in body["messages"][0]["content"]:
+                content = "Paris and Lima"
+            else:
+                content = "Lima"
             data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
                                             "finish_reason": "stop"}]}).encode()
             self.send_response(200)
@@ -271,18 +312,28 @@ def test_remote_model_gets_the_whole_conversation(project, tmp_path, capsys):
             self.wfile.write(data)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    tmp, opts = project
+    base = ["prompt", "test", str(tmp / "suite.yaml"), opts[0], opts[1], "--max-new-tokens", "9"]
     try:
-        tmp, opts = project
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1#remote-model"
-        argv = ["prompt", "test", str(tmp / "suite.yaml"), opts[0], opts[1], "--model", url, "--max-new-tokens", "9"]
-        assert main([*argv, "--prompt", "qa@staging", "--against", "qa@production"]) == 1
+        # two prompt versions on one remote model
+        assert main([*base, "--model", f"{url}#m", "--prompt", "qa@staging", "--against", "qa@production"]) == 1
+        assert "| france | 100% | 0% | -100 |" in capsys.readouterr().out
+        assert len(seen) == 12 and seen[0]["model"] == "m" and seen[0]["max_tokens"] == 9
+        assert seen[0]["messages"] == [{"role": "system", "content": "Be creative."},
+                                       {"role": "user", "content": "capital of France?"}]
+        assert [b["seed"] for b in seen[:3]] == [0, 1, 2]                   # repeats differ
+        # two models, one prompt, and the judge side by side
+        seen.clear()
+        assert main([*base, "--prompt", "qa@staging", "--model", f"{url}#good", "--against-model", f"{url}#bad",
+                     "--judge", f"{url}#judge", "--pairwise-rubric", "Which is right?", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert "| france | 100% | 0% | -100 |" in capsys.readouterr().out
-    assert len(seen) == 12 and seen[0]["model"] == "remote-model" and seen[0]["max_tokens"] == 9
-    assert seen[0]["messages"] == [{"role": "system", "content": "Be creative."},
-                                   {"role": "user", "content": "capital of France?"}]
-    assert [b["seed"] for b in seen[:3]] == [0, 1, 2]                       # repeats differ
+    assert out["improvements"] == ["france"] and out["regressions"] == []
+    # "good" names Paris in every reply, "bad" never: the judge prefers good in all 6 pairs, in both orders
+    assert out["pairwise"]["pairs"] == 6 and out["pairwise"]["candidate_win_rate"] == 1.0
+    assert out["pairwise"]["consistency_rate"] == 1.0 and out["pairwise"]["first_position_rate"] == 0.5
+    assert sum(b["model"] == "judge" for b in seen) == 12                                   # both orders

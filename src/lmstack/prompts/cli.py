@@ -120,6 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a Python function generate(messages) -> str instead of --model (any backend)")
     t.add_argument("--judge", default=None, metavar="SPEC",
                    help="the LLM judge for rubric assertions: a run folder or http(s)://host/v1#model")
+    t.add_argument("--pairwise-rubric", default=None, metavar="TEXT",
+                   help="with a baseline: the judge also compares the two outputs side by side (both orders)")
     t.add_argument("--repeats", type=int_at_least(1), default=None, help="runs per case (default: the suite's)")
     t.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     t.add_argument("--temperature", type=float, default=0.8, help="0: greedy (every repeat identical)")

@@ -244,6 +244,7 @@ class CaseResult:
     ci: tuple[float, float]
     runs: list[dict[str, Any]]                 # per run: output, passed, checks
     checks: list[dict[str, Any]]               # per assertion: kind, pass rate, score mean/variance
+    question: str = ""                         # the last user message sent (for judges)
 
     @property
     def pass_rate(self) -> float:
@@ -258,7 +259,7 @@ class CaseResult:
         return self.pass_rate >= self.min_pass_rate - 1e-12
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "n": self.n, "passes": self.passes, "pass_rate": self.pass_rate, "ci": list(self.ci),
+        return {"id": self.id, "question": self.question, "n": self.n, "passes": self.passes, "pass_rate": self.pass_rate, "ci": list(self.ci),
                 "variance": self.variance, "min_pass_rate": self.min_pass_rate, "ok": self.ok,
                 "checks": self.checks, "runs": self.runs}
 
@@ -408,7 +409,8 @@ def run_case(case: Case, generate: Generator, template: PromptTemplate | None = 
         runs.append({"output": out, "passed": not fails, "failures": fails})
     passes = sum(run["passed"] for run in runs)
     mpr = case.min_pass_rate if case.min_pass_rate is not None else min_pass_rate
-    return CaseResult(case.id, repeats, passes, mpr, wilson_interval(passes, repeats, confidence), runs, checks)
+    return CaseResult(case.id, repeats, passes, mpr, wilson_interval(passes, repeats, confidence), runs, checks,
+                      _question(messages))
 
 
 def run_suite(suite: Suite, generate: Generator, template: PromptTemplate | None = None, *,
@@ -472,6 +474,28 @@ def compare(baseline: SuiteResult, candidate: SuiteResult, alpha: float = 0.05) 
                      "delta": c.pass_rate - b.pass_rate, "p_value": p_worse, "regression": bool(reasons),
                      "improvement": p_better < alpha or (c.ok and not b.ok), "reason": "; ".join(reasons)})
     return Comparison(baseline, candidate, rows, alpha)
+
+
+def judge_pairwise(cmp: Comparison, judge: Any, rubric: str) -> dict[str, Any]:
+    """An LLM judge's side-by-side verdict on the two systems' outputs, run ``r`` of each case against run
+    ``r`` of the other, with the bias controls of :func:`lmstack.eval.judges.bias.pairwise`: each pair is
+    judged in both orders and counts only when both agree (else a tie); ``consistency_rate`` and
+    ``first_position_rate`` (0.5 for an unbiased judge) and the length bias are reported."""
+    from lmstack.eval.judges.bias import pairwise
+
+    base = {c.id: c for c in cmp.baseline.cases}
+    questions, cand_out, base_out = [], [], []
+    for c in cmp.candidate.cases:
+        b = base[c.id]
+        for rc, rb in zip(c.runs, b.runs):
+            questions.append(c.question)
+            cand_out.append(rc["output"])
+            base_out.append(rb["output"])
+    res = pairwise(judge, questions, cand_out, base_out, rubric, swap=True)
+    s = res.summary
+    return {"rubric": rubric, "pairs": len(questions), "candidate_win_rate": s["win_rate_a"],
+            "consistency_rate": s["consistency_rate"], "first_position_rate": s["first_position_rate"],
+            "length_bias": s["length_bias"], "failed": s["failed"]}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -586,6 +610,8 @@ def cli_test(args: Any, registry: Any) -> int:
         raise LmstackError("prompt test: give --model or --generator, not both")
     if not (args.generator or args.model):
         raise LmstackError("prompt test: give --model RUN (a local model) or --generator MODULE:FUNC")
+    if getattr(args, "pairwise_rubric", None) and not (args.judge and (args.against or args.against_model)):
+        raise LmstackError("prompt test: --pairwise-rubric needs --judge and a baseline (--against/--against-model)")
     if args.against_model and not args.model:
         raise LmstackError("prompt test: --against-model compares with --model; give --model too")
     template = registry.template(ref) if ref else None
@@ -623,6 +649,11 @@ def cli_test(args: Any, registry: Any) -> int:
         cmp = compare(baseline, candidate, suite.alpha)
         out = cmp.to_dict()
         text = format_result(baseline) + "\n" + format_result(candidate) + "\n" + format_comparison(cmp)
+        if args.pairwise_rubric:
+            pw = out["pairwise"] = judge_pairwise(cmp, judge, args.pairwise_rubric)
+            text += (f"\njudge, side by side ({pw['pairs']} pairs, both orders): candidate wins "
+                     f"{_pct(pw['candidate_win_rate'])} (ties 0.5); consistency {_pct(pw['consistency_rate'])}, "
+                     f"first-position wins {_pct(pw['first_position_rate'])}\n")
         code = 1 if cmp.regressions else 0
     if args.out:
         atomic_write_json(args.out, out)
