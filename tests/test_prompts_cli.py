@@ -75,3 +75,32 @@ def test_help_does_not_import_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)},
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_plain_show_and_label_log(db, capsys, monkeypatch):
+    monkeypatch.setenv("LMSTACK_AUTHOR", "ann")
+    assert main(["prompt", "add", "qa", "--input", "{{ q }}", "--example", "a", "b", "-m", "why\nmore",
+                 "--label", "prod", *db]) == 0
+    assert main(["prompt", "rollback", "qa", "prod", "--to", "1", "-m", "same", *db]) == 0
+    capsys.readouterr()
+    assert main(["prompt", "show", "qa", *db]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# qa@1  ") and out[0].endswith("  ann  [prod]") and out[1:3] == ["# why", "# more"]
+    assert out[3:] == ["instruction: ''", "context: ''", "input: '{{ q }}'", "output_format: ''", "examples:",
+                       "- input: a", "  output: b"]
+    assert main(["prompt", "log", "qa", "--labels", *db]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("  ", 1)[1] for ln in lines] == ["prod: - -> 1  (set, ann)  why", "prod: 1 -> 1  (rollback, ann)  same"]
+    assert main(["prompt", "log", *db]) == 0 and capsys.readouterr().out == "qa\n"
+
+
+@pytest.mark.parametrize("argv", [["prompt", "show", "qa"], ["prompt", "log", "qa"], ["prompt", "export", "out"],
+                                  ["prompt", "add", "qa", "--input", "{% if %}"],
+                                  ["prompt", "add", "qa", "--from", "qa@1", "--input", "x"],
+                                  ["prompt", "add", "bad name", "--input", "x"]])
+def test_failing_commands_leave_no_registry_behind(tmp_path, capsys, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--db", "reg.sqlite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

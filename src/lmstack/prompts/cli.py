@@ -131,10 +131,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_test)
 
 
-def _registry(args: argparse.Namespace) -> Any:
+def _registry(args: argparse.Namespace, create: bool = False) -> Any:
     from lmstack.prompts.registry import open_registry
 
-    return open_registry(args.db)
+    return open_registry(args.db, create=create)   # only add and import may create the file
 
 
 def _read_fields(path: str) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def _read_fields(path: str) -> dict[str, Any]:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    reg = _registry(args)
+    reg = _registry(args, create=not args.base)   # --from reads a registry that must exist
     flags = {"instruction": args.instruction, "context": args.context, "input": args.input,
              "output_format": args.output_format}
     if args.file and args.base:
@@ -265,7 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    for name, (versions, moves) in _registry(args).import_files(args.paths).items():
+    for name, (versions, moves) in _registry(args, create=True).import_files(args.paths).items():
         print(f"{name}: {versions} version(s), {moves} label move(s) added")
     return 0
 

@@ -164,9 +164,10 @@ class SQLiteStore:
     """Prompts in one SQLite file (WAL; writes in ``BEGIN IMMEDIATE`` transactions; see the module docstring).
     The file is opened on first use, so constructing a store touches nothing."""
 
-    def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0):
+    def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0, create: bool = True):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self.create = create     # False: a missing file is an error (read commands never leave an empty one)
         # one connection per (process, thread): sqlite3 connections may not cross threads, and a forked child
         # must not reuse its parent's
         self._local = threading.local()
@@ -177,6 +178,9 @@ class SQLiteStore:
             return con
         if self.path.is_dir():
             raise LmstackError(f"prompt registry {self.path}: is a folder; give a file path such as prompts.sqlite")
+        if not self.create and not self.path.exists():
+            raise LmstackError(f"prompt registry {self.path}: no such file; add a prompt first (lmstack prompt add "
+                               f"NAME ...) or point --db / $LMSTACK_PROMPT_DB at the registry")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; we open them ourselves with BEGIN IMMEDIATE
         con = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
@@ -330,8 +334,9 @@ class SQLiteStore:
         return added, max(0, len(moves) - common)
 
 
-def open_registry(url: str | os.PathLike | None = None) -> Registry:
-    """A registry: a path or ``sqlite:///path`` (default ``$LMSTACK_PROMPT_DB``, else ``prompts.sqlite``)."""
+def open_registry(url: str | os.PathLike | None = None, create: bool = True) -> Registry:
+    """A registry: a path or ``sqlite:///path`` (default ``$LMSTACK_PROMPT_DB``, else ``prompts.sqlite``).
+    ``create=False``: the file must exist (for reads)."""
     url = str(url if url is not None else os.environ.get("LMSTACK_PROMPT_DB", "prompts.sqlite"))
     if url.startswith(("postgresql://", "postgres://")):
         raise LmstackError(f"{url.split('@')[-1]}: PostgreSQL prompt storage is not implemented; use a SQLite "
@@ -340,7 +345,7 @@ def open_registry(url: str | os.PathLike | None = None) -> Registry:
         url = url[len("sqlite:///"):]
     elif "://" in url:
         raise LmstackError(f"prompt registry {url!r}: unknown URL scheme; give a SQLite file path")
-    return Registry(SQLiteStore(url))
+    return Registry(SQLiteStore(url, create=create))
 
 
 # ----------------------------------------------------------------------------------------------- registry
