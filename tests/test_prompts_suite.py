@@ -271,6 +271,8 @@ def test_cli_with_a_local_model(project, capsys):
     local = [opts[0], opts[1], "--model", str(tmp / "run"), "--max-new-tokens", "4"]
     assert main(["prompt", "test", str(tmp / "any.yaml"), "--prompt", "qa@1", *local]) == 0
     assert "2/2 runs pass" in capsys.readouterr().out
+    assert main(["prompt", "test", str(tmp / "any.yaml"), "--prompt", "qa@1", *local, "--plain"]) == 0
+    capsys.readouterr()
     assert main(["prompt", "test", str(tmp / "never.yaml"), "--prompt", "qa@1", *local, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["result"]["cases"][0]["passes"] == 0
     (tmp / "long.yaml").write_text("cases: [{id: a, vars: {question: '" + "France " * 80 + "'}, assert: [{regex: x}]}]\n",
@@ -337,3 +339,21 @@ def test_remote_models_and_judge(project, capsys):
     assert out["pairwise"]["pairs"] == 6 and out["pairwise"]["candidate_win_rate"] == 1.0
     assert out["pairwise"]["consistency_rate"] == 1.0 and out["pairwise"]["first_position_rate"] == 0.5
     assert sum(b["model"] == "judge" for b in seen) == 12                                   # both orders
+
+
+def test_a_base_model_without_chat_template(shared_data):
+    from lmstack.errors import LmstackError
+    from lmstack.infer.text import load_run
+    from lmstack.prompts.suite import local_generator
+
+    folder = shared_data / "models" / "stories260K"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    model, tok = load_run(folder)
+    suite = suite_from_dict({"repeats": 2, "cases": [{"id": "story", "vars": {"question": "Once upon a time"},
+                                                      "assert": [{"regex": r"\w+"}]}]})
+    tpl = PromptTemplate(input="{{ question }}")
+    res = run_suite(suite, local_generator(model, tok, max_new_tokens=8, chat=False), tpl)
+    assert res.passes == 2 and res.cases[0].runs[0]["output"] != res.cases[0].runs[1]["output"]   # seeds differ
+    with pytest.raises(LmstackError, match="this model has no chat template"):
+        run_suite(suite, local_generator(model, tok, max_new_tokens=8), tpl)

@@ -116,6 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--against", default=None, metavar="REF", help="the baseline prompt version")
     t.add_argument("--model", default=None, metavar="RUN", help="a run or model folder that answers, or http(s)://host/v1#model (OpenAI-compatible chat)")
     t.add_argument("--against-model", default=None, metavar="RUN", help="the baseline model (default: --model)")
+    t.add_argument("--plain", action="store_true",
+                   help="--model: send the prompt as plain text, not through the chat template (a base model)")
     t.add_argument("--generator", default=None, metavar="MODULE:FUNC",
                    help="a Python function generate(messages) -> str instead of --model (any backend)")
     t.add_argument("--judge", default=None, metavar="SPEC",

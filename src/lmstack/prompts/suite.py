@@ -537,12 +537,13 @@ def format_comparison(cmp: Comparison) -> str:
 
 
 def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 64, temperature: float = 0.8,
-                    seed: int = 0, check_budget: bool = True) -> Generator:
+                    seed: int = 0, check_budget: bool = True, chat: bool = True) -> Generator:
     """``generate(messages)`` with a local lmstack model through its chat template (:func:`lmstack.infer.text.
     complete`). Sampling (``temperature > 0``) draws call ``k`` with seed ``seed + k``, so repeats differ and a
     rerun is identical; ``temperature=0`` is greedy (every repeat the same). ``check_budget``: a prompt that
     does not fit beside ``max_new_tokens`` in a decoder's context is an error (the engine would drop its
-    beginning, the instruction, without a word)."""
+    beginning, the instruction, without a word). ``chat=False``: the prompt's text form as a plain completion
+    (a base model without a chat template)."""
     from lmstack.infer import GenerationConfig
     from lmstack.infer.text import complete
 
@@ -551,12 +552,12 @@ def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 64, temper
 
     def generate(messages: Messages) -> str:
         if check_budget and context is not None:
-            RenderedPrompt(messages).check_budget(tokenizer, context, max_new_tokens)
+            RenderedPrompt(messages).check_budget(tokenizer, context, max_new_tokens, chat=chat)
         k = calls[0]
         calls[0] += 1
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                temperature=temperature if temperature > 0 else 1.0, seed=seed + k)
-        return complete(model, tokenizer, messages, cfg).text
+        return complete(model, tokenizer, messages if chat else RenderedPrompt(messages).text, cfg).text
 
     return generate
 
@@ -632,7 +633,8 @@ def cli_test(args: Any, registry: Any) -> int:
         from lmstack.infer.text import load_run
 
         model, tok = load_run(model_spec)
-        return local_generator(model, tok, args.max_new_tokens, args.temperature, args.seed)
+        return local_generator(model, tok, args.max_new_tokens, args.temperature, args.seed,
+                               chat=not args.plain)
 
     model_label = f" on {args.model}" if args.model else ""
     candidate = run_suite(suite, generator(args.model), template, repeats=args.repeats, judge=judge,
