@@ -366,11 +366,11 @@ class Ref:
 def parse_ref(ref: str) -> Ref:
     if not isinstance(ref, str) or not ref:
         raise LmstackError(f"prompt reference {ref!r}: expected NAME, NAME@VERSION or NAME@LABEL")
-    name, _, tag = ref.partition("@")
+    name, at, tag = ref.partition("@")
     check_name(name)
+    if at and not tag:
+        raise LmstackError(f"prompt reference {ref!r}: nothing after '@'; give a version number or a label")
     if not tag or tag == "latest":
-        if _ and not tag:
-            raise LmstackError(f"prompt reference {ref!r}: nothing after '@'; give a version number or a label")
         return Ref(name)
     if tag.isdigit():
         if int(tag) < 1:

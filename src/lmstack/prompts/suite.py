@@ -362,7 +362,7 @@ def _score(a: dict[str, Any], outputs: list[str], messages: Messages, judge: Any
 
 def _threshold(a: dict[str, Any], score: float | None) -> tuple[bool, str]:
     if score is None or not math.isfinite(score):
-        return False, "no score (the judge's reply did not parse)"
+        return False, "no score (a judge reply that did not parse, or an item the metric could not score)"
     if "max" in a:
         return score <= a["max"], "" if score <= a["max"] else f"score {score:.4g} > max {a['max']}"
     return score >= a["min"], "" if score >= a["min"] else f"score {score:.4g} < min {a['min']}"

@@ -146,8 +146,10 @@ class PromptTemplate:
         if unknown:
             raise LmstackError(f"prompt {name!r}: unknown template field(s) {', '.join(unknown)}; "
                                f"fields: {', '.join((*SLOTS, 'examples'))}")
-        return cls(**{k: ([dict(e) if isinstance(e, Mapping) else e for e in v] if k == "examples"
-                          and isinstance(v, list) else v) for k, v in data.items()}, name=name)
+        values = dict(data)
+        if isinstance(values.get("examples"), list):   # copies: the template never aliases the caller's dicts
+            values["examples"] = [dict(e) if isinstance(e, Mapping) else e for e in values["examples"]]
+        return cls(**values, name=name)
 
     def _parts(self) -> list[tuple[str, str]]:
         parts = [(slot, getattr(self, slot)) for slot in SLOTS]
