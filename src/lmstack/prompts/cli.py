@@ -64,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_diff)
 
     lg = sub.add_parser("log", parents=[db], help="the versions of a prompt, newest first",
-                        formatter_class=HelpFormatter)
+                        formatter_class=HelpFormatter,
+                        epilog="examples:\n  lmstack prompt log qa\n  lmstack prompt log qa --labels\n"
+                               "  lmstack prompt log                # the prompts in the registry")
     lg.add_argument("name", metavar="NAME", nargs="?", default=None, help="default: list the prompts")
     lg.add_argument("--labels", action="store_true", help="show the label history instead")
     lg.add_argument("--json", action="store_true")
