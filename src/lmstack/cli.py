@@ -30,6 +30,7 @@ LAYER_CLIS = [
     "lmstack.align.cli",
     "lmstack.eval.cli",
     "lmstack.rag.cli",
+    "lmstack.prompts.cli",
     "lmstack.speedrun",
 ]
 
