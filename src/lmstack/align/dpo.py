@@ -84,7 +84,7 @@ def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     ``(losses, chosen_rewards, rejected_rewards)`` from *token-averaged* policy log-probs
     (``sequence_logps(..., average=True)``), no reference model.
 
-    :math:`-\log\sigma(eta(ar\ell_c - ar\ell_r) - \gamma)` with the target margin :math:`\gamma`, smoothed
+    :math:`-\log\sigma(\beta(\bar\ell_c - \bar\ell_r) - \gamma)` with the target margin :math:`\gamma`, smoothed
     like cDPO with ``label_smoothing``; trl's ``CPOTrainer`` with ``loss_type="simpo"`` (``simpo_gamma`` =
     :math:`\gamma`). What it drops relative to DPO: the reference (the reward is the length-normalised
     log-likelihood itself), so nothing holds the policy near its start but the data.
@@ -99,8 +99,8 @@ def orpo_odds_ratio(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""ORPO's odds-ratio term (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model", eqs. 4 and 7) from token-averaged policy log-probs: ``(losses, chosen_rewards, rejected_rewards)``
-    with ``losses`` :math:`= eta\log\sigma(\lograc{odds(y_c)}{odds(y_r)})`,
-    :math:`odds(y) = p/(1-p)`, :math:`p = e^{ar\ell}` (trl's ``ORPOTrainer.odds_ratio_loss``, same sign: ORPO's
+    with ``losses`` :math:`= \beta\log\sigma(\log\frac{odds(y_c)}{odds(y_r)})`,
+    :math:`odds(y) = p/(1-p)`, :math:`p = e^{\bar\ell}` (trl's ``ORPOTrainer.odds_ratio_loss``, same sign: ORPO's
     total loss is the chosen reply's SFT loss *minus* the mean of these). No reference model.
     """
     def log1mexp(x: torch.Tensor) -> torch.Tensor:  # log(1 - e^x), stable on both sides of -ln 2

@@ -467,5 +467,18 @@ def write_report(report: RedTeamReport, out_dir: str | os.PathLike, title: str =
             "markdown": atomic_write_text(out / "report.md", md), **({"plot": png} if png else {})}
 
 
-__all__ = ["Attack", "CATEGORIES", "Outcome", "RedTeamReport", "SYSTEM_PROMPT", "attack_suite", "chat_target",
-           "grade_rule", "is_refusal", "plot_asr", "render_markdown", "run_redteam", "write_report"]
+__all__ = [
+    "CATEGORIES",
+    "SYSTEM_PROMPT",
+    "Attack",
+    "Outcome",
+    "RedTeamReport",
+    "attack_suite",
+    "chat_target",
+    "grade_rule",
+    "is_refusal",
+    "plot_asr",
+    "render_markdown",
+    "run_redteam",
+    "write_report",
+]

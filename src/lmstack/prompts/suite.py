@@ -44,10 +44,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.eval.stats import wilson_interval  # the one Wilson interval (re-exported for suites)
 from lmstack.extras import require
 from lmstack.prompts.template import PromptTemplate, RenderedPrompt, as_messages
 
@@ -63,18 +63,6 @@ CASE_KEYS = {"id", "vars", "messages", "assert", "min_pass_rate", "description"}
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``k/n``."""
-    if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: need 0 <= k <= n and n >= 1, got k={k}, n={n}")
-    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def fisher_less(k_a: int, n_a: int, k_b: int, n_b: int) -> float:
