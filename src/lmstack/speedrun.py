@@ -136,6 +136,21 @@ class GRPOStageConfig:
 
 
 @dataclass
+class PromptsStageConfig:
+    """The chat model under prompts-as-code: schema-constrained JSON answers, a suite comparing two registered
+    prompt versions, and the red-team report (lmstack.prompts)."""
+
+    json_requests: int = 12        # schema-constrained requests (every reply must parse and validate)
+    cases: int = 6                 # suite cases (held-out documentation questions)
+    repeats: int = 3               # sampled runs per case
+    redteam_per_category: int = 8  # built-in attacks per category
+
+    def __post_init__(self) -> None:
+        _at_least("prompts", json_requests=(self.json_requests, 0), cases=(self.cases, 1),
+                  repeats=(self.repeats, 1), redteam_per_category=(self.redteam_per_category, 1))
+
+
+@dataclass
 class RAGStageConfig:
     """Retrieval over the corpus: questions from held-out documents, grounded answers with citations, abstention
     on questions whose document is not indexed (lmstack.rag.speedrun.speedrun_rag)."""
@@ -168,6 +183,7 @@ class SpeedrunConfig:
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
     rag: RAGStageConfig = field(default_factory=RAGStageConfig)
+    prompts: PromptsStageConfig = field(default_factory=PromptsStageConfig)
 
 
 @dataclass
@@ -445,6 +461,25 @@ def stage_rag(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(results, report.replace("## RAG\n\n", "", 1))  # the stage has its own heading
 
 
+def stage_prompts(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.infer.text import load_run
+    from lmstack.prompts.redteam import speedrun_redteam
+    from lmstack.prompts.speedrun import speedrun_json, speedrun_prompts
+
+    p = cfg.prompts
+    model, tok = load_run(run / "chat_model")
+    parts, results = [], {}
+    if p.json_requests:
+        results["json"] = speedrun_json(model, tok, run / "prompts" / "json", n=p.json_requests, seed=cfg.seed)
+        parts.append(results["json"].pop("report"))
+    results["suite"] = speedrun_prompts(model, tok, run / "prompts", cases=p.cases, repeats=p.repeats, seed=cfg.seed)
+    parts.append(results["suite"].pop("report").replace("## Prompts\n\n", "### Prompt versions under test\n\n", 1))
+    results["redteam"] = speedrun_redteam(model, tok, run / "prompts" / "redteam", per_category=p.redteam_per_category,
+                                          seed=cfg.seed, link_prefix="prompts/redteam/")
+    parts.append(results["redteam"].pop("report").replace("## Red-team report", "### Red-team report", 1))
+    return StageResult(results, "\n".join(parts))
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
@@ -457,6 +492,7 @@ STAGES: list[Stage] = [
     Stage("dpo", "Preference alignment (DPO)", stage_dpo, ("sft", "dpo")),
     Stage("grpo", "Reinforcement learning with verifiable rewards (GRPO)", stage_grpo, ("grpo",)),
     Stage("rag", "Retrieval and grounded answers", stage_rag, ("rag",)),
+    Stage("prompts", "Prompts: structured output, prompt tests, red-teaming", stage_prompts, ("prompts",)),
 ]
 
 

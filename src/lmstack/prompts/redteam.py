@@ -467,6 +467,26 @@ def write_report(report: RedTeamReport, out_dir: str | os.PathLike, title: str =
             "markdown": atomic_write_text(out / "report.md", md), **({"plot": png} if png else {})}
 
 
+def speedrun_redteam(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, per_category: int = 8,
+                     seed: int = 0, max_new_tokens: int = 48, link_prefix: str = "") -> dict[str, Any]:
+    """The speedrun's red-team report on its chat model: the built-in attacks only (the main job reads no shared
+    data), greedy replies, rules only (a judge needs a model stronger than the one judged). Writes
+    ``OUT/report.{md,json}`` and ``OUT/asr.png``; returns per-category ASR and the Markdown (``report``, its
+    image linked as ``link_prefix + "asr.png"``, for a report that lives elsewhere)."""
+    import time
+
+    from lmstack.infer import GenerationConfig
+
+    t0 = time.perf_counter()
+    attacks = attack_suite(per_category=per_category, seed=seed)
+    report = run_redteam(chat_target(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens)), attacks)
+    write_report(report, out_dir, title="Red-team report")
+    md = render_markdown(report, "Red-team report", image=f"{link_prefix}asr.png")
+    hits = sum(o.rule_success for o in report.outcomes)
+    return {"attacks": len(attacks), "asr": {c: e["rule"]["asr"] for c, e in report.per_category.items()},
+            "overall_asr": hits / len(attacks), "seconds": round(time.perf_counter() - t0, 2), "report": md}
+
+
 __all__ = [
     "CATEGORIES",
     "SYSTEM_PROMPT",

@@ -113,3 +113,63 @@ def _suite_yaml(data: dict[str, Any]) -> str:
     from lmstack.prompts.registry import dump_yaml
 
     return dump_yaml(data)
+
+
+DOC_CARD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 40},
+        "kind": {"enum": ["function", "class", "module", "method"]},
+        "summary": {"type": "string", "minLength": 1, "maxLength": 100},
+    },
+    "required": ["name", "kind", "summary"],
+    "additionalProperties": False,
+}
+
+
+def speedrun_json(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, n: int = 12, seed: int = 0,
+                  max_new_tokens: int = 96) -> dict[str, Any]:
+    """Schema-constrained requests to the chat model: ``n`` held-out documentation questions asked for a JSON
+    "doc card" (:data:`DOC_CARD_SCHEMA`), answered greedily with ``GenerationConfig.json_schema`` and, for
+    contrast, without it. Every constrained reply is checked with ``jsonschema``; a reply cut at
+    ``max_new_tokens`` counts as invalid. Writes ``OUT/replies.jsonl``; returns counts, times and ``report``."""
+    import json
+
+    from lmstack.infer import GenerationConfig
+    from lmstack.infer.structured import is_valid_json
+    from lmstack.infer.text import complete_batch
+    from lmstack.runs import atomic_write_text
+
+    rows = heldout_questions(n)
+    prompts = [[{"role": "user", "content": f"{r['instruction']} Reply with a JSON object with the keys name, kind "
+                 f"and summary."}] for r in rows]
+    out: dict[str, Any] = {"requests": len(rows), "schema": DOC_CARD_SCHEMA}
+    replies: dict[str, list[Any]] = {}
+    for name, extra in (("constrained", {"json_schema": DOC_CARD_SCHEMA}), ("unconstrained", {})):
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, **extra)
+        t = time.perf_counter()
+        done = complete_batch(model, tokenizer, prompts, cfg)
+        seconds = time.perf_counter() - t
+        valid = [c.finish_reason == "stop" and is_valid_json(c.text, DOC_CARD_SCHEMA) for c in done]
+        replies[name] = done
+        out[name] = {"valid": sum(valid), "cut_at_length": sum(c.finish_reason == "length" for c in done),
+                     "seconds": round(seconds, 2), "tokens": sum(c.n_tokens for c in done)}
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "replies.jsonl", "".join(
+        json.dumps({"request": p[0]["content"], "constrained": c.text, "constrained_finish": c.finish_reason,
+                    "unconstrained": u.text}) + "\n"
+        for p, c, u in zip(prompts, replies["constrained"], replies["unconstrained"])))
+    c, u = out["constrained"], out["unconstrained"]
+    example = replies["constrained"][0].text if rows else ""
+    out["report"] = (
+        "### Structured output\n\n"
+        f"{len(rows)} held-out documentation questions, each asking the chat model for a JSON object "
+        "`{name, kind, summary}` (string lengths bounded, `kind` an enum, no other keys), greedy, "
+        f"max {max_new_tokens} new tokens.\n\n"
+        "| decoding | valid JSON (parses + validates) | cut at max tokens | seconds | new tokens |\n|---|---:|---:|---:|---:|\n"
+        f"| `json_schema` constrained | {c['valid']}/{len(rows)} | {c['cut_at_length']} | {c['seconds']:.1f} | "
+        f"{c['tokens']} |\n"
+        f"| unconstrained | {u['valid']}/{len(rows)} | {u['cut_at_length']} | {u['seconds']:.1f} | {u['tokens']} |\n\n"
+        f"First constrained reply: `{example[:200]}`. All replies: `prompts/json/replies.jsonl`.\n")
+    return out
