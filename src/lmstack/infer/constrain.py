@@ -362,6 +362,10 @@ def check_xgrammar_keywords(schema: Any, path: str = "") -> None:
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
             raise ConstraintError(f"json_schema keyword 'allOf' with {len(value)} schemas (at {where}) is not "
                                   f"supported by the xgrammar backend; use constraint_backend='llguidance'")
+        if key == "oneOf" and isinstance(value, list) and not _disjoint_types(value):   # xgrammar: oneOf = anyOf
+            raise ConstraintError(f"json_schema keyword 'oneOf' with alternatives that may overlap (at {where}) is "
+                                  f"not supported by the xgrammar backend (it would accept a value matching two); "
+                                  f"use anyOf, or constraint_backend='llguidance'")
         if key == "format" and isinstance(value, str) and value not in XGRAMMAR_FORMATS:
             raise ConstraintError(f"json_schema keyword 'format' value {value!r} (at {where}) is not supported "
                                   f"by the xgrammar backend")
@@ -386,6 +390,17 @@ def _no_control_bytes(vocab: TokenVocab) -> torch.Tensor:
     words[:vocab.vocab_size] = ok.long()
     packed = (words.view(-1, 32) << torch.arange(32, dtype=torch.int64)).sum(1)
     return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def _disjoint_types(alternatives: list) -> bool:
+    """Whether no value can match two of the ``oneOf`` alternatives, judged by their ``type`` alone (each one
+    a different JSON type; integer and number overlap), or by distinct ``const`` values."""
+    types = [a.get("type") if isinstance(a, dict) else None for a in alternatives]
+    if all(isinstance(t, str) for t in types) and len(set(types)) == len(types):
+        return not {"integer", "number"} <= set(types)
+    consts = [json.dumps(a["const"], sort_keys=True) if isinstance(a, dict) and "const" in a else None
+              for a in alternatives]
+    return None not in consts and len(set(consts)) == len(consts)
 
 
 class _XGrammar(Constraint):
@@ -480,6 +495,9 @@ def _explain(kind: str, message: str) -> str:
         names = [k.strip().strip('"') for k in keys.group(1).split(",") if k.strip()]
         return (f"json_schema keyword {', '.join(map(repr, names))} is not supported by constrained decoding "
                 f"(it would not be enforced); drop it or rewrite the schema")
+    if "oneOf constraints are not supported" in msg:
+        return ("json_schema keyword 'oneOf' with alternatives that may overlap is not supported by constrained "
+                "decoding (exactly-one cannot be enforced); use anyOf if any match will do")
     fmt = re.search(r"Unknown format: (\S+)", msg)
     if fmt:
         return f"json_schema keyword 'format' value {fmt.group(1)!r} is not supported by constrained decoding"
