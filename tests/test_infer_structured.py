@@ -470,6 +470,23 @@ def test_invalid_and_unsatisfiable_schemas_are_one_line_errors(tok, backend):
         compile_constraint("grammar", "start: (", tok, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ref_cycle_no_token_can_start_fails_at_compile_time(tok, backend):
+    schema = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}
+    with pytest.raises(ConstraintError, match="unsatisfiable|cannot be compiled"):
+        compile_constraint("json_schema", schema, tok, backend=backend)
+
+
+def test_streamed_text_equals_the_completion(model, tok):
+    from lmstack.infer.text import stream_complete
+
+    cfg = GenerationConfig(max_new_tokens=40, do_sample=True, seed=2,
+                           json_schema={"type": "array", "items": {"enum": ["cat", "dog", 1]}, "maxItems": 4})
+    streamed = "".join(stream_complete(model, tok, "the", cfg))
+    assert streamed == complete(model, tok, "the", cfg).text
+    validate_json(streamed, cfg.json_schema, extract=False)
+
+
 def test_config_rules_name_the_field():
     with pytest.raises(ConfigError, match="'regex': set at most one"):
         GenerationConfig(json_schema={"type": "string"}, regex="a")
@@ -510,7 +527,11 @@ def test_cli_generate_json_schema(tmp_path, tok, model, capsys):
     assert rec["finish_reason"] == "stop"
     validate_json(rec["completion"], schema, extract=False)
     assert main(["generate", str(run), "--prompt", "the", "--regex", "(ab)+"]) == 0
-    assert re.fullmatch(r"the(ab)+", capsys.readouterr().out.strip())
+    assert re.fullmatch(r"the(ab)+", capsys.readouterr().out.strip().splitlines()[0])
+    (tmp_path / "g.lark").write_text('start: "<" ("x" | "y") ("x" | "y")? ">"')
+    assert main(["generate", str(run), "--prompt", "the", "--grammar", str(tmp_path / "g.lark"),
+                 "--constraint_backend", "xgrammar" if "xgrammar" in BACKENDS else "llguidance"]) == 0
+    assert re.fullmatch(r"the<[xy]{1,2}>", capsys.readouterr().out.strip().splitlines()[0])
     (tmp_path / "bad.json").write_text('{"type": "strng"}')
     assert main(["generate", str(run), "--prompt", "the", "--json-schema", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err.strip()
