@@ -125,7 +125,13 @@ def run_engine(model, tok, schemas, engine: str, max_new: int, prompt: str) -> d
         from lmstack.infer.text import _prepare
 
         ids, _, full = _prepare(model, tok, [prompt], cfg)
-        res = generate_result(model, ids, full, tokenizer=tok)
+        try:
+            res = generate_result(model, ids, full, tokenizer=tok)
+        except ConstraintError as e:      # the engine gave up mid-output (a resource limit): no output at all
+            row["runtime_errors"] = row.get("runtime_errors", 0) + 1
+            key = "mid-generation: " + str(e)[:120]
+            row["errors"][key] = row["errors"].get(key, 0) + 1
+            continue
         row["outputs"] += 1
         row["mask_s"] += res.stats.get("constraint_mask_s", [])
         n = res.num_generated[0]
@@ -228,7 +234,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} / {r['vocab']} ({r['vocab_size']:,}) | {r['engine']} | "
             f"{r['compiled']}/{r['schemas']} ({100 * r['compiled'] / r['schemas']:.1f}%) | "
-            f"{fin}/{r['outputs']} | {r['valid']}/{fin} ({100 * r['valid'] / max(fin, 1):.1f}%) | {r['invalid']} | "
+            f"{fin}/{r['outputs']}{' (+%d engine errors)' % r['runtime_errors'] if r.get('runtime_errors') else ''} | {r['valid']}/{fin} ({100 * r['valid'] / max(fin, 1):.1f}%) | {r['invalid']} | "
             f"{pct(r['mask_s'], .5) * 1e6:.0f} us | {pct(r['mask_s'], .99) * 1e6:.0f} us | "
             f"{pct(r['compile_s'], .5) * 1e3:.1f} ms | {pct(r['compile_s'], .99) * 1e3:.1f} ms | "
             f"{100 * (tok_s / r['base_tok_s'] - 1):+.0f}% |")

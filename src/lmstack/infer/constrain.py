@@ -299,7 +299,10 @@ class _LLGuidance(Constraint):
         v = bitmask[row]
         self.m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * 4)
         if self.m.is_error():
-            raise ConstraintError(f"constraint failed: {_line(self.m.get_error())}")
+            # e.g. "lexer error: too many expressions constructed": a resource limit of the engine (they bound
+            # the per-token time) hit by a pattern that explodes combined with length bounds
+            raise ConstraintError(f"the constraint engine stopped: {_line(self.m.get_error(), 160)}; simplify "
+                                  f"the schema's patterns or try constraint_backend='xgrammar'")
 
     def advance(self, token: int) -> None:
         if not self.m.consume_token(int(token)):
