@@ -145,8 +145,7 @@ def run_engine(model, tok, schemas, engine: str, max_new: int, prompt: str) -> d
                 row["valid"] += 1
             else:
                 row["invalid"] += 1
-                if len(row["invalid_examples"]) < 5:
-                    row["invalid_examples"].append({"schema": schema, "text": text})
+                row["invalid_examples"].append({"index": i, "schema": schema, "text": text})
     return row
 
 
@@ -211,7 +210,7 @@ def main() -> None:
             print(f"\n{r['engine']} / {r['vocab']}: not compiled, by error:")
             for k, v in sorted(r["errors"].items(), key=lambda kv: -kv[1])[:8]:
                 print(f"  {v:4d}  {k}")
-        for ex in r["invalid_examples"]:
+        for ex in r["invalid_examples"][:5]:
             print(f"\nINVALID ACCEPTED ({r['engine']}/{r['vocab']}): {ex['text'][:200]!r}\n  schema {json.dumps(ex['schema'])[:300]}")
     if args.out:
         Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k not in ("mask_s", "tok_s")}

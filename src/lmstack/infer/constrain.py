@@ -365,6 +365,18 @@ def check_xgrammar_keywords(schema: Any, path: str = "") -> None:
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
             raise ConstraintError(f"json_schema keyword 'allOf' with {len(value)} schemas (at {where}) is not "
                                   f"supported by the xgrammar backend; use constraint_backend='llguidance'")
+        if key in ("anyOf", "oneOf", "allOf"):   # xgrammar drops assertions written beside a composition
+            beside = sorted(k for k in schema if k in XGRAMMAR_KEYWORDS and k not in _ANNOTATIONS
+                            and k not in ("anyOf", "oneOf", "allOf", "type"))
+            if beside:
+                raise ConstraintError(f"json_schema keyword {key!r} beside {', '.join(map(repr, beside))} (at {where}) "
+                                      f"is not supported by the xgrammar backend (it would enforce one of them only); "
+                                      f"move them into each alternative, or use constraint_backend='llguidance'")
+        if key in ("enum", "const") and "type" in schema and not _values_match_type(
+                value if key == "enum" and isinstance(value, list) else [value], schema["type"]):
+            raise ConstraintError(f"json_schema keyword {key!r} with values outside 'type' (at {where}) is not "
+                                  f"supported by the xgrammar backend (it would allow them); drop those values "
+                                  f"or use constraint_backend='llguidance'")
         if key == "oneOf" and isinstance(value, list) and not _disjoint_types(value):   # xgrammar: oneOf = anyOf
             raise ConstraintError(f"json_schema keyword 'oneOf' with alternatives that may overlap (at {where}) is "
                                   f"not supported by the xgrammar backend (it would accept a value matching two); "
@@ -393,6 +405,25 @@ def _no_control_bytes(vocab: TokenVocab) -> torch.Tensor:
     words[:vocab.vocab_size] = ok.long()
     packed = (words.view(-1, 32) << torch.arange(32, dtype=torch.int64)).sum(1)
     return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+_ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "$defs", "definitions", "title", "description", "default",
+                          "examples", "deprecated", "readOnly", "writeOnly"})
+_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
+               "array": (list,), "object": (dict,)}
+
+
+def _values_match_type(values: list, types: Any) -> bool:
+    names = [types] if isinstance(types, str) else list(types) if isinstance(types, list) else []
+
+    def ok(v: Any, t: str) -> bool:
+        if isinstance(v, bool) and t in ("integer", "number"):
+            return False
+        if t == "integer" and isinstance(v, float):
+            return v.is_integer()
+        return isinstance(v, _JSON_TYPES.get(t, ()))
+
+    return all(any(ok(v, t) for t in names) for v in values)
 
 
 def _disjoint_types(alternatives: list) -> bool:
