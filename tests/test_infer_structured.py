@@ -445,6 +445,23 @@ def test_unsupported_keyword_fails_closed_naming_it(tok, backend, schema, keywor
         pytest.skip(f"{backend} implements {keyword}")   # enforced, so not an error
 
 
+@pytest.mark.skipif("xgrammar" not in BACKENDS, reason="xgrammar not installed")
+@pytest.mark.parametrize("schema,named", [
+    # JSONSchemaBench cases where xgrammar 0.2.9 alone accepted invalid output (bench/structured.py)
+    ({"type": "string", "enum": ["1", "2-two", None]}, "'enum' with values outside 'type'"),
+    ({"type": "object", "required": ["alg"], "anyOf": [{"properties": {"alg": {"enum": ["RS256"]}}}]},
+     "'anyOf' beside 'required'"),
+    ({"oneOf": [{"properties": {"a": {"type": "string"}}}, {"properties": {"b": {"type": "string"}}}]},
+     "'oneOf' with alternatives that may overlap"),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "'pattern' combined with minLength/maxLength"),
+])
+def test_xgrammar_refuses_what_it_would_not_enforce(tok, schema, named):
+    with pytest.raises(ConstraintError, match=re.escape(named)):
+        compile_constraint("json_schema", schema, tok, backend="xgrammar")
+    if "oneOf" not in schema:        # llguidance enforces these (and refuses the overlapping oneOf too)
+        compile_constraint("json_schema", schema, tok)
+
+
 def test_llguidance_rejects_unknown_format_and_xgrammar_too(tok):
     for backend in BACKENDS:
         with pytest.raises(ConstraintError, match="'format' value 'colour'"):
