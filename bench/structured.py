@@ -40,9 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lmstack.infer import GenerationConfig  # noqa: E402
-from lmstack.infer.constrain import ConstraintError, compile_constraint  # noqa: E402
-from lmstack.infer.text import complete  # noqa: E402
+from lmstack.infer import GenerationConfig
+from lmstack.infer.constrain import ConstraintError, compile_constraint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

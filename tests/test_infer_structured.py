@@ -15,16 +15,14 @@ import torch
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
-from lmstack.errors import ConfigError, LmstackError  # noqa: E402
-from lmstack.infer import GenerationConfig, generate_result  # noqa: E402
-from lmstack.infer.batch import Batch  # noqa: E402
-from lmstack.infer.constrain import (ConstraintError, compile_constraint, token_vocab,  # noqa: E402
-                                     unpack_bitmask, allocate_bitmask)
-from lmstack.infer.structured import (StructuredOutputError, generate_json, parse_completion,  # noqa: E402
-                                      validate_json)
-from lmstack.infer.text import complete, complete_batch, generate_text  # noqa: E402
-from lmstack.model import build_model, preset  # noqa: E402
-from lmstack.tokenizer import train_bpe  # noqa: E402
+from lmstack.errors import ConfigError, LmstackError
+from lmstack.infer import GenerationConfig, generate_result
+from lmstack.infer.batch import Batch
+from lmstack.infer.constrain import ConstraintError, allocate_bitmask, compile_constraint, token_vocab, unpack_bitmask
+from lmstack.infer.structured import StructuredOutputError, generate_json, parse_completion, validate_json
+from lmstack.infer.text import complete, complete_batch, generate_text
+from lmstack.model import build_model, preset
+from lmstack.tokenizer import train_bpe
 
 BACKENDS = ["llguidance"] + (["xgrammar"] if __import__("importlib").util.find_spec("xgrammar") else [])
 CORPUS = ['{"name": "cat", "age": 3, "tags": ["a", "b"], "ok": true, "x": null, "n": -1.5}\n' * 3

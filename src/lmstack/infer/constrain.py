@@ -141,7 +141,7 @@ class Constraint:
     def is_accepting(self) -> bool:
         raise NotImplementedError
 
-    def fork(self) -> "Constraint":
+    def fork(self) -> Constraint:
         raise NotImplementedError
 
     def allowed_mask(self) -> torch.Tensor:
@@ -220,11 +220,11 @@ def _line(text: str, limit: int = 240) -> str:
 
 
 # caches: the bridge and the engine's tokenizer object are built once per (tokenizer, vocab size, stops)
-_VOCABS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_ENGINES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_VOCABS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
-def _per_tokenizer(store: "weakref.WeakKeyDictionary[Any, dict]", tokenizer: Any) -> dict:
+def _per_tokenizer(store: weakref.WeakKeyDictionary[Any, dict], tokenizer: Any) -> dict:
     try:
         return store.setdefault(tokenizer, {})
     except TypeError:          # not weak-referenceable / hashable: no caching
@@ -276,7 +276,7 @@ class _LLGuidance(Constraint):
 
     @classmethod
     def compile(cls, kind: str, spec: Any, vocab: TokenVocab, json_whitespace: int, cache: dict,
-                tokenizer: Any) -> "_LLGuidance":
+                tokenizer: Any) -> _LLGuidance:
         import llguidance as llg
 
         tok = cls.engine_tokenizer(vocab, cache, tokenizer)
@@ -320,7 +320,7 @@ class _LLGuidance(Constraint):
     def is_accepting(self) -> bool:
         return self.m.is_accepting()
 
-    def fork(self) -> "_LLGuidance":
+    def fork(self) -> _LLGuidance:
         twin = _LLGuidance(self.m.deep_copy(), self.vocab_size, self.eos)
         twin._done = self._done
         return twin
@@ -460,7 +460,7 @@ class _XGrammar(Constraint):
 
     @classmethod
     def compile(cls, kind: str, spec: Any, vocab: TokenVocab, json_whitespace: int, cache: dict,
-                tokenizer: Any = None) -> "_XGrammar":
+                tokenizer: Any = None) -> _XGrammar:
         import xgrammar as xgr
 
         comp = cls.compiler(vocab, cache)
@@ -505,7 +505,7 @@ class _XGrammar(Constraint):
     def is_accepting(self) -> bool:
         return self.m.is_completed()
 
-    def fork(self) -> "_XGrammar":
+    def fork(self) -> _XGrammar:
         return _XGrammar(self.compiled, self.m.fork(), self.vocab_size, self.eos, self.and_mask)
 
 

@@ -28,7 +28,7 @@ Messages = list[dict[str, str]]
 class StructuredOutputError(LmstackError):
     """A reply that is not JSON, or not valid under the schema (after every allowed retry)."""
 
-    def __init__(self, message: str, attempts: list["Attempt"] | None = None):
+    def __init__(self, message: str, attempts: list[Attempt] | None = None):
         super().__init__(message)
         self.attempts = attempts or []
 
@@ -47,7 +47,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 def extract_json(text: str) -> str:
     """The JSON in a reply: the text itself, else the inside of a ```json fence, else the outermost {...}/[...]."""
     stripped = text.strip()
-    fence = re.search(r"```(?:json)?\s*(.*?)```", stripped, re.S)
+    fence = re.search(r"```(?:json)?\s*(.*?)```", stripped, re.DOTALL)
     if fence:
         return fence.group(1).strip()
     if stripped[:1] in "{[" or not stripped:
