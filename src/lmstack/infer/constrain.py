@@ -397,9 +397,21 @@ def check_xgrammar_keywords(schema: Any, path: str = "") -> None:
             check_xgrammar_keywords(value, where)
 
 
-def _no_control_bytes(vocab: TokenVocab) -> torch.Tensor:
-    """(W,) int32 bitmask of the ids whose text has no byte < 0x20 (stop ids kept)."""
-    ok = torch.tensor([not any(b < 0x20 for b in t) for t in vocab.tokens], dtype=torch.bool)
+def _utf8_text(token: bytes) -> bool:
+    try:
+        token.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _xgrammar_and_mask(vocab: TokenVocab, json_text: bool) -> torch.Tensor:
+    """(W,) int32 bitmask of the ids xgrammar may be offered: whole UTF-8 text only, and for JSON no byte < 0x20
+    (stop ids kept). Why: xgrammar 0.2.9 lets a string end inside a multi-byte character (invalid UTF-8, which
+    the text decoder turns into U+FFFD and a longer string than maxLength) and lets raw control characters
+    into JSON strings, which JSON forbids. Characters no whole-UTF-8 token holds cannot be generated with it."""
+    ok = torch.tensor([_utf8_text(t) and not (json_text and any(b < 0x20 for b in t)) for t in vocab.tokens],
+                      dtype=torch.bool)
     ok[list(vocab.eos)] = True
     words = torch.zeros((vocab.vocab_size + 31) // 32 * 32, dtype=torch.int64)
     words[:vocab.vocab_size] = ok.long()
@@ -442,8 +454,8 @@ class _XGrammar(Constraint):
                  and_mask: torch.Tensor | None = None):
         self.compiled, self.m, self.vocab_size, self.eos = compiled, matcher, vocab_size, eos
         self._eos_set = frozenset(eos)
-        # xgrammar 0.2.9 lets raw control characters (bytes < 0x20) into JSON strings, which JSON forbids:
-        # for JSON they are masked out everywhere (so JSON whitespace runs are spaces only)
+        # ANDed into every mask (_xgrammar_and_mask): whole UTF-8 tokens only; for JSON no control bytes
+        # (so JSON whitespace runs are spaces only)
         self.and_mask = and_mask
 
     @staticmethod
@@ -481,11 +493,10 @@ class _XGrammar(Constraint):
             raise
         except (RuntimeError, ValueError) as e:
             raise ConstraintError(_explain(kind, re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e)))) from None
-        and_mask = None
-        if kind == "json_schema":
-            if "no_ctrl" not in cache:
-                cache["no_ctrl"] = _no_control_bytes(vocab)
-            and_mask = cache["no_ctrl"]
+        key = f"and_mask_{kind == 'json_schema'}"
+        if key not in cache:
+            cache[key] = _xgrammar_and_mask(vocab, kind == "json_schema")
+        and_mask = cache[key]
         return cls(g, xgr.GrammarMatcher(g), vocab.vocab_size, vocab.eos, and_mask)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
