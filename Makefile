@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[all,test]"
+	# xgrammar, the second constraint engine, is tested beside llguidance; its wheel declares triton (and would
+	# resolve a CUDA torch), which the CPU path never imports, so it goes in without dependencies
+	$(PY) -m pip install -q --no-deps "xgrammar==0.2.9" "apache-tvm-ffi" || echo "xgrammar not installed: its tests skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,7 @@ dependencies of ``pyproject.toml``. The rest are extras::
     pip install "lmstack[eval]"   # sacrebleu (BLEU/chrF), nltk (ROUGE stemming, METEOR), rapidfuzz (fast edit distance)
     pip install "lmstack[compress]"   # gguf (GGUF export of quantized weights)
     pip install "lmstack[rag]"    # faiss-cpu (HNSW / IVF-PQ indexes), pypdf (PDF documents)
-    pip install "lmstack[prompts]"    # jsonschema (json_schema assertions in prompt test suites)
+    pip install "lmstack[structured]"   # llguidance (constrained decoding), jsonschema (validation, prompt suites)
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from lmstack.errors import LmstackError
 # the extra that provides each optional top-level package (its pip name where that differs)
 EXTRAS = {"pyarrow": "data", "trafilatura": "data", "langid": "data",
           "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval", "gguf": "compress",
-          "faiss": "rag", "pypdf": "rag", "jsonschema": "prompts"}
+          "faiss": "rag", "pypdf": "rag", "llguidance": "structured", "jsonschema": "structured",
+          "xgrammar": "xgrammar"}
 
 
 class MissingExtraError(LmstackError):

@@ -15,10 +15,11 @@ from typing import Any
 
 # Loaded on first use, so that importing lmstack.infer.cli (``lmstack --help``) does not import torch.
 _LAZY = {"GenerationConfig": "config", "GenerationResult": "engine", "generate": "engine",
-         "generate_result": "engine", "stream": "engine", "generate_text": "text", "stream_text": "text"}
+         "generate_result": "engine", "stream": "engine", "generate_text": "text", "stream_text": "text",
+         "compile_constraint": "constrain", "validate_json": "structured", "generate_json": "structured"}
 
 __all__ = ["GenerationConfig", "GenerationResult", "generate", "generate_result", "stream", "generate_text",
-           "stream_text"]
+           "stream_text", "compile_constraint", "validate_json", "generate_json"]
 
 
 def __getattr__(name: str) -> Any:

@@ -149,7 +149,8 @@ class Batch:
         buf = torch.full((1, p + max_new), pad, dtype=torch.long, device=self.device)
         buf[:, :p] = ids
         row = _Row(seq, slot, 0, buf, p, max_new, frozenset(eos),
-                   build_processors(cfg, p, None, eos), make_generator(cfg.seed, self.device),
+                   build_processors(cfg, p, None, eos, tokenizer=self.tokenizer, vocab_size=self.mcfg.vocab_size),
+                   make_generator(cfg.seed, self.device),
                    [s.encode("utf-8") for s in cfg.stop_strings])
         self.rows[slot] = row
         self.sequences[seq.seq_id] = seq

@@ -24,13 +24,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  lmstack generate runs/speedrun --prompt 'def add(' --do_sample true --top_p 0.9 --seed 1\n"
                "  lmstack generate runs/speedrun --prompt a --prompt b --num_beams 4 --json\n"
                "  lmstack generate runs/big --prompt 'Hi' --draft runs/small --stream\n"
-               "  lmstack generate runs/speedrun --prompt 'x' --config gen.toml --max_new_tokens 200",
+               "  lmstack generate runs/speedrun --prompt 'x' --config gen.toml --max_new_tokens 200\n"
+               "  lmstack generate runs/speedrun --prompt 'JSON:' --json-schema person.schema.json",
         formatter_class=HelpFormatter)
     gen.add_argument("run_dir", metavar="RUN_DIR")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     _common(gen)
     gen.add_argument("--draft", default=None, metavar="RUN_DIR", help="draft model for speculative decoding")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    gen.add_argument("--json-schema", default=None, metavar="FILE",
+                     help="constrain the output to JSON valid under this JSON Schema file (llguidance by default; "
+                          "--constraint_backend xgrammar selects the other engine)")
+    gen.add_argument("--regex", default=None, metavar="PATTERN", help="constrain the output to match this regex")
+    gen.add_argument("--grammar", default=None, metavar="FILE", help="constrain the output to this Lark grammar")
     gen.add_argument("--json", action="store_true",
                      help="print JSON lines: prompt, completion, finish_reason ('stop' | 'length'), new_tokens")
     gen.set_defaults(func=cmd_generate, accepts_overrides=True)
@@ -92,6 +98,30 @@ def _setup(args: argparse.Namespace, max_new_default: int, prefer: tuple[str, ..
     return cfg, model, tok, dtype
 
 
+def _constraint_args(args: argparse.Namespace, cfg):
+    """--json-schema FILE / --regex / --grammar FILE into the config (one at most, as the config checks)."""
+    from pathlib import Path
+
+    changes = {}
+    if args.json_schema is not None:
+        path = Path(args.json_schema)
+        try:
+            changes["json_schema"] = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise LmstackError(f"--json-schema {path}: cannot read it ({e.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LmstackError(f"--json-schema {path}: not a JSON file ({e})") from None
+    if args.regex is not None:
+        changes["regex"] = args.regex
+    if args.grammar is not None:
+        path = Path(args.grammar)
+        try:
+            changes["grammar"] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmstackError(f"--grammar {path}: cannot read it ({e})") from None
+    return cfg.replace(**changes) if changes else cfg
+
+
 def _timing(n_tokens: int, seconds: float, first: float | None = None) -> str:
     """One stderr line: new tokens, wall time, tokens/s, and time to first token when streamed."""
     rate = n_tokens / seconds if seconds > 0 else float("inf")
@@ -107,6 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stream and args.json:
         raise LmstackError("--stream prints text as it comes and --json prints records: choose one")
     cfg, model, tok, dtype = _setup(args, 64)
+    cfg = _constraint_args(args, cfg)
     draft = load_run(args.draft, device=args.device, dtype=dtype)[0] if args.draft else None
     if args.stream:
         if len(args.prompt) != 1:

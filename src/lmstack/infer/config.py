@@ -51,6 +51,12 @@ class GenerationConfig:
     max_matching_ngram_size: int = 3    # prompt lookup: longest n-gram searched for
     decoder_start_token_id: int | None = None     # encoder-decoder models; None = the model's eos/bos
     compile: bool = False               # torch.compile a static-shape decode step (greedy/sampling loop, decoder-only)
+    # structured output (lmstack.infer.constrain): at most one; they need the tokenizer and a stop id
+    json_schema: dict[str, Any] | None = None   # the output is one JSON value valid under this JSON Schema
+    regex: str | None = None            # the whole output matches this regex
+    grammar: str | None = None          # the output is a sentence of this Lark grammar (rule ``start``)
+    constraint_backend: Literal["llguidance", "xgrammar"] = "llguidance"
+    json_whitespace: int = 0            # longest whitespace run between JSON tokens; 0 = compact "," ":"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -99,6 +105,27 @@ class GenerationConfig:
             raise bad("compile", "needs use_cache=true (the compiled step is a KV-cache step)")
         if self.prompt_lookup_num_tokens is not None and self.num_beams > 1:
             raise bad("prompt_lookup_num_tokens", "speculative decoding does not combine with beam search")
+        constraints = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        if len(constraints) > 1:
+            raise bad(constraints[1], f"set at most one of json_schema, regex, grammar ({constraints[0]} is set too)")
+        if constraints:
+            name = constraints[0]
+            if name == "json_schema" and not isinstance(self.json_schema, dict):
+                raise bad(name, "must be a JSON Schema object (a mapping)")
+            if name != "json_schema" and (not isinstance(getattr(self, name), str) or not getattr(self, name)):
+                raise bad(name, "must be a non-empty string")
+            if self.num_beams > 1:
+                raise bad(name, "constrained decoding works with greedy and sampled decoding, not beam search "
+                                "(set num_beams=1)")
+            if self.prompt_lookup_num_tokens is not None:
+                raise bad(name, "constrained decoding does not combine with speculative decoding "
+                                "(unset prompt_lookup_num_tokens)")
+            if self.stop_strings:
+                raise bad(name, "the constraint decides where the output ends: drop stop_strings")
+        if self.constraint_backend not in ("llguidance", "xgrammar"):
+            raise bad("constraint_backend", "must be 'llguidance' or 'xgrammar'")
+        if self.json_whitespace < 0:
+            raise bad("json_whitespace", "must be >= 0 (0 = compact JSON)")
 
     @property
     def is_beam(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -181,9 +182,13 @@ def apply_processors(processors: Sequence[Processor], ids: torch.Tensor, logits:
 
 def build_processors(config: GenerationConfig, prompt_len: int, pad_len: torch.Tensor | None = None,
                      stop_ids: Sequence[int] = (), sampling: bool | None = None,
-                     min_keep: int = 1) -> list[Processor]:
+                     min_keep: int = 1, tokenizer: Any = None, vocab_size: int | None = None) -> list[Processor]:
     """The processor chain for ``config`` (HF order). ``sampling`` adds the warpers (default: ``do_sample``);
-    ``min_keep`` is how many tokens every filter keeps (beam sampling keeps n_eos + 1, as HF)."""
+    ``min_keep`` is how many tokens every filter keeps (beam sampling keeps n_eos + 1, as HF).
+
+    A ``json_schema`` / ``regex`` / ``grammar`` constraint (:mod:`lmstack.infer.constrain`, compiled here,
+    so a bad schema fails now) masks after the penalties and before the warpers; it needs ``tokenizer``
+    and the model's ``vocab_size``."""
     procs: list[Processor] = []
     if config.suppress_tokens:
         procs.append(SuppressTokens(list(config.suppress_tokens)))
@@ -193,6 +198,10 @@ def build_processors(config: GenerationConfig, prompt_len: int, pad_len: torch.T
         procs.append(FrequencyPresencePenalty(config.frequency_penalty, config.presence_penalty, prompt_len))
     if config.min_new_tokens > 0 and stop_ids:
         procs.append(MinNewTokens(list(stop_ids), config.min_new_tokens, prompt_len))
+    if config.json_schema is not None or config.regex is not None or config.grammar is not None:
+        from lmstack.infer.constrain import constraint_processor
+
+        procs.append(constraint_processor(config, tokenizer, prompt_len, vocab_size, stop_ids))
     if config.do_sample if sampling is None else sampling:
         if config.temperature != 1.0:
             procs.append(Temperature(config.temperature))

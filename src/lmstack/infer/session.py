@@ -239,8 +239,13 @@ class Session:
         self.gen_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.eos_t = torch.tensor(self.eos, dtype=torch.long, device=self.device) if self.eos else None
         self.generator = make_generator(cfg.seed, self.device)
+        if draft_model is not None and (cfg.json_schema is not None or cfg.regex is not None or
+                                        cfg.grammar is not None):
+            raise ConfigError("constrained decoding (json_schema / regex / grammar) does not combine with "
+                              "speculative decoding: drop draft_model")
         self.processors = build_processors(cfg, self.prompt_len, self.pad_len, self.eos,
-                                           min_keep=(len(self.eos) + 1) if cfg.is_beam else 1)
+                                           min_keep=(len(self.eos) + 1) if cfg.is_beam else 1,
+                                           tokenizer=tokenizer, vocab_size=vocab)
         self.want_logprobs = cfg.output_logprobs or cfg.top_logprobs > 0
         self.logprobs: list[torch.Tensor] = []
         self.top: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -348,5 +353,8 @@ class Session:
         if self.top:
             top = (torch.stack([t.values for t in self.top], 1), torch.stack([t.indices for t in self.top], 1))
         self.stats["new_tokens"] = int(sum(gen_len))
+        masks = [t for p in self.processors for t in getattr(p, "mask_s", ())]
+        if masks:   # constrained decoding: the time of every row's mask, for the bench
+            self.stats["constraint_mask_s"] = masks
         self.stats["context_capped"] = self.capped
         return GenerationResult(sequences, self.prompt_len, gen_len, reasons, lp, top, scores, self.stats)
