@@ -44,3 +44,31 @@ def test_speedrun_prompts(model_and_tok, tmp_path):
     assert len(load_suite(tmp_path / "suite.yaml").cases) == 3
     again = speedrun_prompts(model, tok, tmp_path, cases=3, repeats=2, max_new_tokens=4, rows=ROWS)
     assert again["baseline"] == s["baseline"] and again["candidate"] == s["candidate"]   # seeded: a rerun is equal
+
+
+def test_speedrun_json_every_constrained_reply_validates(model_and_tok, tmp_path):
+    pytest.importorskip("llguidance")
+    from lmstack.infer.structured import is_valid_json
+    from lmstack.prompts.speedrun import DOC_CARD_SCHEMA, speedrun_json
+
+    _, tok = model_and_tok
+    torch.manual_seed(1)
+    model = build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, max_seq_len=256,
+                               tie_embeddings=False)).eval()
+    # a random model writes the longest strings the schema allows: its bounds fit the stage's 160 new tokens
+    s = speedrun_json(model, tok, tmp_path, n=4, rows=ROWS)
+    assert s["constrained"]["valid"] == 4 and s["constrained"]["cut_at_length"] == 0
+    assert s["unconstrained"]["valid"] == 0        # the random model never writes this JSON by itself
+    rows = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert all(is_valid_json(r["constrained"], DOC_CARD_SCHEMA) for r in rows)
+    assert "| `json_schema` constrained | 4/4 | 0 |" in s["report"]
+
+
+def test_speedrun_redteam_report(model_and_tok, tmp_path):
+    from lmstack.prompts.redteam import CATEGORIES, speedrun_redteam
+
+    model, tok = model_and_tok
+    r = speedrun_redteam(model, tok, tmp_path / "rt", per_category=2, max_new_tokens=4, link_prefix="x/")
+    assert r["attacks"] == 2 * len(CATEGORIES) and set(r["asr"]) == set(CATEGORIES)
+    assert "![attack success rate per category](x/asr.png)" in r["report"]
+    assert (tmp_path / "rt" / "report.json").is_file() and (tmp_path / "rt" / "report.md").is_file()

@@ -115,11 +115,14 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
             "--pretrain.model", "{preset: tiny, n_layer: 1, d_model: 32, n_head: 2, n_kv_head: 2}",
             "--generate.max_new_tokens", "8", "--generate.speculative_prompts", "1",
             "--sft.steps", "3", "--evaluate.heldout_documents", "5", "--evaluate.generation_items", "2",
-            "--evaluate.choice_items", "4", "--distill.steps", "6"]
+            "--evaluate.choice_items", "4", "--distill.steps", "6",
+            "--prompts.json_requests", "2", "--prompts.cases", "1", "--prompts.repeats", "1",
+            "--prompts.redteam_per_category", "1"]
     assert main(args) == 0
     report = (run / "report.md").read_text()
     for heading in ("## Corpus", "## Tokenizer", "## Pre-training", "## Generation", "## Supervised fine-tuning",
-                    "## Evaluation", "## Compression", "## Distillation"):
+                    "## Evaluation", "## Compression", "## Distillation", "## Prompts", "### Structured output",
+                    "### Red-team report"):
         assert heading in report
     assert "| exact_dedup |" in report                          # the corpus went through the data pipeline
     rows = {r["name"]: r for r in read_json(run / "stages" / "compress.json")["results"]["rows"]}
@@ -172,6 +175,7 @@ def test_the_distill_stage_starts_its_student_from_the_pruned_teacher(tmp_path):
     ("dpo", "beta", 0.0, r"^dpo.beta: must be > 0, got 0.0$"),
     ("grpo", "grpo_steps", 0, r"^grpo.grpo_steps: must be >= 1, got 0$"),
     ("rag", "questions", -3, r"^rag.questions: must be >= 1, got -3$"),
+    ("prompts", "repeats", 0, r"^prompts.repeats: must be >= 1, got 0$"),
 ])
 def test_alignment_and_rag_stage_settings_are_checked_when_the_config_loads(section, field, value, message):
     """A bad stage setting fails at load time, before the stages ahead of it spend minutes running."""

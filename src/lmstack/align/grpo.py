@@ -234,15 +234,21 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     return results, report
 
 
+def _bound(a_cfg: Any) -> str:
+    return f", every running value in 0..{a_cfg.max_value}" if getattr(a_cfg, "max_value", None) is not None else ""
+
+
 def render_speedrun_report(r: dict[str, Any], cfg: Any) -> str:
     b, a = r["before"], r["after"]
     t = r["timing"]
     a_cfg = cfg.data.arithmetic
     lines = [
         (f"The tiny model never saw arithmetic, so it first gets a short supervised warm-up ({r.get('warmup_seconds', 0):.0f} s, "
-        f"full fine-tuning on worked `<think>...</think>` solutions of one-step problems with operands "
-        f"0..{a_cfg.max_operand}, {r.get('required_form', 0.3):.0%} of them ending in the required `#### N`, the "
-        f"rest in `The answer is N.`), then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
+        f"full fine-tuning on worked `<think>...</think>` solutions: every one-step fact with operands "
+        f"0..{a_cfg.max_operand}{_bound(a_cfg)} and the train side of the {a_cfg.n_terms}-term problems, "
+        f"{r.get('required_form', 0.3):.0%} of them ending in the required `#### N`, the rest in `The answer is N.`). "
+        f"The held-out problems are never trained on, but each of their steps is a known fact: answering them takes "
+        f"chaining the steps, not recall. Then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
         f"{cfg.rollout.num_samples} samples per rollout, beta {cfg.grpo.beta}, loss `{cfg.grpo.loss_type}`) with a "
         f"verifiable reward: strict exact match + {cfg.reward.format} x the format reward."), "",
         (f"| held-out synthetic arithmetic ({r['heldout_items']} items, greedy) | after warm-up (before GRPO) "

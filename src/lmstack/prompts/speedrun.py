@@ -115,12 +115,14 @@ def _suite_yaml(data: dict[str, Any]) -> str:
     return dump_yaml(data)
 
 
+# Strings are ASCII-only and length-bounded, so the longest valid object is ~130 bytes and fits the token budget
+# whatever the tokenizer (a token is at least one byte): "100% valid" cannot fail by running out of tokens.
 DOC_CARD_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 40},
+        "name": {"type": "string", "minLength": 1, "maxLength": 24, "pattern": "^[A-Za-z0-9_.]+$"},
         "kind": {"enum": ["function", "class", "module", "method"]},
-        "summary": {"type": "string", "minLength": 1, "maxLength": 100},
+        "summary": {"type": "string", "minLength": 1, "maxLength": 60, "pattern": "^[A-Za-z0-9 ,.()_-]+$"},
     },
     "required": ["name", "kind", "summary"],
     "additionalProperties": False,
@@ -128,11 +130,12 @@ DOC_CARD_SCHEMA: dict[str, Any] = {
 
 
 def speedrun_json(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, n: int = 12, seed: int = 0,
-                  max_new_tokens: int = 96) -> dict[str, Any]:
+                  max_new_tokens: int = 160, rows: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Schema-constrained requests to the chat model: ``n`` held-out documentation questions asked for a JSON
     "doc card" (:data:`DOC_CARD_SCHEMA`), answered greedily with ``GenerationConfig.json_schema`` and, for
     contrast, without it. Every constrained reply is checked with ``jsonschema``; a reply cut at
-    ``max_new_tokens`` counts as invalid. Writes ``OUT/replies.jsonl``; returns counts, times and ``report``."""
+    ``max_new_tokens`` counts as invalid. Writes ``OUT/replies.jsonl``; returns counts, times and ``report``.
+    ``rows`` replaces the held-out questions (tests)."""
     import json
 
     from lmstack.infer import GenerationConfig
@@ -140,7 +143,7 @@ def speedrun_json(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, n: 
     from lmstack.infer.text import complete_batch
     from lmstack.runs import atomic_write_text
 
-    rows = heldout_questions(n)
+    rows = (rows if rows is not None else heldout_questions(n))[:n]
     prompts = [[{"role": "user", "content": f"{r['instruction']} Reply with a JSON object with the keys name, kind "
                  f"and summary."}] for r in rows]
     out: dict[str, Any] = {"requests": len(rows), "schema": DOC_CARD_SCHEMA}
