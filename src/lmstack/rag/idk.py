@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError
-from lmstack.rag.answer import IDK, Answer, render_prompt, strip_citations
+from lmstack.rag.answer import IDK, Answer, is_abstention, render_prompt, strip_citations
 from lmstack.rag.index import BM25Index, Hit
 from lmstack.rag.squad import SquadQuestion, squad_paragraphs
 
 
 @dataclass
 class IdkConfig:
-    n_context: int = 3              # numbered sources per prompt
+    n_context: int = 2              # numbered sources per prompt (the gold sentence + 1 distractor)
     max_sentence_chars: int = 150   # longer sentences are not used (neither as gold nor as distractor)
     max_answer_chars: int = 60
     max_questions: int | None = None
@@ -142,13 +142,19 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> P
 
 
 def score_answers(examples: Sequence[IdkExample], answers: Sequence[Answer]) -> dict[str, float]:
-    """Abstention precision/recall over all examples and SQuAD EM/F1 over the answerable ones (an
-    abstention scores 0 there); ``answered_em``/``answered_f1``: over the answerable ones it answered."""
+    """Abstention precision/recall over all examples (``model_*``: counting only the model's own "I don't
+    know", before verification) and SQuAD EM/F1 over the answerable ones (an abstention scores 0 there);
+    ``answered_em``/``answered_f1``: over the answerable ones it answered."""
     from lmstack.rag.metrics import abstention_precision_recall, squad_exact_match, squad_f1
 
     if len(examples) != len(answers):
         raise ConfigError(f"score_answers: {len(examples)} examples but {len(answers)} answers")
     out = abstention_precision_recall([a.abstained for a in answers], [not e.answerable for e in examples])
+    # the model's own "I don't know", before verification turns unsupported replies into abstentions
+    said = abstention_precision_recall([is_abstention(a.generated) for a in answers],
+                                       [not e.answerable for e in examples])
+    out.update({f"model_{k}": v for k, v in said.items() if k in ("precision", "recall", "abstained",
+                                                                   "abstain_rate_answerable")})
     em, f1, answered = [], [], []
     for e, a in zip(examples, answers):
         if not e.answerable:
