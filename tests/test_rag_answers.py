@@ -276,3 +276,22 @@ def test_squad_article_split_is_disjoint_stable_and_by_title(shared_data):
     ev_docs, ev_q = squad_paragraphs(ev)
     assert not {d.text for d in tr_docs} & {d.text for d in ev_docs}
     assert all(q.doc_id.split("/")[0] in {a["title"] for a in ev} for q in ev_q)
+
+
+def test_with_chat_tokens_adds_the_tokens_and_keeps_the_model(shared_data, tmp_path):
+    from lmstack.infer.text import load_run
+    from lmstack.rag.idk import CHAT_TOKENS, with_chat_tokens
+    from lmstack.tokenizer.chat import render_chat
+
+    src = shared_data / "models" / "stories260K"
+    if not src.is_dir():
+        pytest.skip("stories260K is absent")
+    before, tok0 = load_run(src)
+    after, tok = load_run(with_chat_tokens(src, tmp_path / "base"))
+    assert [tok.special_tokens[t] for t in CHAT_TOKENS] == [512, 513, 514, 515] and tok.vocab_size == 516
+    ids = torch.tensor([tok0.encode("Once upon a time there was a cat.")])
+    assert tok.encode("Once upon a time there was a cat.") == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(after(ids)[..., :512], before(ids))   # the old rows are untouched: same logits
+    chat, mask = render_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    assert chat[:2] == [1, 513] and chat.count(515) == 2 and sum(mask) == len(tok.encode("ok")) + 1
