@@ -57,6 +57,8 @@ class Answer:
     sources: list[Source] = field(default_factory=list)
     abstained: bool = False
     reason: str = ""
+    checks: list[SentenceCheck] = field(default_factory=list)  # generated answers: every sentence, kept or not
+    generated: str = ""                                         # generated answers: the model's text as written
 
 
 @dataclass
@@ -66,6 +68,7 @@ class SentenceCheck:
     supported: bool
     score: float  # 100 exact, else the best fuzzy score over the cited chunks (0: no citation or too few words)
     why: str = ""
+    method: str = ""  # what decided: "exact", "fuzzy" (span match) or "judge" (the evaluation layer's judge)
 
 
 @dataclass
@@ -123,11 +126,12 @@ def answer(question: str, hits: Sequence[Hit], *, min_score: float = 0.0, max_se
 
 def render_prompt(question: str, hits: Sequence[Hit]) -> str:
     """The prompt a generator gets: instructions, the hits numbered [1].. in rank order, the question."""
-    lines = [("Answer the question using only the numbered sources below. After each sentence, cite the source it "
-             f"comes from as [n]. If the sources do not contain the answer, reply \"{IDK}\"."), ""]
+    # short, so that a tiny model's window still holds the sources (docs/rag.md, "I don't know" training)
+    lines = [f"Answer from the numbered sources only; cite the source of each sentence as [n]. If they do not hold "
+             f"the answer, reply \"{IDK}\".", ""]
     for i, hit in enumerate(hits, 1):
         where = hit.chunk.source + (f" > {' > '.join(hit.chunk.heading)}" if hit.chunk.heading else "")
-        lines.append(f"[{i}] ({where})")
+        lines.append(f"[{i}] ({where})" if where else f"[{i}]")
         lines.append(hit.chunk.text.strip())
         lines.append("")
     lines += [f"Question: {question.strip()}", "Answer:"]
@@ -208,5 +212,138 @@ def verify(answer_text: str, sources: Sequence[Source | Hit | Chunk | str], *, t
         score = max(support(sentence, texts[n - 1]) for n in cited)
         ok = score >= threshold
         checks.append(SentenceCheck(sentence, cited, ok, score, "" if ok else
-                                    f"best match {score:.0f} < {threshold:g} in the cited source"))
+                                    f"best match {score:.0f} < {threshold:g} in the cited source",
+                                    "exact" if score == 100.0 else "fuzzy"))
     return Verification(checks)
+
+
+# ------------------------------------------------------------------------------------------ generated answers
+
+@dataclass
+class GenerateConfig:
+    """How :func:`generate_answers` prompts, generates and checks.
+
+    ``min_score``: abstain without generating when the best retrieval score is below it (the retriever's
+    scale). ``unsupported``: ``"drop"`` removes a sentence no check supports, ``"flag"`` keeps it (its check
+    says why); either way the answer abstains when no sentence is supported. ``chat``: render the prompt as a
+    user turn of the model's chat template (None: when the tokenizer has one).
+    """
+    max_new_tokens: int = 64
+    min_score: float = 0.0
+    unsupported: str = "drop"
+    threshold: float = 90.0
+    min_coverage: float = 0.9
+    chat: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generate max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.unsupported not in ("drop", "flag"):
+            raise ConfigError(f"generate unsupported: must be 'drop' or 'flag', got {self.unsupported!r}")
+
+
+def strip_citations(text: str) -> str:
+    """The answer text without its ``[n]`` markers (what exact match / F1 compare)."""
+    return _squash(_NUM.sub(" ", text))
+
+
+def is_abstention(text: str) -> bool:
+    """True when a reply starts with "I don't know" (case and a leading quote ignored)."""
+    return text.strip().lstrip("\"'").lower().startswith(IDK.lower())
+
+
+def has_chat_template(tokenizer: object) -> bool:
+    """A Hugging Face template in the folder, or lmstack's chat tokens (``<|user|>`` .. ``<|end|>``)."""
+    from lmstack.tokenizer.chat import END_OF_TURN
+
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return True
+    special = getattr(tokenizer, "special_tokens", {}) or {}
+    return all(t in special for t in ("<|user|>", "<|assistant|>", END_OF_TURN))
+
+
+def generation_prompt(question: str, hits: Sequence[Hit], tokenizer: object, chat: bool | None = None):
+    """What the model gets: :func:`render_prompt` as a user turn when it has a chat template, else as text."""
+    text = render_prompt(question, hits)
+    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    return [{"role": "user", "content": text}] if use_chat else text
+
+
+def check_generated(text: str, hits: Sequence[Hit], config: GenerateConfig | None = None, judge=None) -> Answer:
+    """Parse a generated reply to the numbered-sources prompt of ``hits`` and verify it.
+
+    Each sentence and its ``[n]`` (``n`` = the hit's number in the prompt) goes through :func:`verify`
+    (exact / fuzzy span match); a sentence that fails it, cites sources in range, and a ``judge`` (an
+    :class:`lmstack.eval.llm.LLM`) is given, is then asked of the judge: "is it supported by the cited
+    sources?" (:func:`lmstack.rag.judged.supported`, the evaluation layer's yes/no judge). Unsupported
+    sentences are dropped (or flagged); the answer abstains when the reply is "I don't know" or when no
+    sentence is supported. ``Answer.sources`` holds the hits the kept sentences cite (``n`` as in the prompt).
+    """
+    cfg = config or GenerateConfig()
+    raw = text.strip()
+    if is_abstention(raw):
+        return Answer(IDK, [], True, f"{IDK}: the model says the sources do not hold the answer", [], raw)
+    checks = verify(raw, hits, threshold=cfg.threshold, min_coverage=cfg.min_coverage).checks
+    ask = [c for c in checks if not c.supported and c.citations and all(1 <= n <= len(hits) for n in c.citations)]
+    if ask and judge is not None:
+        from lmstack.rag.judged import supported
+
+        verdicts = supported(judge, [(" ".join(hits[n - 1].chunk.text for n in c.citations), c.sentence)
+                                     for c in ask])
+        for c, v in zip(ask, verdicts):
+            c.method = "judge"
+            if v:
+                c.supported, c.why = True, "the judge says the cited source supports it"
+            else:
+                c.why = f"{c.why}; the judge says {'no' if v is False else 'nothing it could parse'}"
+    kept = [c for c in checks if c.supported]
+    if not kept:
+        why = ("the reply has no sentence" if not checks else
+               f"no sentence of the reply is supported by its cited source ({checks[0].why})")
+        return Answer(IDK, [], True, f"{IDK}: {why}", checks, raw)
+    shown = kept if cfg.unsupported == "drop" else checks
+    numbers = sorted({n for c in kept for n in c.citations})
+    sources = [Source(n, hits[n - 1].chunk.id, hits[n - 1].chunk.doc_id, hits[n - 1].chunk.source,
+                      hits[n - 1].score, hits[n - 1].chunk.start, hits[n - 1].chunk.end, hits[n - 1].chunk.text)
+               for n in numbers]
+    body = " ".join(f"{c.sentence} {''.join(f'[{n}]' for n in c.citations)}".strip() for c in shown)
+    dropped = len(checks) - len(kept)
+    reason = f"{len(kept)} of {len(checks)} sentence(s) supported" + (
+        f" ({dropped} {'dropped' if cfg.unsupported == 'drop' else 'flagged'})" if dropped else "")
+    return Answer(body, sources, False, reason, checks, raw)
+
+
+def generate_answers(questions: Sequence[str], hits: Sequence[Sequence[Hit]], model, tokenizer,
+                     config: GenerateConfig | None = None, *, judge=None, batch_size: int = 16) -> list[Answer]:
+    """Grounded answers generated by ``model`` (through :mod:`lmstack.infer`), checked by
+    :func:`check_generated`. A question whose best hit scores below ``min_score`` (or has none) abstains
+    without a model call. Greedy decoding; prompts batched ``batch_size`` at a time."""
+    from lmstack.infer import GenerationConfig
+    from lmstack.infer.text import complete_batch
+
+    cfg = config or GenerateConfig()
+    if len(questions) != len(hits):
+        raise ConfigError(f"generate_answers: {len(questions)} questions but {len(hits)} hit lists")
+    out: list[Answer | None] = [None] * len(questions)
+    todo = []
+    for i, h in enumerate(hits):
+        if not h:
+            out[i] = Answer(IDK, [], True, f"{IDK}: nothing was retrieved")
+        elif (best := max(x.score for x in h)) < cfg.min_score:
+            out[i] = Answer(IDK, [], True, f"{IDK}: the best retrieval score {best:.3g} is below min_score "
+                                           f"{cfg.min_score:g}")
+        else:
+            todo.append(i)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        prompts = [generation_prompt(questions[i], hits[i], tokenizer, cfg.chat) for i in idx]
+        for i, c in zip(idx, complete_batch(model, tokenizer, prompts, gen)):
+            out[i] = check_generated(c.text, hits[i], cfg, judge)
+    return out  # type: ignore[return-value]
+
+
+def generate_answer(question: str, hits: Sequence[Hit], model, tokenizer, config: GenerateConfig | None = None,
+                    *, judge=None) -> Answer:
+    """One grounded generated answer (:func:`generate_answers`)."""
+    return generate_answers([question], [hits], model, tokenizer, config, judge=judge)[0]

@@ -75,6 +75,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="return each hit's enclosing section (an index built with --chunker parent)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--model", default=None, metavar="RUN",
+                   help="answer with this model (a run or model folder): a cited answer from the numbered hits, "
+                        "each sentence verified against the source it cites, or \"I don't know\" with the reason")
+    q.add_argument("--judge", default=None, metavar="LLM",
+                   help="with --model: an LLM (run folder, or http(s)://host/v1#model) asked whether a sentence the "
+                        "span match rejects is supported by its cited source")
+    q.add_argument("--min-score", type=float, default=0.0,
+                   help="with --model: abstain without generating when the best hit scores below this")
+    q.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    q.add_argument("--flag-unsupported", action="store_true",
+                   help="with --model: keep unsupported sentences (flagged) instead of dropping them")
     q.set_defaults(func=cmd_query)
 
     e = sub.add_parser("eval", help="retrieval metrics on questions with known relevant documents",
@@ -142,6 +153,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if not args.question.strip():
         raise ConfigError("question: empty; give the text to search for")
+    model = None
+    if args.model is not None:
+        from lmstack.infer.text import load_run
+
+        model = load_run(args.model, device=args.device)  # a missing or damaged run: one line, before the index
+    elif args.judge is not None:
+        raise ConfigError("--judge: checks a generated answer; give --model RUN as well")
     index = load_index(args.index)
     embedder = embedder_for(index, device=args.device)
     query = make_queries(index, embedder, [args.question])[0]
@@ -152,6 +170,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         hits = parent_hits(index.search(query, 4 * args.k, _where(args.where)))[:args.k]
     else:
         hits = index.search(query, args.k, _where(args.where))
+    if model is not None:
+        return _print_answer(args, hits, model)
     if args.json:
         print(json.dumps([{"score": h.score, **h.chunk.to_json()} for h in hits], ensure_ascii=False, indent=2))
     else:
@@ -165,6 +185,37 @@ def cmd_query(args: argparse.Namespace) -> int:
             where = f"{c.source}:{c.start}-{c.end}" + (f" ({' > '.join(c.heading)})" if c.heading else "")
             text = " ".join(c.text.split())
             print(f"[{rank}] {h.score:.4f}  {where}\n    {text[:300]}{'...' if len(text) > 300 else ''}")
+    return 0
+
+
+def _print_answer(args: argparse.Namespace, hits: list, loaded: tuple) -> int:
+    from dataclasses import asdict
+
+    from lmstack.rag.answer import GenerateConfig, generate_answer
+
+    judge = None
+    if args.judge is not None:
+        from lmstack.eval.llm import load_llm
+
+        judge = load_llm(args.judge)
+    cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, min_score=args.min_score,
+                         unsupported="flag" if args.flag_unsupported else "drop")
+    a = generate_answer(args.question, hits, *loaded, cfg, judge=judge)
+    if args.json:
+        print(json.dumps({"answer": a.text, "abstained": a.abstained, "reason": a.reason, "generated": a.generated,
+                          "sources": [asdict(s) for s in a.sources], "checks": [asdict(c) for c in a.checks]},
+                         ensure_ascii=False, indent=2))
+        return 0
+    print(a.text)
+    if a.abstained:
+        print(f"({a.reason})")
+    for c in a.checks:
+        if not c.supported:
+            print(f"note: {'flagged' if args.flag_unsupported else 'dropped'} {c.sentence!r}: {c.why}",
+                  file=sys.stderr)
+    for s in a.sources:
+        text = " ".join(s.text.split())
+        print(f"[{s.n}] {s.score:.4f}  {s.source}:{s.start}-{s.end}\n    {text[:300]}{'...' if len(text) > 300 else ''}")
     return 0
 
 

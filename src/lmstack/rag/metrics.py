@@ -140,3 +140,21 @@ def squad_f1(prediction: str, answers: Sequence[str]) -> float:
             p, r = common / len(pred), common / len(gold)
             best = max(best, 2 * p * r / (p + r))
     return best
+
+
+def abstention_precision_recall(abstained: Sequence[bool], unanswerable: Sequence[bool]) -> dict[str, float]:
+    """Abstention as a detector of unanswerable questions.
+
+    precision = |abstained and unanswerable| / |abstained| (NaN when it never abstained);
+    recall = |abstained and unanswerable| / |unanswerable| (NaN when none is unanswerable);
+    also ``abstain_rate_answerable`` (how often it wrongly said "I don't know") and the counts.
+    """
+    if len(abstained) != len(unanswerable):
+        raise ConfigError(f"abstention: {len(abstained)} answers but {len(unanswerable)} labels")
+    both = sum(1 for a, u in zip(abstained, unanswerable) if a and u)
+    n_abs, n_un = sum(map(bool, abstained)), sum(map(bool, unanswerable))
+    n_ans = len(unanswerable) - n_un
+    wrong = n_abs - both
+    return {"precision": both / n_abs if n_abs else float("nan"), "recall": both / n_un if n_un else float("nan"),
+            "abstain_rate_answerable": wrong / n_ans if n_ans else float("nan"),
+            "abstained": n_abs, "unanswerable": n_un, "answerable": n_ans}
