@@ -143,3 +143,25 @@ def test_chat_target_runs_a_real_model():
     report = run_redteam(target, attacks)
     assert len(report.outcomes) == len(CATEGORIES)
     assert all(isinstance(o.reply, str) for o in report.outcomes)
+
+
+def test_cli_redteam_writes_the_report_and_rejects_bad_input(tmp_path, capsys):
+    from lmstack.cli import main
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    tok = train_bpe(["the kettle boils water. the warranty covers the switch.\n" * 8], vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, max_seq_len=512))
+    folder = tmp_path / "model"
+    save(model, folder)
+    tok.save(folder)
+    out = tmp_path / "rt"
+    assert main(["prompt", "redteam", str(folder), "--out", str(out), "--per-category", "1",
+                 "--categories", "harmful,pii_leakage", "--max-new-tokens", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["per_category"]) == {"harmful", "pii_leakage"}
+    assert (out / "report.md").is_file() and (out / "asr.png").is_file()
+    assert main(["prompt", "redteam", str(folder), "--out", str(out), "--categories", "dos"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown ['dos']" in err[0]

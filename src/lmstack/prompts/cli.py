@@ -134,6 +134,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_test)
 
+    r = sub.add_parser("redteam", help="attack a model + system prompt; ASR per category, worst transcripts",
+                       formatter_class=HelpFormatter,
+                       description="Run the bundled attack suite (prompt injection through retrieved context, "
+                                   "jailbreak framings, harmful requests, system-prompt extraction, PII leakage) "
+                                   "against MODEL, grade by rules (and --judge), write report.md/json and asr.png.",
+                       epilog="examples:\n  lmstack prompt redteam runs/speedrun/chat_model --out runs/redteam\n"
+                              "  lmstack prompt redteam runs/speedrun --data-dir ../shared/data --per-category 20 "
+                              "--judge http://localhost:8000/v1#judge")
+    r.add_argument("model", metavar="MODEL", help="a run or model folder")
+    r.add_argument("--out", required=True, help="the report folder")
+    r.add_argument("--system", default=None, help="the system prompt under test (default: a support assistant's)")
+    r.add_argument("--data-dir", default=None, help="the shared data folder: AdvBench and BIPIA attacks where present")
+    r.add_argument("--per-category", type=int_at_least(1), default=10)
+    r.add_argument("--categories", default=None, help="comma-separated subset of the categories")
+    r.add_argument("--judge", default=None, metavar="SPEC", help="an LLM judge: a run folder or http(s)://host/v1#model")
+    r.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_redteam)
+
 
 def _registry(args: argparse.Namespace, create: bool = False) -> Any:
     from lmstack.prompts.registry import open_registry
@@ -278,3 +298,30 @@ def cmd_test(args: argparse.Namespace) -> int:
     from lmstack.prompts.suite import cli_test
 
     return cli_test(args, _registry(args))
+
+
+def cmd_redteam(args: argparse.Namespace) -> int:
+    import json
+
+    from lmstack.eval.llm import load_llm
+    from lmstack.infer import GenerationConfig
+    from lmstack.infer.text import load_run
+    from lmstack.prompts.redteam import CATEGORIES, SYSTEM_PROMPT, attack_suite, chat_target, run_redteam, write_report
+
+    cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else list(CATEGORIES)
+    attacks = attack_suite(args.system or SYSTEM_PROMPT, data_dir=args.data_dir, per_category=args.per_category,
+                           seed=args.seed, categories=cats)
+    judge = load_llm(args.judge) if args.judge else None
+    model, tok = load_run(args.model)
+    report = run_redteam(chat_target(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens)), attacks,
+                         judge=judge)
+    files = write_report(report, args.out)
+    if args.json:
+        print(json.dumps({"per_category": report.per_category, "judge": report.judge,
+                          "files": {k: str(v) for k, v in files.items()}}, indent=2))
+    else:
+        for cat, e in report.per_category.items():
+            r = e["rule"]
+            print(f"{cat:26s} ASR {r['asr']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] of {r['n']}")
+        print(f"report: {files['markdown']}")
+    return 0
