@@ -24,7 +24,7 @@ efSearch values, single-query latency, build time, and the exact search latency 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import platform
 import sys
@@ -33,23 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmstack.rag import BM25Index, DenseIndex, Document, HybridIndex, Query, WholeChunker, chunk_documents
+from lmstack.rag import BM25Index, DenseIndex, HybridIndex, Query, WholeChunker, chunk_documents
 from lmstack.rag.bm25 import tokenize
-from lmstack.rag.retrieve import Question, evaluate_hits, mmr_rerank, search_all
+from lmstack.rag.retrieve import evaluate_hits, mmr_rerank, search_all
+from lmstack.rag.squad import load_squad, questions_in, split_articles
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "rag" / "squad_dev-v1.1.json"
-
-
-def load_squad(path: Path) -> tuple[list[Document], list[Question]]:
-    data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    docs, questions = [], []
-    for a, article in enumerate(data):
-        for p, para in enumerate(article["paragraphs"]):
-            doc_id = f"{a}-{p}"
-            docs.append(Document(doc_id, para["context"], f"squad:{doc_id}", article["title"]))
-            questions += [Question(qa["question"], [doc_id]) for qa in para["qas"]]
-    return docs, questions
 
 
 def row(name: str, metrics: dict[str, float], build_s: float | str, qps: float) -> str:
@@ -84,7 +74,7 @@ def bench_squad(args: argparse.Namespace) -> list[str]:
     lines.append(row("BM25", bm25_m, bm25_build, bm25_qps))
     print(lines[-1], file=sys.stderr, flush=True)
 
-    emb = Embedder(batch_size=args.batch_size, device=args.device)
+    emb = Embedder(batch_size=args.batch_size, device=args.device, cache_dir=args.embed_cache)
     t = time.perf_counter()
     vecs = emb.embed_documents([c.text for c in chunks])
     dense = DenseIndex(emb.id, emb.dim, embedder=emb.spec())
@@ -122,6 +112,16 @@ def bench_squad(args: argparse.Namespace) -> list[str]:
               f"{embed_s:.1f} s ({len(dq) / embed_s:,.0f}/s), exact search {len(dq) / search_s:,.0f} queries/s; "
               f"{emb.truncated} inputs were longer than the {emb.max_length}-token window (truncated). Device: "
               f"{args.device}."]
+    if not args.skip_rerank:
+        rows = {"BM25": (bm25_hits, bm25_m, bm25_build, bm25_qps),
+                "dense (MiniLM, exact)": (dense_hits, dense_m, dense_build, len(dq) / (embed_s + search_s)),
+                "hybrid (RRF k=60)": (hy_hits, hy_m, bm25_build + dense_build, len(dq) / (embed_s + hy_s)),
+                "hybrid (weighted min-max 0.5/0.5)": (w_hits, None, bm25_build + dense_build,
+                                                      len(dq) / (embed_s + w_s)),
+                f"hybrid + MMR (lambda {args.mmr_lambda})": (mmr_hits, None, bm25_build + dense_build,
+                                                              len(dq) / (embed_s + hy_s + mmr_s))}
+        lines += [""] + bench_rerank(args, docs, questions, hybrid, dq, rows,
+                                     {"bm25": len(dq) / bm25_qps, "hybrid": embed_s + hy_s})
 
     try:
         from rank_bm25 import BM25Okapi
@@ -149,6 +149,89 @@ def bench_squad(args: argparse.Namespace) -> list[str]:
               f"| lmstack.rag BM25 (sparse postings) | {bm25_build:.2f} | {ours_qps:,.0f} | {'yes, bit for bit' if equal else 'NO'} |",
               f"| rank_bm25.BM25Okapi | {ref_build:.2f} | {ref_qps:,.0f} | - |",
               f"| speed-up | | {ours_qps / ref_qps:.0f}x | |"]
+    return lines
+
+
+def bench_rerank(args: argparse.Namespace, docs, questions, hybrid, dq, rows, first_stage_s) -> list[str]:
+    """Train a cross-encoder on the training articles, rerank on a sample of the held-out articles' questions.
+
+    The article split is :func:`lmstack.rag.squad.split_articles` (the one rule training uses). Training
+    questions are a seeded sample of the training articles' questions; their hard negatives come from BM25
+    and dense restricted to the training articles' paragraphs, so nothing of a held-out article is seen in
+    training. Every row of the table is scored on the same seeded sample of held-out questions.
+    """
+    import random
+
+    from lmstack.rag.rerank import RerankTrainConfig, train_cross_encoder, training_examples
+
+    train_titles, eval_titles = split_articles({d.title for d in docs}, args.eval_fraction, args.split_seed)
+    qindex = {id(q): i for i, q in enumerate(questions)}
+    train_q = [qindex[id(q)] for q in questions_in(questions, docs, train_titles)]
+    eval_q = [qindex[id(q)] for q in questions_in(questions, docs, eval_titles)]
+    rng = random.Random(args.split_seed)
+    train_pick = sorted(rng.sample(train_q, min(args.train_queries, len(train_q))))
+    eval_pick = sorted(rng.sample(eval_q, min(args.rerank_questions, len(eval_q))))
+
+    t = time.perf_counter()
+    examples, stats = training_examples(hybrid, [dq[i] for i in train_pick], [questions[i] for i in train_pick],
+                                        args.negatives, depth=30, where={"title": set(train_titles)})
+    mine_s = time.perf_counter() - t
+    out = Path(args.reranker_out)
+    cfg = RerankTrainConfig(out=str(out), loss=args.loss, batch_queries=args.batch_queries, lr=args.lr,
+                            max_length=args.max_length, seed=0, device=args.device, freeze_embeddings=True)
+    t = time.perf_counter()
+    ce, result = train_cross_encoder(examples, cfg)
+    train_s = time.perf_counter() - t
+
+    # score every (question, passage) pair the two reranked rows need once; each row's time is its pairs at the
+    # measured pairs/s
+    depth = args.rerank_depth
+    sub = [questions[i] for i in eval_pick]
+    cache: dict[tuple[int, str], float] = {}
+    rerank_s = 0.0
+    rows_out = []
+    for name, first in (("hybrid (RRF k=60)", "hybrid"), ("BM25", "bm25")):
+        lists = [rows[name][0][i][:depth] for i in eval_pick]
+        todo = sorted({(qi, h.chunk.id): (questions[qi].question, h.chunk.text)
+                       for qi, hl in zip(eval_pick, lists) for h in hl if (qi, h.chunk.id) not in cache}.items())
+        t = time.perf_counter()
+        scores = ce.score_pairs([q for _, (q, _) in todo], [p for _, (_, p) in todo]) if todo else []
+        spent = time.perf_counter() - t
+        rerank_s += spent
+        cache.update({key: float(s) for (key, _), s in zip(todo, scores)})
+        pairs_s = len(todo) / spent if todo else float("nan")
+        from lmstack.rag.rerank import reorder
+
+        reranked = [reorder(hl, [cache[(qi, h.chunk.id)] for h in hl]) for qi, hl in zip(eval_pick, lists)]
+        n_pairs = sum(len(hl) for hl in lists)
+        row_s = n_pairs / pairs_s + first_stage_s[first] * len(eval_pick) / len(questions)
+        label = "hybrid (RRF) + rerank" if first == "hybrid" else "BM25 + rerank"
+        rows_out.append((label, evaluate_hits(reranked, sub, (1, 5, 20)), len(eval_pick) / row_s, pairs_s))
+
+    lines = [f"Reranking (cross-encoder on all-MiniLM-L6-v2, {args.loss} loss) on the held-out articles: "
+             f"{len(eval_titles)} of {len(train_titles) + len(eval_titles)} articles "
+             f"(`split_articles(eval_fraction={args.eval_fraction}, seed={args.split_seed})`), a seeded sample of "
+             f"{len(eval_pick):,} of their {len(eval_q):,} questions; every row on that sample. The reranker "
+             f"re-orders the first stage's top {depth}, so its recall@20 is the first stage's.", "",
+             "| retriever | recall@1 | recall@5 | recall@20 | MRR | index build s | queries/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (hits, _, build, qps) in rows.items():
+        lines.append(row(name, evaluate_hits([hits[i] for i in eval_pick], sub, (1, 5, 20)), build, qps))
+    for label, m, qps, _ in rows_out:
+        lines.append(row(label, m, f"+ train {train_s:.0f}", qps))
+        print(lines[-1], file=sys.stderr, flush=True)
+    lines += ["", f"Training: {result['examples']:,} queries of the training articles (a seeded sample of "
+              f"{len(train_pick):,}; {stats['no_positive'] + stats['few_negatives']} skipped), each with its "
+              f"paragraph and {result['negatives']} hard negatives mined from BM25 and dense top 30 over the "
+              f"training articles' paragraphs ({mine_s:.1f} s); {result['steps']} steps of {args.batch_queries} "
+              f"queries x {result['negatives'] + 1} passages, lr {args.lr:g}, max length {args.max_length}, "
+              f"{result['dtype']}, embeddings frozen; {train_s:.0f} s in all. Logged training loss "
+              f"{result['first_logged_loss']:.3f} -> {result['last_logged_loss']:.3f}; on {result['valid_examples']} "
+              f"held-out training queries {result['before']['val_loss']:.3f} -> {result['after']['val_loss']:.3f} "
+              f"(chance ln({result['negatives'] + 1}) = {math.log(result['negatives'] + 1):.3f}), top-1 accuracy "
+              f"{result['before']['val_accuracy']:.3f} -> {result['after']['val_accuracy']:.3f}.",
+              f"Rerank speed: {rows_out[0][3]:,.1f} pairs/s, {rows_out[0][3] / depth:,.2f} queries/s at depth {depth} "
+              f"(batch {ce.batch_size}, {result['dtype']}); {ce.truncated} pairs cut to {args.max_length} tokens."]
     return lines
 
 
@@ -220,6 +303,19 @@ def main() -> None:
     ap.add_argument("--mmr-lambda", type=float, default=0.7)
     ap.add_argument("--skip-faiss", action="store_true")
     ap.add_argument("--skip-squad", action="store_true")
+    ap.add_argument("--skip-rerank", action="store_true")
+    ap.add_argument("--embed-cache", default=None, help="embedding cache folder (default: none, a cold run)")
+    ap.add_argument("--eval-fraction", type=float, default=0.5, help="share of articles held out for reranking")
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--train-queries", type=int, default=400, help="training-article questions to train on")
+    ap.add_argument("--negatives", type=int, default=3)
+    ap.add_argument("--batch-queries", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--loss", choices=["listwise", "pointwise"], default="listwise")
+    ap.add_argument("--max-length", type=int, default=192)
+    ap.add_argument("--rerank-questions", type=int, default=500, help="held-out questions the table is scored on")
+    ap.add_argument("--rerank-depth", type=int, default=20)
+    ap.add_argument("--reranker-out", default="runs/bench_reranker")
     args = ap.parse_args()
     lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
              f"{platform.python_version()}; command: `{' '.join(['bench/rag.py', *sys.argv[1:]])}`", ""]
