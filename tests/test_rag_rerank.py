@@ -53,7 +53,7 @@ def toy_examples(n: int, seed: int = 0, negatives: int = 3):
     from lmstack.rag.rerank import RerankExample
 
     rng = random.Random(seed)
-    noise = lambda k: " ".join(f"w{rng.randrange(10, N_WORDS)}" for _ in range(k))  # noqa: E731
+    noise = lambda k: " ".join(f"w{rng.randrange(10, N_WORDS)}" for _ in range(k))
     out = []
     for _ in range(n):
         key = f"w{rng.randrange(10)}"
@@ -80,7 +80,7 @@ def test_listwise_loss_equals_the_hand_computation():
 def test_pointwise_loss_equals_the_hand_computation():
     from lmstack.rag.rerank import pointwise_loss
 
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    sig = lambda x: 1 / (1 + math.exp(-x))
     s = torch.tensor([[2.0, 1.0, 0.0]])
     by_hand = -(math.log(sig(2.0)) + math.log(1 - sig(1.0)) + math.log(1 - sig(0.0))) / 3
     assert float(pointwise_loss(s)) == pytest.approx(by_hand, abs=1e-6)
@@ -157,6 +157,21 @@ def test_rerank_head_keeps_the_tail_and_an_empty_list():
     assert {h.chunk.id for h in out[:3]} == {h.chunk.id for h in hits[:3]}
     assert out[3:] == hits[3:]
     assert rerank_head(ce, "w2", [], depth=3) == []
+
+
+def test_fusion_with_the_first_stage_is_weighted_min_max():
+    from lmstack.rag.rerank import fuse_with_first_stage
+
+    first = [hit("a", score=3.0), hit("b", score=2.0), hit("c", score=1.0)]
+    reranked = [hit("c", score=5.0), hit("a", score=1.0), hit("b", score=0.0)]
+    # min-max: first a 1, b 0.5, c 0; reranker c 1, a 0.2, b 0; 0.5/0.5 -> a 0.6, c 0.5, b 0.25
+    out = fuse_with_first_stage(first, reranked, 0.5)
+    assert [h.chunk.doc_id for h in out] == ["a", "c", "b"]
+    assert [h.score for h in out] == pytest.approx([0.6, 0.5, 0.25])
+    assert [h.chunk.doc_id for h in fuse_with_first_stage(first, reranked, 1.0)] == ["c", "a", "b"]
+    assert [h.chunk.doc_id for h in fuse_with_first_stage(first, reranked, 0.0)] == ["a", "b", "c"]
+    with pytest.raises(DataError, match="the same hits"):
+        fuse_with_first_stage(first, reranked[:2], 0.5)
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -348,5 +363,5 @@ def test_cli_train_reranker_then_eval_and_query_with_it(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert main(["rag", "query", str(tmp_path / "idx"), "w3", "--rerank", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --rerank {tmp_path}: not a reranker folder (no reranker_config.json); train one with "
-                   f"`lmstack rag train-reranker`"]
+    assert err == [(f"error: --rerank {tmp_path}: not a reranker folder (no reranker_config.json); train one with "
+                    f"`lmstack rag train-reranker`")]

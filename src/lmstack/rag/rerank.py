@@ -76,6 +76,22 @@ def rerank_all(reranker: Reranker, queries: Sequence[str], hit_lists: Sequence[S
     return [reranker.rerank(q, h, top_k) if h else [] for q, h in zip(queries, hit_lists)]
 
 
+def fuse_with_first_stage(first: Sequence[Hit], reranked: Sequence[Hit], weight: float = 0.5) -> list[Hit]:
+    """The first stage's and the reranker's scores of the same hits fused by the layer's weighted min-max
+    fusion (:func:`lmstack.rag.fusion.weighted_fusion`): ``(1 - weight) * first + weight * reranker``, each
+    min-max normalised over the list. A reranker trained on little data keeps the first stage's evidence."""
+    from lmstack.rag.fusion import weighted_fusion
+
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"rerank fusion weight: must be in [0, 1], got {weight}")
+    if {h.chunk.id for h in first} != {h.chunk.id for h in reranked}:
+        raise DataError("fuse_with_first_stage: the two lists must hold the same hits")
+    by_id = {h.chunk.id: h.chunk for h in first}
+    fused = weighted_fusion([{h.chunk.id: h.score for h in first}, {h.chunk.id: h.score for h in reranked}],
+                            (1.0 - weight, weight))
+    return [Hit(by_id[i], s) for i, s in fused]
+
+
 def rerank_head(reranker: Reranker, query: str, hits: Sequence[Hit], depth: int = 20) -> list[Hit]:
     """The top ``depth`` hits reranked, then the rest in the first stage's order (with the first stage's
     scores), so that cut-offs past ``depth`` still see the first stage's list. No hits: an empty list."""
@@ -474,6 +490,9 @@ class RerankTrainConfig:
     # the token/position/segment embeddings stay as pretrained: a third of MiniLM's weights, whose gradient and
     # AdamW update cost time on a CPU and which a few hundred queries would not improve
     freeze_embeddings: bool = True
+    # > 0: only the top N transformer blocks (and the pooler and head) train; the blocks below run without
+    # gradients, so a step costs about (n_layer + 2N) / (3 n_layer) of a full one
+    train_top_layers: int = 0
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"                    # the runtime rule: bf16 where bf16 matmuls are really fast
@@ -486,8 +505,8 @@ class RerankTrainConfig:
         for name in ("batch_queries", "log_every", "max_length", "max_query_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.epochs <= 0 or self.valid_queries < 0:
-            raise ConfigError("steps must be >= 0, epochs > 0 and valid_queries >= 0")
+        if self.steps < 0 or self.epochs <= 0 or self.valid_queries < 0 or self.train_top_layers < 0:
+            raise ConfigError("steps, valid_queries and train_top_layers must be >= 0 and epochs > 0")
         if not self.lr > 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
 
@@ -585,7 +604,6 @@ def _train(examples: list[RerankExample], cfg: RerankTrainConfig, reranker: Cros
            ) -> tuple[CrossEncoder, dict[str, Any]]:
     import shutil
 
-    torch = _torch()
     from lmstack.runtime import seed_everything
     from lmstack.train.config import DataConfig, OptimConfig, TrainConfig
     from lmstack.train.trainer import Task, Trainer
@@ -605,6 +623,14 @@ def _train(examples: list[RerankExample], cfg: RerankTrainConfig, reranker: Cros
         p.requires_grad_(True)
     if cfg.freeze_embeddings:
         ce.model.embed.requires_grad_(False)
+    if cfg.train_top_layers:
+        if cfg.train_top_layers > len(ce.model.blocks):
+            raise ConfigError(f"train_top_layers: the encoder has {len(ce.model.blocks)} blocks, got "
+                              f"{cfg.train_top_layers}")
+        ce.model.requires_grad_(False)
+        for module in [*ce.model.blocks[-cfg.train_top_layers:], ce.model.pooler, ce.model.classifier]:
+            if module is not None:
+                module.requires_grad_(True)
 
     def save_weights(m: Any, folder: Path) -> None:
         ce.save(folder, {"loss": cfg.loss, "negatives": len(train[0].negatives)})
@@ -615,7 +641,7 @@ def _train(examples: list[RerankExample], cfg: RerankTrainConfig, reranker: Cros
         load_model(m, str(folder / "model.safetensors"))
 
     task = Task(model=ce.model, loader=GroupLoader(train_groups, cfg.batch_queries, ce.collate, cfg.seed),
-                eval_batches=lambda: [], save_weights=save_weights, load_weights=load_weights,
+                eval_batches=list, save_weights=save_weights, load_weights=load_weights,
                 loss_fn=lambda m, x, y, g: group_loss(m, x, y, cfg.loss),
                 evaluate=lambda m: heldout_loss(ce, valid_groups, cfg.loss), progress_metrics=("accuracy",))
     tcfg = TrainConfig(run_dir=cfg.out, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, steps=steps,
@@ -747,6 +773,23 @@ class LLMRelevance:
         return reorder(hits, self.score(query, [h.chunk.text for h in hits]), top_k)
 
 
-__all__ = ["Reranker", "CrossEncoder", "LLMRelevance", "RerankExample", "RerankTrainConfig", "add_score_head",
-           "listwise_loss", "pointwise_loss", "mine_hard_negatives", "training_examples", "train_cross_encoder",
-           "load_reranker", "reorder", "rerank_all", "rerank_head", "pair_logits", "RELEVANCE_PROMPT"]
+__all__ = [
+    "RELEVANCE_PROMPT",
+    "CrossEncoder",
+    "LLMRelevance",
+    "RerankExample",
+    "RerankTrainConfig",
+    "Reranker",
+    "add_score_head",
+    "fuse_with_first_stage",
+    "listwise_loss",
+    "load_reranker",
+    "mine_hard_negatives",
+    "pair_logits",
+    "pointwise_loss",
+    "reorder",
+    "rerank_all",
+    "rerank_head",
+    "train_cross_encoder",
+    "training_examples",
+]
