@@ -187,9 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     names = list(next(iter(result.values())))
-    print(f"{'retriever':10} " + " ".join(f"{n:>12}" for n in names))
+    w = max([10, *(len(r) for r in result)])  # "hybrid+rerank" is wider than the column was
+    print(f"{'retriever':{w}} " + " ".join(f"{n:>12}" for n in names))
     for retriever, metrics in result.items():
-        print(f"{retriever:10} " + " ".join(f"{metrics[n]:12.4f}" for n in names))
+        print(f"{retriever:{w}} " + " ".join(f"{metrics[n]:12.4f}" for n in names))
     print(f"({len(questions)} questions)")
     return 0
 
