@@ -497,7 +497,7 @@ class RerankTrainConfig:
     device: str = "cpu"
     dtype: str = "auto"                    # the runtime rule: bf16 where bf16 matmuls are really fast
     log_every: int = 10
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)   # extra keys for reranker_config.json (data, split)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -633,7 +633,7 @@ def _train(examples: list[RerankExample], cfg: RerankTrainConfig, reranker: Cros
                 module.requires_grad_(True)
 
     def save_weights(m: Any, folder: Path) -> None:
-        ce.save(folder, {"loss": cfg.loss, "negatives": len(train[0].negatives)})
+        ce.save(folder, {"loss": cfg.loss, "negatives": len(train[0].negatives), **cfg.meta})
 
     def load_weights(m: Any, folder: Path) -> None:
         from safetensors.torch import load_model
