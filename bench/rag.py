@@ -8,6 +8,13 @@ hybrid with weighted min-max score fusion (0.5/0.5). Reported:
 recall@1/5/20 and MRR, index build time (dense: embedding the paragraphs included) and queries/s (dense:
 embedding the question included).
 
+Reranking (skip with ``--skip-rerank``): the articles are split by :func:`lmstack.rag.squad.split_articles`
+(half held out, seed 0); a cross-encoder (all-MiniLM-L6-v2 + a scalar head, :mod:`lmstack.rag.rerank`) is
+trained on ``--train-queries`` questions of the training articles with hard negatives mined by BM25 and dense
+over the training articles' paragraphs; then every retriever above, the reranked top ``--rerank-depth`` of
+hybrid (RRF), hybrid (weighted) and BM25, and those fused with the first stage's scores, are scored on the same
+seeded sample of ``--rerank-questions`` held-out questions; with the training time and the rerank pairs/s.
+
 BM25 peer: ``rank_bm25.BM25Okapi`` on the same tokens: build time, queries/s (scores + top 20), and whether
 its scores equal ours (bit for bit) on the measured questions.
 
@@ -19,12 +26,13 @@ efSearch values, single-query latency, build time, and the exact search latency 
 
     .venv/bin/python bench/rag.py                          # all 10,570 questions
     .venv/bin/python bench/rag.py --questions 2000         # the first 2,000 questions (in file order)
+    .venv/bin/python bench/rag.py --skip-faiss --embed-cache /tmp/emb   # SQuAD + reranking, embeddings cached
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import platform
 import sys
@@ -33,23 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmstack.rag import BM25Index, DenseIndex, Document, HybridIndex, Query, WholeChunker, chunk_documents
+from lmstack.rag import BM25Index, DenseIndex, HybridIndex, Query, WholeChunker, chunk_documents
 from lmstack.rag.bm25 import tokenize
-from lmstack.rag.retrieve import Question, evaluate_hits, mmr_rerank, search_all
+from lmstack.rag.retrieve import evaluate_hits, mmr_rerank, search_all
+from lmstack.rag.squad import load_squad, questions_in, split_articles
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "rag" / "squad_dev-v1.1.json"
-
-
-def load_squad(path: Path) -> tuple[list[Document], list[Question]]:
-    data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    docs, questions = [], []
-    for a, article in enumerate(data):
-        for p, para in enumerate(article["paragraphs"]):
-            doc_id = f"{a}-{p}"
-            docs.append(Document(doc_id, para["context"], f"squad:{doc_id}", article["title"]))
-            questions += [Question(qa["question"], [doc_id]) for qa in para["qas"]]
-    return docs, questions
 
 
 def row(name: str, metrics: dict[str, float], build_s: float | str, qps: float) -> str:
@@ -84,7 +82,7 @@ def bench_squad(args: argparse.Namespace) -> list[str]:
     lines.append(row("BM25", bm25_m, bm25_build, bm25_qps))
     print(lines[-1], file=sys.stderr, flush=True)
 
-    emb = Embedder(batch_size=args.batch_size, device=args.device)
+    emb = Embedder(batch_size=args.batch_size, device=args.device, cache_dir=args.embed_cache)
     t = time.perf_counter()
     vecs = emb.embed_documents([c.text for c in chunks])
     dense = DenseIndex(emb.id, emb.dim, embedder=emb.spec())
@@ -122,6 +120,16 @@ def bench_squad(args: argparse.Namespace) -> list[str]:
               f"{embed_s:.1f} s ({len(dq) / embed_s:,.0f}/s), exact search {len(dq) / search_s:,.0f} queries/s; "
               f"{emb.truncated} inputs were longer than the {emb.max_length}-token window (truncated). Device: "
               f"{args.device}."]
+    if not args.skip_rerank:
+        rows = {"BM25": (bm25_hits, bm25_m, bm25_build, bm25_qps),
+                "dense (MiniLM, exact)": (dense_hits, dense_m, dense_build, len(dq) / (embed_s + search_s)),
+                "hybrid (RRF k=60)": (hy_hits, hy_m, bm25_build + dense_build, len(dq) / (embed_s + hy_s)),
+                "hybrid (weighted min-max 0.5/0.5)": (w_hits, None, bm25_build + dense_build,
+                                                      len(dq) / (embed_s + w_s)),
+                f"hybrid + MMR (lambda {args.mmr_lambda})": (mmr_hits, None, bm25_build + dense_build,
+                                                              len(dq) / (embed_s + hy_s + mmr_s))}
+        lines += [""] + bench_rerank(args, docs, questions, hybrid, dq, rows,
+                                     {"bm25": len(dq) / bm25_qps, "hybrid": embed_s + hy_s})
 
     try:
         from rank_bm25 import BM25Okapi
@@ -149,6 +157,107 @@ def bench_squad(args: argparse.Namespace) -> list[str]:
               f"| lmstack.rag BM25 (sparse postings) | {bm25_build:.2f} | {ours_qps:,.0f} | {'yes, bit for bit' if equal else 'NO'} |",
               f"| rank_bm25.BM25Okapi | {ref_build:.2f} | {ref_qps:,.0f} | - |",
               f"| speed-up | | {ours_qps / ref_qps:.0f}x | |"]
+    return lines
+
+
+def bench_rerank(args: argparse.Namespace, docs, questions, hybrid, dq, rows, first_stage_s) -> list[str]:
+    """Train a cross-encoder on the training articles, rerank on a sample of the held-out articles' questions.
+
+    The article split is :func:`lmstack.rag.squad.split_articles` (the one rule training uses). Training
+    questions are a seeded sample of the training articles' questions; their hard negatives come from BM25
+    and dense restricted to the training articles' paragraphs, so nothing of a held-out article is seen in
+    training. Every row of the table is scored on the same seeded sample of held-out questions (drawn with
+    its own generator, so it does not depend on the training sample's size). Reranked rows: the first
+    stage's top ``--rerank-depth`` ordered by the cross-encoder alone, and fused with the first stage's
+    scores (``fuse_with_first_stage``, weight ``--fuse-weight`` on the reranker; chosen beforehand on
+    training-article questions, never on the held-out ones).
+    """
+    import random
+
+    from lmstack.rag.rerank import (
+        RerankTrainConfig,
+        fuse_with_first_stage,
+        reorder,
+        train_cross_encoder,
+        training_examples,
+    )
+
+    train_titles, eval_titles = split_articles({d.title for d in docs}, args.eval_fraction, args.split_seed)
+    qindex = {id(q): i for i, q in enumerate(questions)}
+    train_q = [qindex[id(q)] for q in questions_in(questions, docs, train_titles)]
+    eval_q = [qindex[id(q)] for q in questions_in(questions, docs, eval_titles)]
+    train_pick = sorted(random.Random(args.split_seed).sample(train_q, min(args.train_queries, len(train_q))))
+    eval_pick = sorted(random.Random(args.split_seed + 1).sample(eval_q, min(args.rerank_questions, len(eval_q))))
+
+    t = time.perf_counter()
+    examples, stats = training_examples(hybrid, [dq[i] for i in train_pick], [questions[i] for i in train_pick],
+                                        args.negatives, depth=30, where={"title": set(train_titles)})
+    mine_s = time.perf_counter() - t
+    cfg = RerankTrainConfig(out=str(Path(args.reranker_out)), loss=args.loss, batch_queries=args.batch_queries,
+                            lr=args.lr, max_length=args.max_length, seed=0, device=args.device,
+                            freeze_embeddings=True, train_top_layers=args.train_top_layers, epochs=args.epochs)
+    t = time.perf_counter()
+    ce, result = train_cross_encoder(examples, cfg)
+    train_s = time.perf_counter() - t
+
+    # every (question, passage) pair the reranked rows need is scored once; a row's time is its pairs at the
+    # measured pairs/s plus its first stage's share
+    depth = args.rerank_depth
+    sub = [questions[i] for i in eval_pick]
+    cache: dict[tuple[int, str], float] = {}
+    spent, scored = 0.0, 0
+    reranked_rows = []
+    firsts = (("hybrid (RRF k=60)", "hybrid (RRF)", "hybrid"), ("hybrid (weighted min-max 0.5/0.5)",
+              "hybrid (weighted)", "hybrid"), ("BM25", "BM25", "bm25"))
+    for name, short, first in firsts:
+        lists = [rows[name][0][i][:depth] for i in eval_pick]
+        todo = sorted({(qi, h.chunk.id): (questions[qi].question, h.chunk.text)
+                       for qi, hl in zip(eval_pick, lists) for h in hl if (qi, h.chunk.id) not in cache}.items())
+        t = time.perf_counter()
+        scores = ce.score_pairs([q for _, (q, _) in todo], [p for _, (_, p) in todo]) if todo else []
+        spent += time.perf_counter() - t
+        scored += len(todo)
+        cache.update({key: float(x) for (key, _), x in zip(todo, scores)})
+        reranked = [reorder(hl, [cache[(qi, h.chunk.id)] for h in hl]) for qi, hl in zip(eval_pick, lists)]
+        fused = [fuse_with_first_stage(hl, r, args.fuse_weight) for hl, r in zip(lists, reranked)]
+        n_pairs = sum(len(hl) for hl in lists)
+        reranked_rows.append((short, first, reranked, fused, n_pairs))
+    pairs_s = scored / spent
+
+    lines = [f"Reranking (cross-encoder on all-MiniLM-L6-v2, {args.loss} loss) on the held-out articles: "
+             f"{len(eval_titles)} of {len(train_titles) + len(eval_titles)} articles "
+             f"(`split_articles(eval_fraction={args.eval_fraction}, seed={args.split_seed})`), a seeded sample of "
+             f"{len(eval_pick):,} of their {len(eval_q):,} questions; every row on that sample. A reranker "
+             f"re-orders the first stage's top {depth}, so its recall@20 is the first stage's; \"fused\" = "
+             f"`fuse_with_first_stage(weight={args.fuse_weight})` (min-max fusion of the first stage's and the "
+             f"reranker's scores).", "",
+             "| retriever | recall@1 | recall@5 | recall@20 | MRR | index build s | queries/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (hits, _, build, qps) in rows.items():
+        lines.append(row(name, evaluate_hits([hits[i] for i in eval_pick], sub, (1, 5, 20)), build, qps))
+    for short, first, reranked, fused, n_pairs in reranked_rows:
+        row_s = n_pairs / pairs_s + first_stage_s[first] * len(eval_pick) / len(questions)
+        for label, hits in ((f"{short} + rerank", reranked), (f"{short} + rerank, fused", fused)):
+            lines.append(row(label, evaluate_hits(hits, sub, (1, 5, 20)), f"+ train {train_s:.0f}",
+                             len(eval_pick) / row_s))
+            print(lines[-1], file=sys.stderr, flush=True)
+    layers = f"the top {args.train_top_layers} blocks, pooler and head trained" if args.train_top_layers else \
+        "every block trained, embeddings frozen"
+    lines += ["", f"Training: {result['examples']:,} queries of the training articles (a seeded sample of "
+              f"{len(train_pick):,}; {stats['no_positive'] + stats['few_negatives']} skipped, "
+              f"{result['valid_examples']} kept aside for the held-out loss), each with its paragraph and "
+              f"{result['negatives']} hard negatives mined from BM25 and dense top 30 over the training articles' "
+              f"paragraphs ({mine_s:.1f} s); {result['steps']} steps of {args.batch_queries} queries x "
+              f"{result['negatives'] + 1} passages, lr {args.lr:g}, max length {args.max_length}, {result['dtype']}, "
+              f"{layers}; {train_s:.0f} s in all. Logged training loss (one batch) {result['first_logged_loss']:.3f} "
+              f"-> {result['last_logged_loss']:.3f}; on the {result['valid_examples']} held-out training queries "
+              f"{result['before']['val_loss']:.3f} -> {result['after']['val_loss']:.3f} "
+              f"(chance ln({result['negatives'] + 1}) = {math.log(result['negatives'] + 1):.3f}), top-1 accuracy "
+              f"among the {result['negatives'] + 1} {result['before']['val_accuracy']:.3f} -> "
+              f"{result['after']['val_accuracy']:.3f}.",
+              f"Rerank speed: {pairs_s:,.1f} pairs/s = {pairs_s / depth:,.2f} queries/s at depth {depth} "
+              f"(batch {ce.batch_size}, {result['dtype']}; {scored:,} distinct pairs scored); {ce.truncated:,} pairs "
+              f"(training included) were cut to {args.max_length} tokens."]
     return lines
 
 
@@ -224,6 +333,22 @@ def main() -> None:
     ap.add_argument("--mmr-lambda", type=float, default=0.7)
     ap.add_argument("--skip-faiss", action="store_true")
     ap.add_argument("--skip-squad", action="store_true")
+    ap.add_argument("--skip-rerank", action="store_true")
+    ap.add_argument("--embed-cache", default=None, help="embedding cache folder (default: none, a cold run)")
+    ap.add_argument("--eval-fraction", type=float, default=0.5, help="share of articles held out for reranking")
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--train-queries", type=int, default=800, help="training-article questions to train on")
+    ap.add_argument("--negatives", type=int, default=3)
+    ap.add_argument("--batch-queries", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--train-top-layers", type=int, default=3, help="0 = train every block")
+    ap.add_argument("--fuse-weight", type=float, default=0.3, help="the reranker's weight in the fused rows")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--loss", choices=["listwise", "pointwise"], default="listwise")
+    ap.add_argument("--max-length", type=int, default=192)
+    ap.add_argument("--rerank-questions", type=int, default=300, help="held-out questions the table is scored on")
+    ap.add_argument("--rerank-depth", type=int, default=20)
+    ap.add_argument("--reranker-out", default="runs/bench_reranker")
     args = ap.parse_args()
     lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
              f"{platform.python_version()}; command: `{' '.join(['bench/rag.py', *sys.argv[1:]])}`", ""]

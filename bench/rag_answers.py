@@ -1,6 +1,7 @@
 """Benchmark: end-to-end answers on SQuAD v1.1 dev, extractive and generated, and "I don't know" training.
 
-Articles are split by ``lmstack.rag.squad.squad_article_split`` (a hash of the title, 25 % eval): everything
+Articles are split by ``lmstack.rag.squad.squad_article_split`` (``split_articles``: titles ranked by a seeded
+hash, 25 % eval; the figures in bench/RESULTS.md were taken with the earlier threshold-on-hash split): everything
 trained or calibrated uses the train articles, every figure is on eval-article questions.
 
 - **Extractive path**: BM25 over all 2,067 paragraphs (one chunk each), top 5; ``answer()`` (one sentence,

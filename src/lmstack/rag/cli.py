@@ -86,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     q.add_argument("--flag-unsupported", action="store_true",
                    help="with --model: keep unsupported sentences (flagged) instead of dropping them")
+    _rerank_options(q)
     q.set_defaults(func=cmd_query)
 
     e = sub.add_parser("eval", help="retrieval metrics on questions with known relevant documents",
@@ -99,7 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--k", type=_ks, default=[1, 5, 20], help="cut-offs, comma-separated")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
+    _rerank_options(e)
     e.set_defaults(func=cmd_eval)
+    _register_train_reranker(sub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -163,13 +166,16 @@ def cmd_query(args: argparse.Namespace) -> int:
     index = load_index(args.index)
     embedder = embedder_for(index, device=args.device)
     query = make_queries(index, embedder, [args.question])[0]
+    want = 4 * args.k if args.parents else args.k  # several children of one section may rank high: fetch more
+    if args.rerank:
+        hits = _reranked(args, [args.question], [index.search(query, max(want, args.rerank_depth),
+                                                                 _where(args.where))])[0][:want]
+    else:
+        hits = index.search(query, want, _where(args.where))
     if args.parents:
         from lmstack.rag.chunk import parent_hits
 
-        # several children of one section may rank high: fetch more, so k distinct sections remain
-        hits = parent_hits(index.search(query, 4 * args.k, _where(args.where)))[:args.k]
-    else:
-        hits = index.search(query, args.k, _where(args.where))
+        hits = parent_hits(hits)[:args.k]
     if model is not None:
         return _print_answer(args, hits, model)
     if args.json:
@@ -225,13 +231,95 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     index = load_index(args.index)
     questions = read_questions(args.questions)
-    result = evaluate_index(index, embedder_for(index, device=args.device), questions, args.k)
+    reranker = _load_reranker(args) if args.rerank else None
+    result = evaluate_index(index, embedder_for(index, device=args.device), questions, args.k, reranker=reranker,
+                            rerank_depth=args.rerank_depth)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     names = list(next(iter(result.values())))
-    print(f"{'retriever':10} " + " ".join(f"{n:>12}" for n in names))
+    w = max([10, *(len(r) for r in result)])  # "hybrid+rerank" is wider than the column was
+    print(f"{'retriever':{w}} " + " ".join(f"{n:>12}" for n in names))
     for retriever, metrics in result.items():
-        print(f"{retriever:10} " + " ".join(f"{metrics[n]:12.4f}" for n in names))
+        print(f"{retriever:{w}} " + " ".join(f"{metrics[n]:12.4f}" for n in names))
     print(f"({len(questions)} questions)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- reranking
+
+def _rerank_options(p: argparse.ArgumentParser) -> None:
+    from lmstack.clihelp import int_at_least
+
+    p.add_argument("--rerank", default=None, metavar="MODEL_DIR",
+                   help="re-order the first stage's top --rerank-depth with a cross-encoder folder "
+                        "(lmstack rag train-reranker)")
+    p.add_argument("--rerank-depth", type=int_at_least(1), default=20, help="hits the reranker re-orders")
+    p.add_argument("--rerank-batch-size", type=int_at_least(1), default=32)
+
+
+def _load_reranker(args: argparse.Namespace):
+    from lmstack.rag.rerank import load_reranker
+
+    return load_reranker(args.rerank, device=args.device, batch_size=args.rerank_batch_size)
+
+
+def _reranked(args: argparse.Namespace, questions: list[str], hit_lists: list) -> list:
+    from lmstack.rag.rerank import rerank_head
+
+    reranker = _load_reranker(args)
+    return [rerank_head(reranker, q, h, args.rerank_depth) for q, h in zip(questions, hit_lists)]
+
+
+def _register_train_reranker(sub: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter, int_at_least
+
+    t = sub.add_parser("train-reranker", help="train a cross-encoder reranker on questions with hard negatives",
+                       formatter_class=HelpFormatter,
+                       description="QUESTIONS is JSONL/JSON rows {\"question\": ..., \"relevant\": [doc ids or source "
+                                   "paths]}. Each question's positive is its relevant chunk; its hard negatives are "
+                                   "the index's top --depth (BM25 and dense parts of a hybrid index) without it. "
+                                   "The cross-encoder (all-MiniLM-L6-v2 with a scalar head by default) trains "
+                                   "through the one trainer; OUT is a reranker folder for --rerank.",
+                       epilog="example:\n  lmstack rag train-reranker runs/docs.index train_questions.jsonl "
+                              "--out runs/reranker\n  lmstack rag eval runs/docs.index test_questions.jsonl "
+                              "--rerank runs/reranker")
+    t.add_argument("index", metavar="INDEX")
+    t.add_argument("questions", metavar="QUESTIONS.jsonl")
+    t.add_argument("--out", required=True, help="the reranker folder to write")
+    t.add_argument("--base", default="", help="an encoder folder (default: all-MiniLM-L6-v2)")
+    t.add_argument("--negatives", type=int_at_least(1), default=3, help="hard negatives per question")
+    t.add_argument("--depth", type=int_at_least(1), default=30, help="first-stage hits negatives are mined from")
+    t.add_argument("--loss", choices=["listwise", "pointwise"], default="listwise")
+    t.add_argument("--batch-queries", type=int_at_least(1), default=8, help="questions per step")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--steps", type=int_at_least(0), default=0, help="0 = --epochs over the questions")
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--max-length", type=int_at_least(8), default=192, help="tokens of query + passage")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    t.set_defaults(func=cmd_train_reranker)
+
+
+def cmd_train_reranker(args: argparse.Namespace) -> int:
+    from lmstack.rag.index import load_index
+    from lmstack.rag.rerank import RerankTrainConfig, train_cross_encoder, training_examples
+    from lmstack.rag.retrieve import embedder_for, make_queries, read_questions
+
+    index = load_index(args.index)
+    questions = read_questions(args.questions)
+    queries = make_queries(index, embedder_for(index, device=args.device), [q.question for q in questions])
+    examples, stats = training_examples(index, queries, questions, args.negatives, args.depth)
+    print(f"{stats['examples']} training questions ({stats['no_positive']} without their relevant chunk in the "
+          f"index, {stats['few_negatives']} with fewer than {args.negatives} negatives skipped)", file=sys.stderr)
+    cfg = RerankTrainConfig(out=args.out, base=args.base, loss=args.loss, batch_queries=args.batch_queries,
+                            epochs=args.epochs, steps=args.steps, lr=args.lr, max_length=args.max_length,
+                            seed=args.seed, device=args.device, dtype=args.dtype)
+    _, result = train_cross_encoder(examples, cfg)
+    before, after = result["before"], result["after"]
+    held = (f"; held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}, top-1 accuracy "
+            f"{before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}" if after else "")
+    print(f"trained {result['steps']} steps on {result['examples']} questions in {result['train_seconds']:.0f} s"
+          f"{held} -> {args.out}")
     return 0

@@ -130,10 +130,22 @@ def evaluate_hits(all_hits: Sequence[Sequence[Hit]], questions: Sequence[Questio
 
 
 def evaluate_index(index: Any, embedder: Any, questions: Sequence[Question], ks: Sequence[int] = (1, 5, 20),
-                   ndcg_k: int = 10) -> dict[str, dict[str, float]]:
-    """``{retriever: metrics}``; a hybrid index is scored as bm25, dense and hybrid (its parts and itself)."""
+                   ndcg_k: int = 10, reranker: Any = None, rerank_depth: int = 20) -> dict[str, dict[str, float]]:
+    """``{retriever: metrics}``; a hybrid index is scored as bm25, dense and hybrid (its parts and itself).
+
+    With a ``reranker`` (:mod:`lmstack.rag.rerank`) one more entry, ``"<retriever>+rerank"``: the index's
+    own top ``rerank_depth`` re-ordered by it, the rest of its list after them."""
     depth = 4 * max([*ks, ndcg_k])  # chunks, so that several chunks of one document still leave enough documents
     queries = make_queries(index, embedder, [q.question for q in questions])
     parts = ([("bm25", index.bm25), ("dense", index.dense), ("hybrid", index)] if isinstance(index, HybridIndex)
              else [(index.kind, index)])
-    return {name: evaluate_hits(search_all(part, queries, depth), questions, ks, ndcg_k) for name, part in parts}
+    out, last = {}, None
+    for name, part in parts:
+        last = search_all(part, queries, max(depth, rerank_depth) if reranker is not None else depth)
+        out[name] = evaluate_hits(last, questions, ks, ndcg_k)
+    if reranker is not None:
+        from lmstack.rag.rerank import rerank_head
+
+        reranked = [rerank_head(reranker, q.question, h, rerank_depth) for q, h in zip(questions, last)]
+        out[f"{parts[-1][0]}+rerank"] = evaluate_hits(reranked, questions, ks, ndcg_k)
+    return out
