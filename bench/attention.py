@@ -76,8 +76,8 @@ def main() -> None:
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}; causal, B=1, H=8, D=64, fwd+bwd; median of {args.repeats}")
-    print(f"| device | T | SDPA fwd ms | ref fwd ms | SDPA fwd+bwd ms | ref fwd+bwd ms | ratio ref/SDPA (fwd+bwd) "
-          f"| SDPA peak MB | ref peak MB | ratio ref/SDPA (mem) |")
+    print("| device | T | SDPA fwd ms | ref fwd ms | SDPA fwd+bwd ms | ref fwd+bwd ms | ratio ref/SDPA (fwd+bwd) "
+          "| SDPA peak MB | ref peak MB | ratio ref/SDPA (mem) |")
     print("|" + " --- |" * 10)
     for device in devices:
         for t in args.lengths:

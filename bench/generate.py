@@ -16,7 +16,6 @@ Models (fp32, CPU, 2 threads):
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile

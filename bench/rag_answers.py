@@ -112,7 +112,6 @@ def main() -> None:
     ext = extractive(train_a, eval_a, articles, args.questions, args.seed, args.k)
     print(f"[bench] extractive: {ext}", file=sys.stderr, flush=True)
 
-    cfg = IdkConfig(seed=args.seed)
     held = build_idk_examples(eval_a, IdkConfig(max_questions=args.questions, seed=args.seed))
     train = build_idk_examples(train_a, IdkConfig(max_questions=args.train_questions, seed=args.seed + 1))
     n_valid = min(100, len(train) // 5)
@@ -129,7 +128,7 @@ def main() -> None:
     rows["stories260K (no IDK training)"] = generated(base, held, 16)
     print(f"[bench] base: {rows}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    sft = finetune(from_dict(FinetuneConfig, {
+    finetune(from_dict(FinetuneConfig, {
         "run_dir": str(out / "sft"), "base": str(base), "method": "full", "steps": args.sft_steps,
         "batch_size": args.batch, "lr": 2e-3, "warmup_steps": 10, "log_every": 20, "n_samples": 1, "device": "cpu",
         "seed": args.seed, "data": {"train": [str(out / "sft_train.jsonl")], "valid": [str(out / "sft_valid.jsonl")],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmstack.compress.gptq import gptq_model, gptq_quantize, gptq_reference, input_hessians
-from lmstack.compress.quantize import QuantConfig, QuantLinear, quantize_weight
+from lmstack.compress.quantize import QuantConfig, QuantLinear
 
 
 def _problem(out_f=12, in_f=64, n=256, seed=0):

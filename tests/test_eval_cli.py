@@ -10,7 +10,6 @@ from lmstack.errors import DataError
 
 
 def run_cli(argv):
-    from lmstack.cli import main
     import argparse
 
     from lmstack.eval.cli import register

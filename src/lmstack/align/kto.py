@@ -9,7 +9,6 @@ base with the adapter disabled) or from a cache computed once before training.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
