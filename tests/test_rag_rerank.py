@@ -365,3 +365,35 @@ def test_cli_train_reranker_then_eval_and_query_with_it(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [(f"error: --rerank {tmp_path}: not a reranker folder (no reranker_config.json); train one with "
                     f"`lmstack rag train-reranker`")]
+
+
+def test_cli_rerank_with_an_llm(tmp_path, capsys):
+    from lmstack.cli import main
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import train_bpe
+
+    docs = tmp_path / "docs.jsonl"
+    rows = [{"id": f"d{i}", "text": f"the kettle {i} boils water in {i} minutes"} for i in range(6)]
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    qs = tmp_path / "q.jsonl"
+    qs.write_text("".join(json.dumps({"question": f"kettle {i} minutes", "relevant": [f"d{i}"]}) + "\n"
+                          for i in range(6)), encoding="utf-8")
+    tok = train_bpe(["Passage: the kettle boils water. Question: is it relevant? Answer: yes no\n" * 6],
+                    vocab_size=300)
+    torch.manual_seed(0)
+    llm = tmp_path / "llm"
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=1, n_head=2, max_seq_len=256)),
+         llm)
+    tok.save(llm)
+    assert main(["rag", "index", str(docs), "--out", str(tmp_path / "idx"), "--retriever", "bm25",
+                 "--chunker", "none"]) == 0
+    capsys.readouterr()
+    assert main(["rag", "eval", str(tmp_path / "idx"), str(qs), "--k", "1,5", "--json", "--rerank-llm", str(llm),
+                 "--rerank-depth", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"bm25", "bm25+rerank"}
+    # only the top 3 are re-ordered: whatever the LLM thinks, recall@5 cannot change
+    assert result["bm25+rerank"]["recall@5"] == result["bm25"]["recall@5"]
+    assert main(["rag", "query", str(tmp_path / "idx"), "kettle", "--rerank-llm", str(llm), "--rerank",
+                 str(llm)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --rerank and --rerank-llm: pick one reranker"

@@ -167,7 +167,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     embedder = embedder_for(index, device=args.device)
     query = make_queries(index, embedder, [args.question])[0]
     want = 4 * args.k if args.parents else args.k  # several children of one section may rank high: fetch more
-    if args.rerank:
+    if args.rerank or args.rerank_llm:
         hits = _reranked(args, [args.question], [index.search(query, max(want, args.rerank_depth),
                                                                  _where(args.where))])[0][:want]
     else:
@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     index = load_index(args.index)
     questions = read_questions(args.questions)
-    reranker = _load_reranker(args) if args.rerank else None
+    reranker = _load_reranker(args) if args.rerank or args.rerank_llm else None
     result = evaluate_index(index, embedder_for(index, device=args.device), questions, args.k, reranker=reranker,
                             rerank_depth=args.rerank_depth)
     if args.json:
@@ -254,13 +254,19 @@ def _rerank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", default=None, metavar="MODEL_DIR",
                    help="re-order the first stage's top --rerank-depth with a cross-encoder folder "
                         "(lmstack rag train-reranker)")
+    p.add_argument("--rerank-llm", default=None, metavar="RUN",
+                   help="re-order with a causal LM's pointwise relevance instead (logit yes - no; a run folder)")
     p.add_argument("--rerank-depth", type=int_at_least(1), default=20, help="hits the reranker re-orders")
     p.add_argument("--rerank-batch-size", type=int_at_least(1), default=32)
 
 
 def _load_reranker(args: argparse.Namespace):
-    from lmstack.rag.rerank import load_reranker
+    from lmstack.rag.rerank import LLMRelevance, load_reranker
 
+    if args.rerank and args.rerank_llm:
+        raise ConfigError("--rerank and --rerank-llm: pick one reranker")
+    if args.rerank_llm:
+        return LLMRelevance.from_run(args.rerank_llm, device=args.device, batch_size=args.rerank_batch_size)
     return load_reranker(args.rerank, device=args.device, batch_size=args.rerank_batch_size)
 
 
