@@ -43,16 +43,22 @@ def test_greedy_alone_equals_busy_batch_and_complete(model, tok):
     try:
         ids, cfg = _ids(model, tok, PROMPTS[0])
         alone = [t for t, _ in engine.submit(ids, cfg).tokens()]
-        reqs = [engine.submit(*_ids(model, tok, p, 12 + 3 * i)) for i, p in enumerate(PROMPTS)]
-        busy = [[t for t, _ in r.tokens()] for r in reqs]
     finally:
         engine.stop()
+    busy_engine = Engine(model, tok, max_batch=8, max_queue=16)
+    # queued before the thread starts: all five are admitted before the first step and share every forward
+    reqs = [busy_engine.submit(*_ids(model, tok, p, 12 + 3 * i)) for i, p in enumerate(PROMPTS)]
+    busy_engine.start()
+    try:
+        busy = [[t for t, _ in r.tokens()] for r in reqs]
+    finally:
+        busy_engine.stop()
     ref = complete(model, tok, PROMPTS[0], GenerationConfig(max_new_tokens=12))
     assert alone == busy[0] == ref.token_ids
     assert reqs[0].finish_reason == ref.finish_reason
     for p, r, got in zip(PROMPTS[1:], reqs[1:], busy[1:]):   # every neighbour equals its own lone run too
         assert got == complete(model, tok, p, r.config).token_ids
-    assert engine.metrics.running == 0 and engine.metrics.tokens_total == len(alone) + sum(map(len, busy))
+    assert busy_engine.metrics.running == 0 and busy_engine.metrics.tokens_total == sum(map(len, busy))
 
 
 def test_cancel_frees_the_slot(model, tok):
