@@ -19,7 +19,7 @@ from types import ModuleType
 from lmstack.errors import LmstackError
 
 # the extra that provides each optional top-level package (its pip name where that differs)
-EXTRAS = {"pyarrow": "data", "trafilatura": "data", "langid": "data",
+EXTRAS = {"pyarrow": "data", "fastapi": "serve", "uvicorn": "serve", "trafilatura": "data", "langid": "data",
           "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval", "gguf": "compress",
           "faiss": "rag", "pypdf": "rag", "llguidance": "structured", "jsonschema": "structured",
           "xgrammar": "xgrammar"}
