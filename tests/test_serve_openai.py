@@ -167,14 +167,24 @@ def test_full_queue_answers_429(server, client):
     assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
-def test_disconnected_stream_frees_its_slot(server):
+def test_disconnected_stream_frees_its_slot(server, monkeypatch):
     base = server[0]
     engine = server[1].state.server.engine
-    with httpx.stream("POST", base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 60,
+    real_step = engine.batch.step
+
+    def slow_step():   # the tiny model would finish all 50 tokens before the client reads one line
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(engine.batch, "step", slow_step)
+    cancelled = engine.metrics.cancelled_total
+    with httpx.stream("POST", base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 50,
                                                               "stream": True}) as r:
+        assert r.status_code == 200, r.read()
         next(r.iter_lines())     # the first token arrived: the request holds a slot; then the client leaves
         assert engine.metrics.running == 1
     while engine.metrics.running or engine.batch.free_slots != engine.batch.slots:   # bounded by the test timeout
         time.sleep(0.02)
     text = httpx.get(base + "/metrics").text
+    assert engine.metrics.cancelled_total == cancelled + 1
     assert "lmstack_running_requests 0\n" in text and "# TYPE lmstack_generated_tokens_total counter" in text

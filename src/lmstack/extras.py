@@ -8,6 +8,7 @@ dependencies of ``pyproject.toml``. The rest are extras::
     pip install "lmstack[compress]"   # gguf (GGUF export of quantized weights)
     pip install "lmstack[rag]"    # faiss-cpu (HNSW / IVF-PQ indexes), pypdf (PDF documents)
     pip install "lmstack[structured]"   # llguidance (constrained decoding), jsonschema (validation, prompt suites)
+    pip install "lmstack[serve]"  # fastapi, uvicorn (the OpenAI-compatible server, lmstack serve)
 """
 
 from __future__ import annotations

@@ -250,7 +250,9 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
         rows = [("lmstack_queue_length", "gauge", "requests waiting for a slot", m.queue_length),
                 ("lmstack_running_requests", "gauge", "requests in the running batch", m.running),
                 ("lmstack_requests_total", "counter", "requests accepted", m.requests_total),
-                ("lmstack_generated_tokens_total", "counter", "tokens generated", m.tokens_total)]
+                ("lmstack_generated_tokens_total", "counter", "tokens generated", m.tokens_total),
+                ("lmstack_cancelled_requests_total", "counter", "requests dropped unfinished (client gone)",
+                 m.cancelled_total)]
         lines = []
         for name, kind, help_, value in rows:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

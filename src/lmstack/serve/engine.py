@@ -92,6 +92,7 @@ class Metrics:
     running: int = 0
     requests_total: int = 0
     tokens_total: int = 0
+    cancelled_total: int = 0            # requests dropped before they finished (client gone)
     ttft_seconds_sum: float = 0.0
     ttft_count: int = 0
 
@@ -207,4 +208,5 @@ class Engine:
             if req.cancelled:
                 batch.retire(seq_id)
                 del self._running[seq_id]
+                self.metrics.cancelled_total += 1
                 req._emit(_DONE)
