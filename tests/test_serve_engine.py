@@ -85,3 +85,19 @@ def test_full_queue_raises(model, tok):
     engine.submit(ids, cfg)
     with pytest.raises(QueueFull, match=r"the request queue is full \(2 waiting\); retry later"):
         engine.submit(ids, cfg)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tok, monkeypatch, capsys):
+    engine = Engine(model, tok, max_batch=2, max_queue=4).start()
+    try:
+        def broken():
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine.batch, "step", broken)
+        ids, cfg = _ids(model, tok, PROMPTS[0], 4)
+        with pytest.raises(RuntimeError, match="boom"):
+            list(engine.submit(ids, cfg).tokens())
+        assert "RuntimeError: boom" in capsys.readouterr().err     # a bug keeps its traceback
+        assert [t for t, _ in engine.submit(ids, cfg).tokens()] == complete(model, tok, PROMPTS[0], cfg).token_ids
+    finally:
+        engine.stop()

@@ -16,11 +16,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from lmstack.infer import GenerationConfig  # noqa: E402
-from lmstack.infer.text import chat_prompt_ids, complete  # noqa: E402
-from lmstack.model import build_model, preset  # noqa: E402
-from lmstack.serve.app import create_app  # noqa: E402
-from lmstack.tokenizer import train_bpe  # noqa: E402
+from lmstack.infer import GenerationConfig
+from lmstack.infer.text import chat_prompt_ids, complete
+from lmstack.model import build_model, preset
+from lmstack.serve.app import create_app
+from lmstack.tokenizer import train_bpe
 
 CORPUS = ["the cat sat on the mat. the dog sat on the log. once upon a time there was a cat.\n" * 4]
 NAME = "tiny-test"
@@ -98,7 +98,7 @@ def test_chat_equals_complete_with_exact_usage(client, model, tok):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_stream_equals_non_stream(client, chat):
-    kw = dict(model=NAME, max_tokens=12, temperature=0)
+    kw = {"model": NAME, "max_tokens": 12, "temperature": 0}
     if chat:
         whole = client.chat.completions.create(messages=CHAT, **kw)
         chunks = list(client.chat.completions.create(messages=CHAT, stream=True,
@@ -127,7 +127,7 @@ def test_stop_string_cuts_the_text(client, model, tok):
 
 
 def test_n_with_seed_is_reproducible(client):
-    kw = dict(model=NAME, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3, n=3)
+    kw = {"model": NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 3}
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 3
     assert [c.index for c in a.choices] == [0, 1, 2]

@@ -29,9 +29,9 @@ from lmstack.errors import LmstackError
 from lmstack.extras import require
 
 require("fastapi", "lmstack serve")
-from fastapi import FastAPI  # noqa: E402  (after the check that names the extra to install)
-from fastapi import Request as HttpRequest  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lmstack.infer.config import GenerationConfig
 from lmstack.infer.text import TextStream, _prepare, _skip_ids

@@ -21,6 +21,7 @@ import collections
 import queue
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,7 +170,13 @@ class Engine:
                 self.metrics.running = len(self._running)
             if not self._running:
                 continue
-            for seq_id, token, finished in batch.step():
+            try:
+                events = batch.step()
+            except Exception as e:   # a bug: its callers get it (a 500), the traceback is logged, the server goes on
+                traceback.print_exc()
+                batch = self._reset(e)
+                continue
+            for seq_id, token, finished in events:
                 req = self._running[seq_id]
                 if req.first_token_at is None:
                     req.first_token_at = time.monotonic()
@@ -185,6 +192,15 @@ class Engine:
         for req in list(self._running.values()) + list(self._waiting):   # shutting down: release every caller
             req.error = LmstackError("the server is shutting down")
             req._emit(_DONE)
+
+    def _reset(self, error: Exception) -> Batch:
+        """Fail every running request with ``error`` and start a fresh batch (the old one's state is suspect)."""
+        for req in self._running.values():
+            req.error = error
+            req._emit(_DONE)
+        self._running.clear()
+        self.batch = Batch(self.model, self.max_batch, self.max_len, tokenizer=self.tokenizer)
+        return self.batch
 
     def _admit(self, batch: Batch, req: Request) -> None:
         try:
