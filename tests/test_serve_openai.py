@@ -188,3 +188,23 @@ def test_disconnected_stream_frees_its_slot(server, monkeypatch):
     text = httpx.get(base + "/metrics").text
     assert engine.metrics.cancelled_total == cancelled + 1
     assert "lmstack_running_requests 0\n" in text and "# TYPE lmstack_generated_tokens_total counter" in text
+
+
+def test_disconnected_non_streamed_request_frees_its_slot(server, monkeypatch):
+    engine = server[1].state.server.engine
+    real_step = engine.batch.step
+
+    def slow_step():   # long enough that the client gives up first
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(engine.batch, "step", slow_step)
+    cancelled = engine.metrics.cancelled_total
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server[0] + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 50},
+                   timeout=httpx.Timeout(5.0, read=0.5))
+    while engine.metrics.cancelled_total == cancelled:   # bounded by the test timeout
+        time.sleep(0.02)
+    while engine.metrics.running:
+        time.sleep(0.02)
+    assert engine.batch.free_slots == engine.batch.slots

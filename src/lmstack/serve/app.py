@@ -281,7 +281,17 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             return {"index": i, ("delta" if delta else "message"): msg, "logprobs": None, "finish_reason": finish}
 
         if not stream:
-            outs = await asyncio.gather(*(_run(r) for r in reqs))
+            async def watch() -> None:   # a client that gives up on a non-streamed answer frees its slots too
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.05)
+                for r in reqs:
+                    r.cancel()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                outs = await asyncio.gather(*(_run(r) for r in reqs))
+            finally:
+                watcher.cancel()
             choices = []
             for i, (r, toks) in enumerate(zip(reqs, outs)):
                 ts = srv.text_stream(cfg)
