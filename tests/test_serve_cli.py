@@ -44,6 +44,12 @@ def test_port_in_use_is_one_line_exit_2(tmp_path, capsys):
     assert err == f"error: --host 127.0.0.1 --port {port}: the address is already in use; pick another --port\n"
 
 
+def test_binding_beyond_loopback_needs_an_api_key(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0", "--port", str(_free_port())]) == 2
+    assert capsys.readouterr().err == ("error: --host 0.0.0.0: binding beyond loopback needs --api-key KEY (clients "
+                                       "send it as the bearer token)\n")
+
+
 def test_serve_command_answers_the_openai_client(tmp_path):
     openai = pytest.importorskip("openai")
     tok = train_bpe(["the cat sat on the mat. once upon a time there was a cat.\n" * 4], vocab_size=280)
@@ -55,9 +61,9 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(run), "--port", str(port),
-                             "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--api-key", "sekrit"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sekrit", max_retries=0)
         while True:   # bounded by the test timeout
             assert proc.poll() is None, proc.stderr.read()
             try:
@@ -67,6 +73,9 @@ def test_serve_command_answers_the_openai_client(tmp_path):
                 time.sleep(0.1)
         assert models == ["tiny"]
         r = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
+        wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
         assert r.usage.prompt_tokens == len(tok.encode("the cat")) and r.usage.completion_tokens <= 5
     finally:
         proc.terminate()

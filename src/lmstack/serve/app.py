@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -206,8 +207,10 @@ async def _run(req: Request) -> list[int]:
             req.cancel()
 
 
-def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 8, max_queue: int = 64) -> Any:
-    """The FastAPI app serving ``model`` under ``model_name``; its engine thread runs while the app runs."""
+def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
+               api_key: str | None = None) -> Any:
+    """The FastAPI app serving ``model`` under ``model_name``; its engine thread runs while the app runs.
+    With ``api_key``, every ``/v1/`` route needs ``Authorization: Bearer <api_key>`` (else 401)."""
     srv = Server(model, tokenizer, model_name, max_batch, max_queue)
 
     @contextlib.asynccontextmanager
@@ -220,6 +223,15 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
 
     app = FastAPI(title="lmstack", lifespan=lifespan)
     app.state.server = srv
+
+    def check_key(request: Any) -> None:
+        # a check in each /v1/ route, not an HTTP middleware: Starlette's middleware hides the client's
+        # disconnect from the route, and a route must see it to free the slot
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise ApiError(401, "Incorrect API key provided: pass the server's --api-key as the bearer token",
+                               None, "invalid_api_key")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Any, exc: ApiError) -> Any:
@@ -240,7 +252,8 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: HttpRequest) -> dict[str, Any]:
+        check_key(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
                                             "owned_by": "lmstack"}]}
 
@@ -263,6 +276,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def handle(request: Any, chat: bool) -> Any:
+        check_key(request)
         body = await read_body(request)
         ids, cfg, n, stream, include_usage = srv.parse(body, chat)
         reqs = srv.submit(ids, cfg, n)

@@ -31,8 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int_at_least(0), default=64,
                    help="requests that may wait for a slot; one more is answered 429")
     p.add_argument("--model-name", default=None, help="the name clients pass as 'model' (default: RUN's folder name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (needed when --host is not loopback)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _check_port(host: str, port: int) -> None:
@@ -50,13 +56,16 @@ def _serve(args: argparse.Namespace) -> int:
     from lmstack.extras import require
 
     uvicorn = require("uvicorn", "lmstack serve")
+    if args.api_key is None and not _is_loopback(args.host):
+        raise LmstackError(f"--host {args.host}: binding beyond loopback needs --api-key KEY (clients send it as "
+                           f"the bearer token)")
     _check_port(args.host, args.port)
     from lmstack.infer.text import load_run
     from lmstack.serve.app import create_app
 
     model, tok = load_run(args.run_dir, device=args.device, prefer=("chat_model", "pretrain"))
     name = args.model_name or Path(args.run_dir).resolve().name
-    app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"queue {args.max_queue})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

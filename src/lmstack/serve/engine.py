@@ -172,7 +172,7 @@ class Engine:
                 continue
             try:
                 events = batch.step()
-            except Exception as e:   # a bug: its callers get it (a 500), the traceback is logged, the server goes on
+            except Exception as e:  # noqa: BLE001  (a bug: its callers get it, a 500; the traceback is logged)
                 traceback.print_exc()
                 batch = self._reset(e)
                 continue
