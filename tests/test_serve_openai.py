@@ -145,8 +145,8 @@ def test_errors_keep_the_server_serving(server, client):
         client.completions.create(model=NAME, prompt="the cat " * 100, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=NAME, messages=CHAT, response_format={"type": "json_object"})
-    assert e.value.body["param"] == "response_format"
+        client.chat.completions.create(model=NAME, messages=CHAT, logprobs=True)
+    assert e.value.body["param"] == "logprobs" and e.value.body["code"] == "unsupported_parameter"
     bad = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0)
@@ -242,3 +242,27 @@ def test_many_clients_that_leave_mid_stream_leak_no_slot(server):
 def client_ok(base: str) -> bool:
     r = httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 2, "temperature": 0})
     return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_response_format_json_schema_validates(client, model, tok):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    import json
+
+    # bounded values: a random model would fill an integer until max_tokens
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "ok": {"type": "boolean"}},
+              "required": ["color", "ok"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=0, response_format=fmt)
+    value = json.loads(r.choices[0].message.content)
+    jsonschema.validate(value, schema)
+    ref = complete(model, tok, CHAT, GenerationConfig(max_new_tokens=40, json_schema=schema))
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=CHAT, response_format={"type": "xml"})
+    assert e.value.body["param"] == "response_format"
+    bad = {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(openai.BadRequestError) as e:     # the schema fails to compile when the request is admitted
+        client.chat.completions.create(model=NAME, messages=CHAT, response_format=bad)
+    assert "json_schema is not valid JSON Schema" in e.value.body["message"]
+    assert client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, temperature=0).usage.completion_tokens

@@ -5,7 +5,7 @@
 
 Routes: ``/health``, ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` with
 ``stream_options.include_usage``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n``,
-``presence_penalty``, ``frequency_penalty``) and ``/metrics`` (Prometheus text). Prompts and chat
+``presence_penalty``, ``frequency_penalty``, ``response_format`` text / json_object / json_schema) and ``/metrics`` (Prometheus text). Prompts and chat
 conversations go through :func:`lmstack.infer.text._prepare`, the rule the CLI's ``generate`` and ``chat``
 follow (the folder's chat template, the EOS / end-of-turn stops), and text through its
 :class:`~lmstack.infer.text.TextStream`; so a request at temperature 0 answers what ``complete`` answers.
@@ -42,7 +42,7 @@ from lmstack.serve.engine import Engine, QueueFull, Request
 # rather than silently ignored.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
                "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"})}
+               "functions": (None, []), "function_call": (None, "none")}
 
 
 class ApiError(Exception):
@@ -89,6 +89,25 @@ def _stops(body: Mapping[str, Any]) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items) or len(items) > 4:
         raise _bad("stop", f"must be a non-empty string or a list of at most 4, got {v!r}")
     return items
+
+
+def _json_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema a ``response_format`` asks for (None: free text); decoded by the constrained decoder."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema") if isinstance(js, dict) else None
+        if not isinstance(schema, dict):
+            raise _bad("response_format", "json_schema needs {\"name\": ..., \"schema\": {...}}")
+        return schema
+    raise _bad("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -165,7 +184,7 @@ class Server:
         first = GenerationConfig(max_new_tokens=max_tokens if max_tokens is not None else (0 if chat else 16),
                                  do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                                  top_p=top_p, seed=seed, stop_strings=_stops(body), presence_penalty=presence,
-                                 frequency_penalty=frequency)
+                                 frequency_penalty=frequency, json_schema=_json_schema(body))
         try:
             [ids], [dropped], cfg = _prepare(self.model, self.tokenizer, [prompt], first, chat=chat)
         except LmstackError as e:

@@ -205,7 +205,9 @@ class Engine:
     def _admit(self, batch: Batch, req: Request) -> None:
         try:
             req.seq_id = batch.add(req.prompt_ids, req.config)
-        except LmstackError as e:   # a bad prompt for this model: that request fails, the others go on
+        except Exception as e:  # noqa: BLE001  (a bad prompt or config fails that request; the others go on)
+            if not isinstance(e, LmstackError):   # a bug: keep its traceback in the log
+                traceback.print_exc()
             req.error = e
             req._emit(_DONE)
             return
