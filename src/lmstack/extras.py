@@ -8,6 +8,7 @@ dependencies of ``pyproject.toml``. The rest are extras::
     pip install "lmstack[compress]"   # gguf (GGUF export of quantized weights)
     pip install "lmstack[rag]"    # faiss-cpu (HNSW / IVF-PQ indexes), pypdf (PDF documents)
     pip install "lmstack[structured]"   # llguidance (constrained decoding), jsonschema (validation, prompt suites)
+    pip install "lmstack[serve]"  # fastapi, uvicorn (the OpenAI-compatible server, lmstack serve)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from types import ModuleType
 from lmstack.errors import LmstackError
 
 # the extra that provides each optional top-level package (its pip name where that differs)
-EXTRAS = {"pyarrow": "data", "trafilatura": "data", "langid": "data",
+EXTRAS = {"pyarrow": "data", "fastapi": "serve", "uvicorn": "serve", "trafilatura": "data", "langid": "data",
           "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval", "gguf": "compress",
           "faiss": "rag", "pypdf": "rag", "llguidance": "structured", "jsonschema": "structured",
           "xgrammar": "xgrammar"}

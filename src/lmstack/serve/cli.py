@@ -1,0 +1,72 @@
+"""``lmstack serve RUN``: the OpenAI-compatible server (lmstack.serve.app) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import sys
+from pathlib import Path
+
+from lmstack.errors import LmstackError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmstack.clihelp import HelpFormatter, int_at_least
+
+    p = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching",
+        description="Serve RUN (an lmstack run or model folder, or a Hugging Face folder) over HTTP with the "
+                    "OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming), /health, "
+                    "/metrics. Concurrent requests share one running batch. See docs/serve.md.",
+        epilog="examples:\n"
+               "  lmstack serve runs/speedrun/chat_model --port 8000\n"
+               "  curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\\n"
+               "       -d '{\"model\": \"chat_model\", \"prompt\": \"Once upon a time\", \"max_tokens\": 20}'",
+        formatter_class=HelpFormatter)
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int_at_least(0), default=8000)
+    p.add_argument("--max-batch", type=int_at_least(1), default=8, help="requests decoded together (slots)")
+    p.add_argument("--max-queue", type=int_at_least(0), default=64,
+                   help="requests that may wait for a slot; one more is answered 429")
+    p.add_argument("--model-name", default=None, help="the name clients pass as 'model' (default: RUN's folder name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (needed when --host is not loopback)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound (uvicorn would log and exit 1)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        raise LmstackError(f"--host {host} --port {port}: the address {why}; pick another --port") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lmstack.extras import require
+
+    uvicorn = require("uvicorn", "lmstack serve")
+    if args.api_key is None and not _is_loopback(args.host):
+        raise LmstackError(f"--host {args.host}: binding beyond loopback needs --api-key KEY (clients send it as "
+                           f"the bearer token)")
+    _check_port(args.host, args.port)
+    from lmstack.infer.text import load_run
+    from lmstack.serve.app import create_app
+
+    model, tok = load_run(args.run_dir, device=args.device, prefer=("chat_model", "pretrain"))
+    name = args.model_name or Path(args.run_dir).resolve().name
+    app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"queue {args.max_queue})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,230 @@
+"""The serving scheduler: one :class:`lmstack.infer.batch.Batch` driven by a background thread.
+
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=64).start()
+    req = engine.submit(prompt_ids, GenerationConfig(max_new_tokens=32))     # QueueFull when the queue is full
+    for token, finished in req.tokens():        # or: async for ... in req.atokens() (submit(..., loop=loop))
+        ...
+    req.finish_reason                           # "stop" / "length" (None: cancelled or failed)
+    req.cancel()                                # the client left: retired at the next step, its slot freed
+    engine.stop()
+
+Iteration-level scheduling: before every ``Batch.step`` the thread retires cancelled requests and admits
+waiting ones into free slots (each with its own GenerationConfig: sampling, seed, stops), so requests
+join and leave the running batch between decode steps. The prompt ids and config come from the caller;
+the server builds them with :func:`lmstack.infer.text._prepare`, the rule every text front-end follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lmstack.errors import LmstackError
+from lmstack.infer.batch import Batch
+from lmstack.infer.config import GenerationConfig
+
+
+class QueueFull(LmstackError):
+    """The request queue is at ``max_queue``: retry later (the server answers 429)."""
+
+
+_DONE = object()
+
+
+class Request:
+    """One submitted prompt: its generated ids arrive through a per-request queue (thread or asyncio)."""
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig, loop: asyncio.AbstractEventLoop | None):
+        self.prompt_ids, self.config, self.loop = prompt_ids, config, loop
+        self._q: Any = asyncio.Queue() if loop is not None else queue.Queue()
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.seq_id: int | None = None
+
+    def cancel(self) -> None:
+        """Drop the request (the client is gone); the engine retires it before its next step."""
+        self.cancelled = True
+
+    def _emit(self, item: Any) -> None:
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._q.put_nowait, item)
+            except RuntimeError:   # the loop is closed: nobody is listening any more
+                self.cancelled = True
+        else:
+            self._q.put(item)
+
+    def _check(self, item: Any) -> bool:
+        if item is _DONE:
+            if self.error is not None:
+                raise self.error
+            return False
+        return True
+
+    def tokens(self) -> Iterator[tuple[int, bool]]:
+        """``(token id, finished)`` per generated id, from a thread (``submit`` without a loop)."""
+        while self._check(item := self._q.get()):
+            yield item
+
+    async def atokens(self) -> AsyncIterator[tuple[int, bool]]:
+        """``(token id, finished)`` per generated id, in the loop given to ``submit``."""
+        while self._check(item := await self._q.get()):
+            yield item
+
+
+@dataclass
+class Metrics:
+    """Counters for ``/metrics``."""
+
+    queue_length: int = 0
+    running: int = 0
+    requests_total: int = 0
+    tokens_total: int = 0
+    cancelled_total: int = 0            # requests dropped before they finished (client gone)
+    ttft_seconds_sum: float = 0.0
+    ttft_count: int = 0
+
+
+class Engine:
+    """Owns one :class:`Batch` of ``max_batch`` slots and a bounded queue of ``max_queue`` waiting requests."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 8, max_queue: int = 64,
+                 max_len: int | None = None):
+        if max_queue < 0:
+            raise LmstackError(f"max_queue: must be >= 0, got {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
+        self.metrics = Metrics()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.batch: Batch | None = None
+
+    # ----- the caller's side
+
+    def start(self) -> Engine:
+        self.batch = Batch(self.model, self.max_batch, self.max_len, tokenizer=self.tokenizer)
+        self._thread = threading.Thread(target=self._loop, name="lmstack-serve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt_ids: Sequence[int], config: GenerationConfig,
+               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue a prompt; raises :class:`QueueFull` when ``max_queue`` requests already wait."""
+        req = Request(list(prompt_ids), config, loop)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._waiting.append(req)
+            self.metrics.queue_length = len(self._waiting)
+            self.metrics.requests_total += 1
+            self._cond.notify_all()
+        return req
+
+    # ----- the engine thread
+
+    def _loop(self) -> None:
+        batch = self.batch
+        assert batch is not None
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admit = []
+                self._retire_cancelled(batch)
+                while self._waiting and batch.free_slots - len(admit) > 0:
+                    req = self._waiting.popleft()
+                    if req.cancelled:
+                        req._emit(_DONE)
+                    else:
+                        admit.append(req)
+                self.metrics.queue_length = len(self._waiting)
+            for req in admit:
+                self._admit(batch, req)
+            with self._cond:
+                self._retire_cancelled(batch)
+                self.metrics.running = len(self._running)
+            if not self._running:
+                continue
+            try:
+                events = batch.step()
+            except Exception as e:  # noqa: BLE001  (a bug: its callers get it, a 500; the traceback is logged)
+                traceback.print_exc()
+                batch = self._reset(e)
+                continue
+            for seq_id, token, finished in events:
+                req = self._running[seq_id]
+                if req.first_token_at is None:
+                    req.first_token_at = time.monotonic()
+                    self.metrics.ttft_seconds_sum += req.first_token_at - req.submitted
+                    self.metrics.ttft_count += 1
+                req.token_ids.append(token)
+                self.metrics.tokens_total += 1
+                req._emit((token, finished))
+                if finished:
+                    self._finish(batch, req)
+            with self._cond:
+                self.metrics.running = len(self._running)
+        for req in list(self._running.values()) + list(self._waiting):   # shutting down: release every caller
+            req.error = LmstackError("the server is shutting down")
+            req._emit(_DONE)
+
+    def _reset(self, error: Exception) -> Batch:
+        """Fail every running request with ``error`` and start a fresh batch (the old one's state is suspect)."""
+        for req in self._running.values():
+            req.error = error
+            req._emit(_DONE)
+        self._running.clear()
+        self.batch = Batch(self.model, self.max_batch, self.max_len, tokenizer=self.tokenizer)
+        return self.batch
+
+    def _admit(self, batch: Batch, req: Request) -> None:
+        try:
+            req.seq_id = batch.add(req.prompt_ids, req.config)
+        except Exception as e:  # noqa: BLE001  (a bad prompt or config fails that request; the others go on)
+            if not isinstance(e, LmstackError):   # a bug: keep its traceback in the log
+                traceback.print_exc()
+            req.error = e
+            req._emit(_DONE)
+            return
+        self._running[req.seq_id] = req
+        if batch.sequences[req.seq_id].finished:   # no room for a single new token
+            self._finish(batch, req)
+
+    def _finish(self, batch: Batch, req: Request) -> None:
+        seq = batch.retire(req.seq_id)
+        del self._running[req.seq_id]
+        req.finish_reason = seq.finish_reason
+        req._emit(_DONE)
+
+    def _retire_cancelled(self, batch: Batch) -> None:
+        for seq_id, req in list(self._running.items()):
+            if req.cancelled:
+                batch.retire(seq_id)
+                del self._running[seq_id]
+                self.metrics.cancelled_total += 1
+                req._emit(_DONE)

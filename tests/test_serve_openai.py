@@ -1,0 +1,268 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client against uvicorn on a free loopback
+port: exact usage counts, streamed text equal to non-streamed at temperature 0 (and to ``complete``),
+finish_reason only in the last chunk, the usage chunk, OpenAI error bodies (400/404/429) after which the
+server still answers, and /metrics."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lmstack.infer import GenerationConfig
+from lmstack.infer.text import chat_prompt_ids, complete
+from lmstack.model import build_model, preset
+from lmstack.serve.app import create_app
+from lmstack.tokenizer import train_bpe
+
+CORPUS = ["the cat sat on the mat. the dog sat on the log. once upon a time there was a cat.\n" * 4]
+NAME = "tiny-test"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    m = build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, max_seq_len=64,
+                           tie_embeddings=False)).eval()
+    with torch.no_grad():   # sharper logits: greedy text that varies with the prompt
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    return m
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    app = create_app(model, tok, NAME, max_batch=4, max_queue=8)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:   # bounded by the test timeout
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+
+
+PROMPT = "once upon a time"
+CHAT = [{"role": "user", "content": "the cat sat"}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_complete_with_exact_usage(client, model, tok):
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=10, temperature=0)
+    ref = complete(model, tok, PROMPT, GenerationConfig(max_new_tokens=10))
+    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(tok.encode(PROMPT)), ref.n_tokens)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_equals_complete_with_exact_usage(client, model, tok):
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=12, temperature=0)
+    ref = complete(model, tok, CHAT, GenerationConfig(max_new_tokens=12))
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(chat_prompt_ids(tok, CHAT)) == ref.prompt_tokens
+    assert r.usage.completion_tokens == ref.n_tokens
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_equals_non_stream(client, chat):
+    kw = {"model": NAME, "max_tokens": 12, "temperature": 0}
+    if chat:
+        whole = client.chat.completions.create(messages=CHAT, **kw)
+        chunks = list(client.chat.completions.create(messages=CHAT, stream=True,
+                                                     stream_options={"include_usage": True}, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        want = whole.choices[0].message.content
+    else:
+        whole = client.completions.create(prompt=PROMPT, **kw)
+        chunks = list(client.completions.create(prompt=PROMPT, stream=True,
+                                                stream_options={"include_usage": True}, **kw))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        want = whole.choices[0].text
+    assert text == want and len(chunks) > 3
+    content, last = chunks[:-1], chunks[-1]
+    assert [c.choices[0].finish_reason for c in content] == [None] * (len(content) - 1) + [whole.choices[0].finish_reason]
+    assert last.choices == [] and last.usage.model_dump() == whole.usage.model_dump()
+
+
+def test_stop_string_cuts_the_text(client, model, tok):
+    full = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
+    stop = full[3:5]
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, temperature=0, stop=stop)
+    ref = complete(model, tok, PROMPT, GenerationConfig(max_new_tokens=20, stop_strings=[stop]))
+    assert r.choices[0].text == ref.text == full[:full.index(stop)]
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == ref.n_tokens
+
+
+def test_n_with_seed_is_reproducible(client):
+    kw = {"model": NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 3}
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 3
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert len({c.text for c in a.choices}) > 1          # seeds seed, seed+1, seed+2: different samples
+
+
+def test_errors_keep_the_server_serving(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt=PROMPT, temperature=-1)
+    assert e.value.body["param"] == "temperature" and "temperature" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="the cat " * 100, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=CHAT, logprobs=True)
+    assert e.value.body["param"] == "logprobs" and e.value.body["code"] == "unsupported_parameter"
+    bad = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+def test_full_queue_answers_429(server, client):
+    app = server[1]
+    engine = app.state.server.engine
+    real = engine.max_queue
+    engine.max_queue = 0        # every submission finds the queue full
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3)
+        assert e.value.body["code"] == "queue_full"
+    finally:
+        engine.max_queue = real
+    assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0).usage.completion_tokens == 3
+
+
+def test_disconnected_stream_frees_its_slot(server, monkeypatch):
+    base = server[0]
+    engine = server[1].state.server.engine
+    real_step = engine.batch.step
+
+    def slow_step():   # the tiny model would finish all 50 tokens before the client reads one line
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(engine.batch, "step", slow_step)
+    cancelled = engine.metrics.cancelled_total
+    with httpx.stream("POST", base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 50,
+                                                              "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        next(r.iter_lines())     # the first token arrived: the request holds a slot; then the client leaves
+        assert engine.metrics.running == 1
+    while engine.metrics.running or engine.batch.free_slots != engine.batch.slots:   # bounded by the test timeout
+        time.sleep(0.02)
+    text = httpx.get(base + "/metrics").text
+    assert engine.metrics.cancelled_total == cancelled + 1
+    assert "lmstack_running_requests 0\n" in text and "# TYPE lmstack_generated_tokens_total counter" in text
+
+
+def test_disconnected_non_streamed_request_frees_its_slot(server, monkeypatch):
+    engine = server[1].state.server.engine
+    real_step = engine.batch.step
+
+    def slow_step():   # long enough that the client gives up first
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(engine.batch, "step", slow_step)
+    cancelled = engine.metrics.cancelled_total
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server[0] + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 50},
+                   timeout=httpx.Timeout(5.0, read=0.5))
+    while engine.metrics.cancelled_total == cancelled:   # bounded by the test timeout
+        time.sleep(0.02)
+    while engine.metrics.running:
+        time.sleep(0.02)
+    assert engine.batch.free_slots == engine.batch.slots
+
+
+def test_many_clients_that_leave_mid_stream_leak_no_slot(server):
+    """More clients than slots and queue together (4 + 8): each reads one token, or is refused with 429, then
+    leaves; the running count returns to 0 and every slot is free."""
+    import asyncio
+
+    base, app = server
+    engine = app.state.server.engine
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 40, "stream": True, "temperature": 1, "seed": i}
+        async with client.stream("POST", base + "/v1/completions", json=body) as r:
+            if r.status_code == 200:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+            return r.status_code
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(30)))
+
+    codes = asyncio.run(main())
+    assert set(codes) <= {200, 429} and 200 in codes
+    while engine.metrics.running or engine.metrics.queue_length:   # bounded by the test timeout
+        time.sleep(0.02)
+    assert engine.batch.free_slots == engine.batch.slots
+    assert client_ok(base)
+
+
+def client_ok(base: str) -> bool:
+    r = httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_response_format_json_schema_validates(client, model, tok):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    import json
+
+    # bounded values: a random model would fill an integer until max_tokens
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "ok": {"type": "boolean"}},
+              "required": ["color", "ok"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=0, response_format=fmt)
+    value = json.loads(r.choices[0].message.content)
+    jsonschema.validate(value, schema)
+    ref = complete(model, tok, CHAT, GenerationConfig(max_new_tokens=40, json_schema=schema))
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=CHAT, response_format={"type": "xml"})
+    assert e.value.body["param"] == "response_format"
+    bad = {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(openai.BadRequestError) as e:     # the schema fails to compile when the request is admitted
+        client.chat.completions.create(model=NAME, messages=CHAT, response_format=bad)
+    assert "json_schema is not valid JSON Schema" in e.value.body["message"]
+    assert client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, temperature=0).usage.completion_tokens
