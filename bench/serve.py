@@ -62,7 +62,7 @@ def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 async def one_request(client, base: str, prompt: str, max_tokens: int) -> dict:
@@ -140,8 +140,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["continuous", "one-at-a-time"],
                     choices=["continuous", "one-at-a-time"])
     args = ap.parse_args()
-    if not Path(args.model).exists():
-        sys.exit(f"{args.model}: no such model (run `lmstack speedrun` first or pass --model)")
+    if not Path(args.model).exists():   # `make bench` runs every script: skip, do not fail
+        print(f"# bench/serve.py skipped: no model at {args.model} (run `lmstack speedrun` first or pass --model)")
+        return
     rows = []
     for mode in args.modes:
         max_batch = max(args.concurrency) if mode == "continuous" else 1
@@ -163,7 +164,7 @@ def main() -> None:
           "| ITL mean / p50 / p99 ms |")
     print("|---|---:|---:|---:|---:|---:|---|---|---|")
     for r in rows:
-        f = lambda t: " / ".join(f"{x:.1f}" for x in t)  # noqa: E731
+        f = lambda t: " / ".join(f"{x:.1f}" for x in t)
         print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['failed']} | {r['req_s']:.2f} | "
               f"{r['out_tok_s']:.1f} | {f(r['ttft'])} | {f(r['tpot'])} | {f(r['itl'])} |")
     by = {(r["mode"], r["concurrency"]): r for r in rows}
