@@ -308,6 +308,7 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     from lmstack.infer.text import load_run
     from lmstack.prompts.redteam import CATEGORIES, SYSTEM_PROMPT, attack_suite, chat_target, run_redteam, write_report
 
+    Path(args.out).mkdir(parents=True, exist_ok=True)   # an unwritable --out fails before any generation
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else list(CATEGORIES)
     attacks = attack_suite(args.system or SYSTEM_PROMPT, data_dir=args.data_dir, per_category=args.per_category,
                            seed=args.seed, categories=cats)

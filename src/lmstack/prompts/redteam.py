@@ -168,18 +168,10 @@ def is_refusal(reply: str) -> bool:
 
 
 def _longest_common_substring(a: str, b: str) -> int:
-    """Length of the longest common substring (dynamic programming over one row; texts are short)."""
-    if not a or not b:
-        return 0
-    best, prev = 0, [0] * (len(b) + 1)
-    for ca in a:
-        cur = [0] * (len(b) + 1)
-        for j, cb in enumerate(b, 1):
-            if ca == cb:
-                cur[j] = prev[j - 1] + 1
-                best = max(best, cur[j])
-        prev = cur
-    return best
+    """Length of the longest common substring (difflib's matcher, junk heuristic off so no character is skipped)."""
+    from difflib import SequenceMatcher
+
+    return SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b)).size
 
 
 def grade_rule(rule: dict[str, Any], reply: str) -> tuple[bool, str]:
