@@ -101,6 +101,45 @@ def test_a_long_running_batch_drops_old_columns_and_stays_exact(model):
     assert len(ids) == 5 and batch.free_slots == 2 and batch.cache.max_len == 20
 
 
+def test_retiring_moves_the_last_row_and_forwards_only_occupied_rows(model):
+    """Rows retire out of order (the first one cancelled while the others run): the last occupied row moves
+    into the freed one, every survivor still gets its ids alone, and each decode forward has exactly as many
+    rows as sequences are in the batch (an 8-slot batch with one sequence forwards one row)."""
+    rows_seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        batch = Batch(model, slots=8)
+        jobs = [([12, 13], 14), ([5, 6, 7, 8], 5), ([9, 10, 11], 9), ([16, 17], 11)]
+        ids = {batch.add(p, GenerationConfig(max_new_tokens=n)): (p, n) for p, n in jobs}
+        first = next(iter(ids))
+        rows_seen.clear()
+        batch.step(), batch.step()
+        assert rows_seen == [4, 4]
+        cancelled = batch.retire(first)                                     # row 0 freed; row 3 moves there
+        assert cancelled.tokens == alone(model, [12, 13], GenerationConfig(max_new_tokens=14))[0][:2]
+        rows_seen.clear()
+        done = {}
+        while batch.running:
+            occupied = batch.occupied
+            for seq_id, _, finished in batch.step():
+                if finished:
+                    done[seq_id] = batch.retire(seq_id).tokens
+            assert rows_seen[-1] <= occupied                                # no forward of an idle row
+        for seq_id, tokens in done.items():
+            prompt, n = ids[seq_id]
+            assert tokens == alone(model, prompt, GenerationConfig(max_new_tokens=n))[0]
+        assert len(done) == 3 and sorted(set(rows_seen)) == [1, 2, 3]
+        assert batch.cache.pos == 0                                         # empty again: the cursor reset
+        rows_seen.clear()
+        lone = batch.add([12, 13], GenerationConfig(max_new_tokens=4))
+        while batch.running:
+            batch.step()
+        assert rows_seen == [1, 1, 1, 1]                       # its prefill, 3 decode steps: one row of 8 slots
+        assert batch.retire(lone).tokens == alone(model, [12, 13], GenerationConfig(max_new_tokens=4))[0]
+    finally:
+        hook.remove()
+
+
 def test_bad_input_is_refused():
     model = tiny("rope")
     batch = Batch(model, slots=2)

@@ -11,7 +11,9 @@ The building block of continuous batching (a server admits requests as slots fre
         # between steps: batch.add(...) new prompts, batch.retire(seq_id) finished (or unwanted) ones
 
 Layout: one preallocated KV cache of ``slots`` rows and ``max_len`` slot columns; a sequence owns one
-row (its *slot*) from :meth:`Batch.add` until :meth:`Batch.retire`. All rows share one cursor (the next
+row (its *slot*) from :meth:`Batch.add` until :meth:`Batch.retire`. Occupied rows are kept at the front
+(retiring a row moves the last occupied row into its place), so a step forwards only the occupied rows
+through a view of the cache: one running request costs what it costs alone, whatever ``slots`` is. All rows share one cursor (the next
 column written); a sequence's tokens are contiguous and *end* at the cursor, the columns before its
 first token are marked as padding in the cache's mask, and the model derives each row's position ids
 from that mask (index among the row's real tokens), so a sequence sees exactly what it would see alone.
@@ -20,10 +22,12 @@ from that mask (index among the row's real tokens), so a sequence sees exactly w
   alone) and copies its keys/values into the free row so they end at the cursor; a prompt longer than
   the cursor first moves every row right (:meth:`KVCache.pad_left`).
 - ``step`` chooses one token per running sequence (its own processors, sampler and seeded generator),
-  updates its stop state, then runs one forward of all rows (rows with nothing to feed get a padding
-  token that nothing attends to). When the cursor reaches ``max_len`` the columns before the oldest
-  running sequence are dropped (:meth:`KVCache.shift`).
-- ``retire`` frees the row for the next ``add``.
+  updates its stop state, then runs one forward of the occupied rows (rows with nothing to feed get a
+  padding token that nothing attends to). When the cursor reaches ``max_len``, or the columns before the
+  oldest running sequence are over half the cursor, those columns are dropped (:meth:`KVCache.shift`), so
+  attention spans about the longest running sequence, not the history of the batch.
+- ``retire`` frees the row for the next ``add`` (the last occupied row moves into it); an empty batch
+  resets its cursor.
 """
 
 from __future__ import annotations
@@ -114,6 +118,11 @@ class Batch:
         return sum(r is None for r in self.rows)
 
     @property
+    def occupied(self) -> int:
+        """Rows holding a sequence (always the first ``occupied`` rows)."""
+        return self.slots - self.free_slots
+
+    @property
     def running(self) -> list[int]:
         """Ids of the sequences still generating."""
         return [r.seq.seq_id for r in self.rows if r is not None and not r.seq.finished]
@@ -186,15 +195,26 @@ class Batch:
         if seq is None:
             raise LmstackError(f"no sequence {seq_id} in the batch (running: {self.running})")
         slot = next(i for i, r in enumerate(self.rows) if r is not None and r.seq is seq)
-        self.rows[slot] = None
-        self.cache.clear_row(slot)
+        last = self.occupied - 1
+        if last != slot:                                   # keep the occupied rows at the front
+            self.cache.move_row(last, slot)
+            self.logits[slot] = self.logits[last]
+            moved = self.rows[last]
+            assert moved is not None
+            moved.slot = slot
+            self.rows[slot], self.rows[last] = moved, None
+        else:
+            self.rows[slot] = None
+            self.cache.clear_row(slot)
+        if self.occupied == 0:                             # nothing left: start the next sequence at column 0
+            self.cache.reset()
         return seq
 
     # ----- the steps
 
     def _choose(self, live: list[_Row]) -> list[int]:
         """Next token per running row: one argmax over the rows for plain greedy, the row's own chain else."""
-        greedy = self.logits.argmax(dim=-1).tolist()
+        greedy = self.logits[:self.occupied].argmax(dim=-1).tolist()
         out = []
         for r in live:
             if not r.processors and not r.seq.config.do_sample:
@@ -224,15 +244,18 @@ class Batch:
 
     def _forward(self, feed: list[tuple[_Row, int]]) -> None:
         """Feed each continuing row its new token at the cursor (one forward for all rows)."""
-        if self.cache.pos == self.max_len:                        # full: drop the columns no one running needs
-            self._shift(min(r.start for r, _ in feed))
-        n = self.slots
+        unused = min(r.start for r, _ in feed)                   # columns no one running attends to
+        if unused and (self.cache.pos == self.max_len or 2 * unused >= self.cache.pos):
+            self._shift(unused)
+        n = self.occupied
         tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
         mask = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
         slots = torch.tensor([r.slot for r, _ in feed], device=self.device)
         tokens[slots, 0] = torch.tensor([t for _, t in feed], device=self.device)
         mask[slots, 0] = True
-        self.logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache)[:, -1].float()
+        view = self.cache.rows_view(n)                            # only the occupied rows, in place
+        self.logits[:n] = self.model(tokens, attention_mask=mask, kv_cache=view)[:, -1].float()
+        self.cache.sync_from(view)
 
     def _pad_left(self, n: int) -> None:
         self.cache.pad_left(n)

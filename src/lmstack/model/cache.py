@@ -26,6 +26,8 @@ model reads no Python-side position, and ``advance`` is left to ``end_static_ste
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -58,9 +60,36 @@ class KVCache:
         return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
                    dtype or param.dtype, device or param.device)
 
+    ROW_BUFFERS = ("k", "v")     # the per-layer lists of (B, G, max_len, ...) buffers
+
     def tensors(self) -> list[torch.Tensor]:
         """Every per-slot buffer (B, G, max_len, ...): what reorder, shift and row copies move together."""
-        return self.k + self.v
+        return [t for name in self.ROW_BUFFERS for t in getattr(self, name)]
+
+    def rows_view(self, n: int) -> KVCache:
+        """A cache over the first ``n`` rows that shares this one's buffers (writes land here).
+
+        A running batch keeps its occupied rows at the front and forwards only them; after the forward,
+        :meth:`sync_from` takes the view's cursor back."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"cannot view {n} rows of a {self.batch_size}-row cache")
+        view = copy.copy(self)
+        for name in self.ROW_BUFFERS:
+            setattr(view, name, [t[:n] for t in getattr(self, name)])
+        view.mask, view.batch_size = self.mask[:n], n
+        view.cross = {i: (k[:n], v[:n]) for i, (k, v) in self.cross.items()}
+        return view
+
+    def sync_from(self, view: KVCache) -> None:
+        """Take the cursor and padding flag of a :meth:`rows_view` after a forward through it."""
+        self.pos, self.padded = view.pos, self.padded or view.padded
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` takes row ``src``'s filled slots and mask; ``src`` becomes padding (free)."""
+        for buf in self.tensors():
+            buf[dst, :, :self.pos] = buf[src, :, :self.pos]
+        self.mask[dst] = self.mask[src]
+        self.clear_row(src)
 
     @property
     def bytes(self) -> int:
@@ -219,8 +248,7 @@ class Int8KVCache(KVCache):
         self.k_scale = [torch.zeros(scale_shape, device=device) for _ in range(n_layer)]
         self.v_scale = [torch.zeros(scale_shape, device=device) for _ in range(n_layer)]
 
-    def tensors(self) -> list[torch.Tensor]:
-        return self.k + self.v + self.k_scale + self.v_scale
+    ROW_BUFFERS = ("k", "v", "k_scale", "v_scale")
 
     @staticmethod
     def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
