@@ -121,9 +121,9 @@ def run_engine(model, tok, schemas, engine: str, max_new: int, prompt: str) -> d
         cfg = GenerationConfig(max_new_tokens=max_new, do_sample=True, seed=i, json_schema=schema,
                                constraint_backend=engine)
         from lmstack.infer.engine import generate_result
-        from lmstack.infer.text import _prepare
+        from lmstack.infer.text import prepare_prompts
 
-        ids, _, full = _prepare(model, tok, [prompt], cfg)
+        ids, _, full = prepare_prompts(model, tok, [prompt], cfg)
         try:
             res = generate_result(model, ids, full, tokenizer=tok)
         except ConstraintError as e:      # the engine gave up mid-output (a resource limit): no output at all

