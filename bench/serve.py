@@ -1,28 +1,34 @@
-"""Benchmark: the OpenAI-compatible server under concurrent streaming clients, continuous batching vs one request
-at a time.
+"""Benchmark: the OpenAI-compatible server under concurrent streaming clients: continuous batching vs static
+batching vs one request at a time, and transformers' own OpenAI-compatible server (`transformers serve`) as the
+peer where it runs.
 
-The server runs in its own process (``lmstack serve MODEL --max-batch B``); the clients are asyncio tasks in this
-process, each sending streaming ``/v1/chat/completions`` requests (``stream_options.include_usage``) back to back
-for ``--duration`` seconds. Modes: ``continuous`` (``--max-batch`` = the largest concurrency: every client's
-request joins the running batch at the next decode step) and ``one-at-a-time`` (``--max-batch 1``: requests
-queue and run alone). Per run: requests finished, output tokens/s (from the usage chunks), and mean / median /
-p99 time to first token (TTFT), time per output token after the first (TPOT) and inter-token latency (ITL, the
-gaps between streamed chunks), the figures vLLM's serving benchmark prints; plus malformed or failed responses.
+Each server runs in its own process; the clients (lmstack.serve.loadtest, the code behind `lmstack bench serve`)
+are asyncio tasks in this process, sending streaming chat requests back to back for --duration seconds with
+`ignore_eos` (every request generates --max-tokens tokens, so rows compare equal work; the peer, which has no such
+flag, generates until its own stop). Servers:
+- `continuous`: `lmstack serve --max-batch C` (requests join the running batch at every decode step);
+- `static`: `--scheduling static` (a batch admits only when empty, and runs until its longest request ends);
+- `one-at-a-time`: `--max-batch 1`;
+- `transformers serve` (its `--continuous-batching`), on the same weights exported to the Hugging Face format;
+  it loads the weights on its first request, so that one request (only) is sent before its timed rows.
+Models: the speedrun's chat model (1.4M parameters: a decode step is Python and kernel-launch bound) and a
+random-weights 28M-parameter model with the same tokenizer (d_model 512, 8 layers: a step does real matmul work),
+so the table shows where batching pays.
 
-    .venv/bin/python bench/serve.py --model runs/speedrun/chat_model          # 1, 8, 32 clients, 20 s each
+    .venv/bin/python bench/serve.py --model runs/speedrun/chat_model          # 1, 8, 32 clients, 15 s per row
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,152 +41,175 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:
+def _wait(proc: subprocess.Popen, base: str, what: str, timeout: float = 180) -> None:
     import httpx
 
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start in {timeout:.0f} s")
+
+
+def start_lmstack(model: str, max_batch: int, scheduling: str, max_queue: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     lmstack = str(Path(sys.executable).with_name("lmstack"))
     proc = subprocess.Popen([lmstack, "serve", model, "--port", str(port), "--max-batch", str(max_batch),
-                             "--max-queue", str(max_queue), "--model-name", "bench"],
+                             "--max-queue", str(max_queue), "--model-name", "bench", "--scheduling", scheduling],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start in 120 s")
+    _wait(proc, base, "lmstack serve")
+    return proc, base
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
-async def one_request(client, base: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    arrivals, tokens, finish, malformed = [], None, None, False
-    async with client.stream("POST", base + "/v1/chat/completions", json=body, timeout=300) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return {"ok": False, "status": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            try:
-                chunk = json.loads(data)
-            except json.JSONDecodeError:
-                malformed = True
-                continue
-            if chunk.get("choices"):
-                c = chunk["choices"][0]
-                if c.get("delta", {}).get("content"):
-                    arrivals.append(time.perf_counter())
-                if c.get("finish_reason"):
-                    finish = c["finish_reason"]
-            elif chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    ok = not malformed and finish is not None and tokens is not None
-    return {"ok": ok, "t0": t0, "arrivals": arrivals, "tokens": tokens or 0, "end": time.perf_counter()}
-
-
-async def drive(base: str, concurrency: int, duration: float, max_tokens: int, prompts: list[str]) -> dict:
+def start_transformers(hf_folder: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    exe = str(Path(sys.executable).with_name("transformers"))
+    proc = subprocess.Popen([exe, "serve", hf_folder, "--port", str(port), "--host", "127.0.0.1",
+                             "--continuous-batching", "--device", "cpu", "--log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    _wait(proc, base, "transformers serve")
+    # transformers serve loads the weights on the first request (lmstack serve loads them before it listens):
+    # one untimed request, so the first timed row measures serving, not model loading
     import httpx
 
-    results: list[dict] = []
-    stop_at = time.perf_counter() + duration
-
-    async def client_loop(i: int) -> None:
-        async with httpx.AsyncClient() as client:
-            k = i
-            while time.perf_counter() < stop_at:
-                results.append(await one_request(client, base, prompts[k % len(prompts)], max_tokens))
-                k += concurrency
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-    wall = time.perf_counter() - t0
-    good = [r for r in results if r.get("ok")]
-    ttft = [(r["arrivals"][0] - r["t0"]) * 1000 for r in good if r["arrivals"]]
-    tpot = [(r["end"] - r["arrivals"][0]) * 1000 / (r["tokens"] - 1) for r in good if r["arrivals"] and r["tokens"] > 1]
-    itl = [(b - a) * 1000 for r in good for a, b in zip(r["arrivals"], r["arrivals"][1:])]
-    return {"concurrency": concurrency, "requests": len(good), "failed": len(results) - len(good),
-            "wall_s": wall, "out_tok_s": sum(r["tokens"] for r in good) / wall,
-            "req_s": len(good) / wall,
-            "ttft": (statistics.fmean(ttft) if ttft else float("nan"), _pct(ttft, 0.5), _pct(ttft, 0.99)),
-            "tpot": (statistics.fmean(tpot) if tpot else float("nan"), _pct(tpot, 0.5), _pct(tpot, 0.99)),
-            "itl": (statistics.fmean(itl) if itl else float("nan"), _pct(itl, 0.5), _pct(itl, 0.99))}
+    httpx.post(base + "/v1/chat/completions", json={"model": hf_folder, "max_tokens": 1, "messages": [
+        {"role": "user", "content": "hi"}]}, timeout=300)
+    return proc, base
 
 
-PROMPTS = ["What does the os module provide?", "Return the number of items in a list.",
-           "Explain what a context manager does.", "How do I read a file line by line?",
-           "What is a generator?", "Describe the json module.", "What does sorted() return?",
-           "How are exceptions raised?"]
+def bigger_model(chat_model: Path, out: Path) -> Path:
+    """A random-weights 28M-parameter decoder with the chat model's tokenizer (and its chat template)."""
+    import torch
+
+    from lmstack.model import build_model, preset, save
+    from lmstack.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(chat_model)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=tok.vocab_size, d_model=512, n_layer=8, n_head=8, n_kv_head=8,
+                               max_seq_len=512))
+    save(model, out)
+    tok.save(out)
+    return out
+
+
+def hf_export(model_dir: Path, out: Path) -> Path:
+    """The model as a Hugging Face folder, with lmstack's chat format as its chat template."""
+    lmstack = str(Path(sys.executable).with_name("lmstack"))
+    subprocess.run([lmstack, "model", "convert", str(model_dir), str(out), "--force"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["chat_template"] = ("{{ '<|bos|>' }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + "
+                            "'<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+def run_rows(label: str, base: str, model_name: str | None, concurrency: list[int], args, rows: list[dict],
+             ignore_eos: bool = True) -> None:
+    from lmstack.serve.loadtest import run_load
+
+    for c in concurrency:   # no warm-up request: the first row includes the cold start
+        r = run_load(base, c, args.duration, max_tokens=args.max_tokens, model=model_name, ignore_eos=ignore_eos)
+        s = r.summary()
+        s["mode"] = label
+        rows.append(s)
+        print(f"{label:34s} c={c:3d} {s['requests']:4d} req {s['output_throughput']:8.1f} tok/s TTFT p50 "
+              f"{s['ttft_ms']['median']:.1f} ms failed {s['failed']}", file=sys.stderr, flush=True)
+
+
+def table(title: str, rows: list[dict]) -> None:
+    print(f"\n### {title}\n")
+    print("| server | clients | requests | failed | req/s | output tok/s | TTFT mean / p50 / p99 ms "
+          "| TPOT mean / p50 / p99 ms | ITL mean / p50 / p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|")
+    f = lambda d: " / ".join(f"{d[k]:.1f}" for k in ("mean", "median", "p99"))   # noqa: E731
+    for s in rows:
+        print(f"| {s['mode']} | {s['concurrency']} | {s['requests']} | {s['failed']} | "
+              f"{s['request_throughput']:.2f} | {s['output_throughput']:.1f} | {f(s['ttft_ms'])} | "
+              f"{f(s['tpot_ms'])} | {f(s['itl_ms'])} |")
+    by = {(s["mode"], s["concurrency"]): s for s in rows}
+    lone = by.get(("continuous", 1))
+    print()
+    for c in sorted({s["concurrency"] for s in rows}):
+        a = by.get(("continuous", c))
+        if a is None:
+            continue
+        parts = [f"{c} clients: continuous"]
+        for other in ("static", "one-at-a-time", "transformers serve"):
+            b = by.get((other, c))
+            if b and b["output_throughput"] > 0:
+                parts.append(f"{a['output_throughput'] / b['output_throughput']:.2f}x {other}")
+        if lone and c > 1:
+            parts.append(f"TTFT p50 {a['ttft_ms']['median'] / lone['ttft_ms']['median']:.2f}x a lone request's")
+        print("- " + ", ".join(parts))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "runs" / "speedrun" / "chat_model"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--modes", nargs="+", default=["continuous", "one-at-a-time"],
-                    choices=["continuous", "one-at-a-time"])
+    ap.add_argument("--duration", type=float, default=15.0)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--models", nargs="+", default=["chat", "28m"], choices=["chat", "28m"])
+    ap.add_argument("--modes", nargs="+", default=["continuous", "static", "one-at-a-time", "transformers"],
+                    choices=["continuous", "static", "one-at-a-time", "transformers"])
     args = ap.parse_args()
-    if not Path(args.model).exists():   # `make bench` runs every script: skip, do not fail
-        print(f"# bench/serve.py skipped: no model at {args.model} (run `lmstack speedrun` first or pass --model)")
+    chat = Path(args.model)
+    if not chat.exists():   # `make bench` runs every script: skip, do not fail
+        print(f"# bench/serve.py skipped: no model at {chat} (run `lmstack speedrun` first or pass --model)")
         return
-    rows = []
-    for mode in args.modes:
-        max_batch = max(args.concurrency) if mode == "continuous" else 1
-        proc, base = start_server(args.model, max_batch, max_queue=4 * max(args.concurrency))
-        try:
-            for c in args.concurrency:   # no warm-up request: the first row includes the cold start
-                r = asyncio.run(drive(base, c, args.duration, args.max_tokens, PROMPTS))
-                r["mode"] = mode
-                rows.append(r)
-                print(f"{mode:14s} c={c:3d} {r['requests']:4d} req {r['out_tok_s']:8.1f} tok/s "
-                      f"TTFT p50 {r['ttft'][1]:.1f} ms failed {r['failed']}", file=sys.stderr, flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; model "
-          f"{args.model}; {args.duration:.0f} s per row, max_tokens {args.max_tokens}, greedy, streaming; server and "
-          f"clients share the machine.\n")
-    print("| mode | clients | requests | failed | req/s | output tok/s | TTFT mean / p50 / p99 ms | TPOT mean / p50 / p99 ms "
-          "| ITL mean / p50 / p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---|")
-    for r in rows:
-        f = lambda t: " / ".join(f"{x:.1f}" for x in t)
-        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['failed']} | {r['req_s']:.2f} | "
-              f"{r['out_tok_s']:.1f} | {f(r['ttft'])} | {f(r['tpot'])} | {f(r['itl'])} |")
-    by = {(r["mode"], r["concurrency"]): r for r in rows}
-    for c in args.concurrency:
-        a, b = by.get(("continuous", c)), by.get(("one-at-a-time", c))
-        if a and b and b["out_tok_s"] > 0:
-            print(f"\n{c} clients: continuous batching {a['out_tok_s'] / b['out_tok_s']:.2f}x the output tokens/s "
-                  f"of one at a time; TTFT p50 {a['ttft'][1]:.1f} vs {b['ttft'][1]:.1f} ms", end="")
-    lone = by.get(("continuous", 1))
-    if lone:
-        for c in args.concurrency:
-            a = by.get(("continuous", c))
-            if a and c > 1:
-                print(f"\ncontinuous, {c} clients: TTFT p50 {a['ttft'][1] / lone['ttft'][1]:.2f}x a lone request's",
-                      end="")
-    print()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    top = max(args.concurrency)
+    results: dict[str, list[dict]] = {}
+    try:
+        for which in args.models:
+            folder = chat if which == "chat" else bigger_model(chat, tmp / "m28")
+            rows: list[dict] = []
+            for mode in args.modes:
+                if mode == "transformers":
+                    try:
+                        proc, base = start_transformers(str(hf_export(folder, tmp / f"hf_{which}")))
+                    except Exception as e:  # noqa: BLE001  (the peer is optional: say why it is missing)
+                        print(f"transformers serve: not run ({type(e).__name__}: {str(e)[-300:]})", file=sys.stderr)
+                        continue
+                    label, name, ignore = "transformers serve", None, False
+                else:
+                    max_batch = 1 if mode == "one-at-a-time" else top
+                    proc, base = start_lmstack(str(folder), max_batch, "static" if mode == "static" else "continuous",
+                                               4 * top)
+                    label, name, ignore = mode, "bench", True
+                try:
+                    run_rows(label, base, name, args.concurrency, args, rows, ignore)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+            results[which] = rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    flags = ""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu.split())
+    except (OSError, IndexError):
+        pass
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({flags}), Python {platform.python_version()}, "
+          f"load {os.getloadavg()[0]:.1f}; {args.duration:.0f} s per row, max_tokens {args.max_tokens} (ignore_eos "
+          f"for lmstack), greedy, streaming; servers and clients share the machine.")
+    for which, rows in results.items():
+        table("speedrun chat model (1.4M parameters)" if which == "chat" else
+              "random-weights 28M-parameter model (d_model 512, 8 layers), same tokenizer", rows)
 
 
 if __name__ == "__main__":

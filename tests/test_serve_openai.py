@@ -497,3 +497,28 @@ def test_lmstack_chat_url_talks_to_the_server(server, model, tok, monkeypatch, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach the server" in err
     assert main(["chat"]) == 2 and "give RUN_DIR or --url" in capsys.readouterr().err
+
+
+def test_lmstack_bench_serve_counts_every_token(server, capsys):
+    import json
+
+    from lmstack.cli import main
+
+    assert main(["bench", "serve", "--url", server[0], "--concurrency", "3", "--duration", "1", "--max-tokens", "5",
+                 "--ignore-eos", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["requests"] > 3 and s["failed"] == 0 and s["status_codes"] == {"200": s["requests"]}
+    assert s["output_tokens"] == 5 * s["requests"]                        # ignore_eos: exactly max_tokens each
+    assert s["ttft_ms"]["median"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["median"]
+    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{_free_port()}", "--duration", "1"]) == 2
+    assert "cannot list the server's models" in capsys.readouterr().err
+
+
+def test_percentile_matches_numpy():
+    import numpy as np
+
+    from lmstack.serve.loadtest import percentile
+
+    xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0]
+    for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q * 100)))

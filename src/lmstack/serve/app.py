@@ -181,6 +181,13 @@ class Server:
                            "context_length_exceeded")
         if max_tokens is None and chat:
             cfg = cfg.replace(max_new_tokens=self.ctx - len(ids))
+        # vLLM's extensions, for benchmarks that need equal work per request: no stop before min_tokens
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise p.bad("ignore_eos", f"must be a boolean, got {ignore_eos!r}")
+        min_tokens = p.integer(body, "min_tokens", 0) or 0
+        if ignore_eos or min_tokens:
+            cfg = cfg.replace(min_new_tokens=cfg.max_new_tokens if ignore_eos else min(min_tokens, cfg.max_new_tokens))
         return Parsed(ids, cfg, n, bool(stream), bool(opts.get("include_usage", False)), want, tools, user,
                       input_text)
 

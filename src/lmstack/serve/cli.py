@@ -47,6 +47,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: kept in memory)")
     p.set_defaults(func=_serve)
 
+    bench = subparsers.add_parser("bench", help="benchmarks against a running server",
+                                  description="Benchmarks that drive a running server (see bench/ for the "
+                                              "scripts that compare lmstack with its peers).",
+                                  formatter_class=HelpFormatter)
+    bsub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
+    b = bsub.add_parser(
+        "serve", help="N streaming chat clients for S seconds: throughput, TTFT, TPOT, ITL (vLLM's figures)",
+        description="Drive an OpenAI-compatible server (lmstack serve, vLLM, ...) with --concurrency streaming "
+                    "chat clients sending requests back to back for --duration seconds; print request and "
+                    "output-token throughput and mean/median/p99 time to first token, time per output token and "
+                    "inter-token latency, as vLLM's serving benchmark does.",
+        epilog="examples:\n  lmstack bench serve --url http://127.0.0.1:8000 --concurrency 8 --duration 20\n"
+               "  lmstack bench serve --url http://127.0.0.1:8000 --concurrency 32 --ignore-eos --json",
+        formatter_class=HelpFormatter)
+    b.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    b.add_argument("--concurrency", type=int_at_least(1), default=8)
+    b.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    b.add_argument("--max-tokens", type=int_at_least(1), default=64)
+    b.add_argument("--ignore-eos", action="store_true", help="every request generates --max-tokens tokens")
+    b.add_argument("--model-name", default=None, help="the model to ask (default: the server's first)")
+    b.add_argument("--api-key", default=None)
+    b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    b.set_defaults(func=_bench_serve)
+
 
 def _is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
@@ -120,4 +144,17 @@ def _serve(args: argparse.Namespace) -> int:
           f"queue {args.max_queue}, {args.scheduling} batching); chat page: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from lmstack.serve.loadtest import format_result, run_load
+
+    if args.duration <= 0:
+        raise LmstackError(f"--duration: must be > 0 seconds, got {args.duration}")
+    result = run_load(args.url, args.concurrency, args.duration, max_tokens=args.max_tokens,
+                      model=args.model_name, api_key=args.api_key, ignore_eos=args.ignore_eos)
+    print(json.dumps(result.summary(), indent=2) if args.json else format_result(result))
     return 0
