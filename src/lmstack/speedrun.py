@@ -166,6 +166,21 @@ class RAGStageConfig:
 
 
 @dataclass
+class ServeStageConfig:
+    """The chat model behind the OpenAI-compatible server: the openai client, then a short load test
+    (lmstack.serve.speedrun.speedrun_serve)."""
+
+    clients: int = 8               # concurrent streaming clients in the load test (beside a 1-client row)
+    seconds: float = 4.0           # per load-test row
+    max_tokens: int = 32           # per request (ignore_eos: every request generates this many)
+
+    def __post_init__(self) -> None:
+        _at_least("serve", clients=(self.clients, 1), max_tokens=(self.max_tokens, 1))
+        if not self.seconds > 0:
+            raise ConfigError(f"serve.seconds: must be > 0, got {self.seconds}")
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -184,6 +199,7 @@ class SpeedrunConfig:
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
     rag: RAGStageConfig = field(default_factory=RAGStageConfig)
     prompts: PromptsStageConfig = field(default_factory=PromptsStageConfig)
+    serve: ServeStageConfig = field(default_factory=ServeStageConfig)
 
 
 @dataclass
@@ -480,6 +496,22 @@ def stage_prompts(cfg: SpeedrunConfig, run: Path) -> StageResult:
     return StageResult(results, "\n".join(parts))
 
 
+def stage_serve(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "openai", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:   # the serve extra is optional: say what to install rather than fail the job
+        note = f"skipped: {', '.join(missing)} not installed (pip install 'lmstack[serve]' openai)"
+        print(f"[speedrun] serve: {note}", file=sys.stderr)
+        return StageResult({"skipped": note}, note + "\n")
+    from lmstack.serve.speedrun import speedrun_serve
+
+    s = cfg.serve
+    results, report = speedrun_serve(run, clients=s.clients, seconds=s.seconds, max_tokens=s.max_tokens,
+                                     seed=cfg.seed)
+    return StageResult(results, report)
+
+
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
@@ -493,6 +525,7 @@ STAGES: list[Stage] = [
     Stage("grpo", "Reinforcement learning with verifiable rewards (GRPO)", stage_grpo, ("grpo",)),
     Stage("rag", "Retrieval and grounded answers", stage_rag, ("rag",)),
     Stage("prompts", "Prompts: structured output, prompt tests, red-teaming", stage_prompts, ("prompts",)),
+    Stage("serve", "Serving: the OpenAI-compatible server", stage_serve, ("serve",)),
 ]
 
 
