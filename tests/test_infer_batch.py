@@ -140,6 +140,56 @@ def test_retiring_moves_the_last_row_and_forwards_only_occupied_rows(model):
         hook.remove()
 
 
+def test_chunked_prefill_keeps_decoding_and_stays_exact(model):
+    """prefill_chunk=4: a 21-token prompt takes 6 steps to come in; the sequence already running gets a token in
+    every one of them; every sequence still equals its output alone."""
+    batch = Batch(model, slots=3, prefill_chunk=4)
+    short = batch.add([12, 13], GenerationConfig(max_new_tokens=12))
+    [(seq_id, first, _)] = batch.step()              # its prefill (2 ids) and, in the same step, its first token
+    got = {short: [first]}
+    long_prompt = [5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]
+    long = batch.add(long_prompt, GenerationConfig(max_new_tokens=5))
+    got[long] = []
+    steps_until_long = 0
+    while batch.running:
+        events = batch.step()
+        ids = [e[0] for e in events]
+        if not got[long]:
+            steps_until_long += 1
+            assert short in ids or batch.sequences[short].finished          # never stalled by the long prefill
+        for seq_id, tok, _ in events:
+            got[seq_id].append(tok)
+    assert steps_until_long == 6                     # ceil(21 / 4) chunks, the last one with its first token
+    assert got[short] == alone(model, [12, 13], GenerationConfig(max_new_tokens=12))[0]
+    assert got[long] == alone(model, long_prompt, GenerationConfig(max_new_tokens=5))[0]
+    assert batch.stats["prefill_tokens"] == 2 + 21
+
+
+def test_prefix_cache_reuses_a_shared_prefix_exactly(model):
+    system = list(range(3, 3 + 35))                 # 35 shared ids: two whole 16-id blocks are reusable
+    batch = Batch(model, slots=2, prefix_cache_tokens=200)
+    outs = {}
+    for tail in ([40, 41, 42], [43, 44], [40, 41, 42]):
+        seq = batch.add(system + tail, GenerationConfig(max_new_tokens=6))
+        while batch.running:
+            batch.step()
+        outs[tuple(tail), seq] = batch.retire(seq).tokens
+    for (tail, _), tokens in outs.items():
+        assert tokens == alone(model, system + list(tail), GenerationConfig(max_new_tokens=6))[0]
+    assert batch.stats["prefix_hits"] == 2 and batch.stats["prefix_tokens_reused"] == 64
+    assert batch.stats["prefill_tokens"] == 38 + (37 - 32) + (38 - 32)
+    small = Batch(model, slots=1, prefix_cache_tokens=40)   # room for one 38-id prefill: the older one goes
+    for tail in ([40, 41, 42], [50, 51, 52]):
+        other = [(i * 7) % 50 + 5 for i in range(35)]
+        seq = small.add(other + tail if tail[0] == 50 else system + tail, GenerationConfig(max_new_tokens=1))
+        while small.running:
+            small.step()
+        small.retire(seq)
+    assert small.prefix_cache_held == 38
+    seq = small.add(system + [40, 41, 42], GenerationConfig(max_new_tokens=1))   # evicted: computed again
+    assert small.stats["prefix_hits"] == 0
+
+
 def test_bad_input_is_refused():
     model = tiny("rope")
     batch = Batch(model, slots=2)

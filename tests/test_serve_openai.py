@@ -522,3 +522,15 @@ def test_percentile_matches_numpy():
     xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0]
     for q in (0.0, 0.5, 0.9, 0.99, 1.0):
         assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q * 100)))
+
+
+def test_a_shared_system_prompt_is_prefilled_once(server, client, model, tok):
+    system = {"role": "system", "content": "the dog sat on the log. the cat sat on the mat. once upon a time"}
+    batch = server[1].state.server.engine.batch
+    hits = batch.stats["prefix_hits"]
+    for question in ("the cat", "a dog"):
+        msgs = [system, {"role": "user", "content": question}]
+        r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == complete(model, tok, msgs, GenerationConfig(max_new_tokens=4)).text
+    assert batch.stats["prefix_hits"] >= hits + 1        # the second request reused the first one's blocks
+    assert "lmstack_prefix_cache_hits_total" in httpx.get(server[0] + "/metrics").text

@@ -28,10 +28,21 @@ from that mask (index among the row's real tokens), so a sequence sees exactly w
   attention spans about the longest running sequence, not the history of the batch.
 - ``retire`` frees the row for the next ``add`` (the last occupied row moves into it); an empty batch
   resets its cursor.
+
+Chunked prefill (``prefill_chunk=N``): ``add`` only queues the prompt; each ``step`` first runs at most N prompt
+tokens of the waiting prompts (into their own one-row caches), then the decode step of the running rows, so one
+long prompt delays everyone's next token by a chunk, not by the whole prompt. A prompt whose prefill is done
+joins the batch in that step and gets its first token in it.
+
+Prefix caching (``prefix_cache_tokens=N``): the KV of finished prefills is kept (least recently used first out,
+up to N cached positions) under a hash chain of their ``PREFIX_BLOCK``-token blocks, as vLLM's automatic prefix
+caching keys them; a new prompt starting with the same blocks (a shared system prompt) copies those positions
+and prefills only the rest. ``stats`` counts the hits and the prompt tokens not recomputed.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,17 +100,39 @@ class _Row:
     generator: torch.Generator | None
     stop_bytes: list[bytes]
     tail: bytes = b""
+    prefill: _Prefill | None = None     # set while the prompt is still being prefilled (chunked prefill)
+
+
+@dataclass
+class _Prefill:
+    """A prompt on its way in: its own one-row cache and how many of its ids that cache holds."""
+
+    ids: torch.Tensor                   # (1, P)
+    cache: KVCache                      # one row, P slots
+    done: int = 0                       # prompt ids already run (a reused prefix counts)
+
+
+PREFIX_BLOCK = 16   # prompt tokens per prefix-cache block: prefixes are reused in whole blocks
 
 
 class Batch:
     """Sequences added to and retired from one running batch; see the module docstring for the contract."""
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None, *, tokenizer: Any = None):
+    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None, *, tokenizer: Any = None,
+                 prefill_chunk: int | None = None, prefix_cache_tokens: int = 0):
         mcfg = check_generation_model(model)
         if mcfg.arch != "decoder":
             raise ConfigError("Batch needs a decoder-only model (encoder-decoder models: use generate)")
         if slots < 1:
             raise ConfigError(f"Batch slots: must be >= 1, got {slots}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ConfigError(f"Batch prefill_chunk: must be >= 1 (or None: whole prompts), got {prefill_chunk}")
+        if prefix_cache_tokens < 0:
+            raise ConfigError(f"Batch prefix_cache_tokens: must be >= 0, got {prefix_cache_tokens}")
+        self.prefill_chunk, self.prefix_cache_tokens = prefill_chunk, prefix_cache_tokens
+        # block-chain hash -> (cache of a finished prefill, positions of it the hash covers); LRU order
+        self._prefixes: OrderedDict[int, tuple[KVCache, int]] = OrderedDict()
+        self.stats = {"prefix_hits": 0, "prefix_tokens_reused": 0, "prefill_tokens": 0}
         self.model, self.tokenizer = model, tokenizer
         self.mcfg = mcfg
         self.max_len = min(max_len or mcfg.max_seq_len, mcfg.max_seq_len)
@@ -127,13 +160,14 @@ class Batch:
 
     @property
     def running(self) -> list[int]:
-        """Ids of the sequences still generating."""
+        """Ids of the sequences still generating (a prompt still being prefilled included)."""
         return [r.seq.seq_id for r in self.rows if r is not None and not r.seq.finished]
 
     def add(self, prompt_ids: Sequence[int] | torch.Tensor, config: GenerationConfig | None = None) -> int:
         """Admit one prompt with its own config into a free slot; returns its sequence id.
 
-        Runs the prompt (one forward); its first new token comes out of the next :meth:`step`. Raises
+        Runs the prompt (one forward; with ``prefill_chunk``, in chunks during the next steps); its first new
+        token comes out of the next :meth:`step` (with chunks: the step that finishes its prefill). Raises
         :class:`LmstackError` when no slot is free (retire one first) or the prompt is invalid.
         """
         cfg = config or GenerationConfig()
@@ -169,22 +203,24 @@ class Batch:
         if max_new == 0:
             seq.finish_reason = "length"
             return seq.seq_id
-        with torch.inference_mode(), eval_mode(self.model):
-            alone = KVCache.for_model(self.model, 1, p)
-            logits = self.model(ids, kv_cache=alone)[:, -1].float()          # (1, V): the prompt alone
-            if p > self.cache.pos:
-                self._pad_left(p - self.cache.pos)
-            row.start = self.cache.pos - p
-            self.cache.write_row(slot, alone, row.start)
-            self.logits[slot] = logits[0]
+        row.prefill = _Prefill(ids, KVCache.for_model(self.model, 1, p))
+        self._reuse_prefix(row.prefill)
+        if self.prefill_chunk is None:                                       # the whole prompt now
+            with torch.inference_mode(), eval_mode(self.model):
+                self._prefill(row, p)
         return seq.seq_id
 
     def step(self) -> list[tuple[int, int, bool]]:
         """One new token for every running sequence: ``[(seq_id, token, finished), ...]`` in slot order."""
-        live = [r for r in self.rows if r is not None and not r.seq.finished]
-        if not live:
-            return []
         with torch.inference_mode(), eval_mode(self.model):
+            budget = self.prefill_chunk or 0
+            for r in [r for r in self.rows if r is not None and r.prefill is not None]:   # admission order
+                if budget <= 0:
+                    break
+                budget -= self._prefill(r, budget)
+            live = [r for r in self.rows if r is not None and not r.seq.finished and r.prefill is None]
+            if not live:
+                return []
             tokens = self._choose(live)
             self._record_logprobs(live, tokens)
             events = [(r.seq.seq_id, t, self._append(r, t)) for r, t in zip(live, tokens)]
@@ -213,6 +249,73 @@ class Batch:
         if self.occupied == 0:                             # nothing left: start the next sequence at column 0
             self.cache.reset()
         return seq
+
+    # ----- prefill
+
+    def _prefill(self, r: _Row, budget: int) -> int:
+        """Run up to ``budget`` more prompt ids of ``r``; when the prompt is done, move its keys and values
+        into the batch so they end at the cursor. Returns the ids run."""
+        pf = r.prefill
+        assert pf is not None
+        p = pf.ids.shape[1]
+        n = min(budget, p - pf.done)
+        logits = self.model(pf.ids[:, pf.done:pf.done + n], kv_cache=pf.cache)[:, -1].float()   # (1, V)
+        pf.done += n
+        self.stats["prefill_tokens"] += n
+        if pf.done < p:
+            return n
+        if p > self.cache.pos:
+            self._pad_left(p - self.cache.pos)
+        r.start = self.cache.pos - p
+        self.cache.write_row(r.slot, pf.cache, r.start)
+        self.logits[r.slot] = logits[0]
+        r.prefill = None
+        self._remember_prefix(pf)
+        return n
+
+    def _block_hashes(self, ids: list[int]) -> list[int]:
+        """One hash per whole block of ``ids``, each chaining the blocks before it (a prefix's identity)."""
+        out, h = [], 0
+        for start in range(0, len(ids) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+            h = hash((h, tuple(ids[start:start + PREFIX_BLOCK])))
+            out.append(h)
+        return out
+
+    def _reuse_prefix(self, pf: _Prefill) -> None:
+        """Start ``pf`` from the longest cached block prefix of its prompt (the last id is always computed)."""
+        if not self.prefix_cache_tokens:
+            return
+        ids = pf.ids[0].tolist()
+        for k, h in reversed(list(enumerate(self._block_hashes(ids[:-1]), start=1))):
+            hit = self._prefixes.get(h)
+            if hit is None:
+                continue
+            src, _ = hit
+            n = k * PREFIX_BLOCK
+            for dst, buf in zip(pf.cache.tensors(), src.tensors()):
+                dst[:, :, :n] = buf[:, :, :n]
+            pf.cache.mask[:, :n] = True
+            pf.cache.pos = pf.done = n
+            self._prefixes.move_to_end(h)
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens_reused"] += n
+            return
+
+    def _remember_prefix(self, pf: _Prefill) -> None:
+        """Keep a finished prefill's cache under each of its block prefixes; evict least recently used ones."""
+        if not self.prefix_cache_tokens:
+            return
+        hashes = self._block_hashes(pf.ids[0].tolist())
+        for k, h in enumerate(hashes, start=1):
+            self._prefixes[h] = (pf.cache, k * PREFIX_BLOCK)
+            self._prefixes.move_to_end(h)
+        while self.prefix_cache_held > self.prefix_cache_tokens:
+            self._prefixes.popitem(last=False)
+
+    @property
+    def prefix_cache_held(self) -> int:
+        """Positions held by the cached prefills (each counted once, however many block prefixes point at it)."""
+        return sum(c.max_len for c in {id(c): c for c, _ in self._prefixes.values()}.values())
 
     # ----- the steps
 

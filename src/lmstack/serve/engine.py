@@ -148,7 +148,8 @@ class Engine:
     """Owns one :class:`Batch` of ``max_batch`` slots and a bounded queue of ``max_queue`` waiting requests."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, scheduling: str = "continuous", request_timeout: float | None = None):
+                 max_len: int | None = None, scheduling: str = "continuous", request_timeout: float | None = None,
+                 prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096):
         if max_queue < 0:
             raise LmstackError(f"max_queue: must be >= 0, got {max_queue}")
         if scheduling not in SCHEDULING:
@@ -160,6 +161,9 @@ class Engine:
         # continuous: waiting requests join the running batch at every step; static: only when it is empty
         # (the batch runs until its longest request ends: the baseline continuous batching improves on)
         self.scheduling, self.request_timeout = scheduling, request_timeout
+        # chunked prefill: at most this many prompt ids per step, so a long prompt does not stall the others;
+        # prefix caching: finished prefills kept (up to this many positions) for prompts that share a prefix
+        self.prefill_chunk, self.prefix_cache_tokens = prefill_chunk, prefix_cache_tokens
         self.metrics = Metrics()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}
@@ -171,10 +175,14 @@ class Engine:
     # ----- the caller's side
 
     def start(self) -> Engine:
-        self.batch = Batch(self.model, self.max_batch, self.max_len, tokenizer=self.tokenizer)
+        self.batch = self._new_batch()
         self._thread = threading.Thread(target=self._loop, name="lmstack-serve-engine", daemon=True)
         self._thread.start()
         return self
+
+    def _new_batch(self) -> Batch:
+        return Batch(self.model, self.max_batch, self.max_len, tokenizer=self.tokenizer,
+                     prefill_chunk=self.prefill_chunk, prefix_cache_tokens=self.prefix_cache_tokens)
 
     def stop(self) -> None:
         with self._cond:
@@ -258,7 +266,7 @@ class Engine:
             req.error = error
             req._emit(_DONE)
         self._running.clear()
-        self.batch = Batch(self.model, self.max_batch, self.max_len, tokenizer=self.tokenizer)
+        self.batch = self._new_batch()
         return self.batch
 
     def _admit(self, batch: Batch, req: Request) -> None:
