@@ -134,7 +134,7 @@ def table(title: str, rows: list[dict]) -> None:
     print("| server | clients | requests | failed | req/s | output tok/s | TTFT mean / p50 / p99 ms "
           "| TPOT mean / p50 / p99 ms | ITL mean / p50 / p99 ms |")
     print("|---|---:|---:|---:|---:|---:|---|---|---|")
-    f = lambda d: " / ".join(f"{d[k]:.1f}" for k in ("mean", "median", "p99"))   # noqa: E731
+    f = lambda d: " / ".join(f"{d[k]:.1f}" for k in ("mean", "median", "p99"))
     for s in rows:
         print(f"| {s['mode']} | {s['concurrency']} | {s['requests']} | {s['failed']} | "
               f"{s['request_throughput']:.2f} | {s['output_throughput']:.1f} | {f(s['ttft_ms'])} | "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmstack.infer import GenerationConfig
-from lmstack.infer.text import prepare_prompts, complete
+from lmstack.infer.text import complete, prepare_prompts
 from lmstack.model import build_model, preset
 from lmstack.serve.engine import Engine, QueueFull
 from lmstack.tokenizer import train_bpe

@@ -288,7 +288,7 @@ def _reference(model, tok, prompt, n, top, chat):
 def test_chat_logprobs_equal_the_library(client, model, tok):
     r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
                                        top_logprobs=3)
-    ids, lps, (top_values, top_ids) = _reference(model, tok, CHAT, 6, 3, True)
+    ids, lps, (top_values, _) = _reference(model, tok, CHAT, 6, 3, True)
     content = r.choices[0].logprobs.content
     shown = [k for k, t in enumerate(ids) if t not in tok.special_tokens.values()]
     assert len(content) == len(shown) > 0
@@ -302,7 +302,7 @@ def test_chat_logprobs_equal_the_library(client, model, tok):
 
 def test_completion_logprobs_and_streamed_logprobs(client, model, tok):
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
-    ids, lps, _ = _reference(model, tok, PROMPT, 5, 2, False)
+    _, lps, _ = _reference(model, tok, PROMPT, 5, 2, False)
     lp = r.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx(lps[:len(lp.tokens)], abs=1e-5)
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0

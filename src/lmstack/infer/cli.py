@@ -209,8 +209,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         cfg, model, tok, _ = _setup(args, 256, prefer=("chat_model", "pretrain"))
         budget = prompt_budget(model, cfg)   # the context rule complete() applies, checked before the first turn
-        reply_to = lambda history: chat_stream(model, tok, history, cfg)   # noqa: E731
-        fit = lambda trial: _fit(tok, trial, len(base), budget, chat_prompt_ids)   # noqa: E731
+        reply_to = lambda history: chat_stream(model, tok, history, cfg)
+        fit = lambda trial: _fit(tok, trial, len(base), budget, chat_prompt_ids)
         context_note = (f"this message does not fit the model's context ({model.config.max_seq_len} tokens, "
                         f"{cfg.max_new_tokens} kept for the reply)")
     return _chat_loop(base, reply_to, fit, context_note)

@@ -134,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         if not (folder / "tokenizer.json").is_file():
             raise LmstackError(f"--embedder {folder}: not an encoder folder (no tokenizer.json)")
         embedder = Embedder(folder, device=str(next(model.parameters()).device))
-        embedder.dim   # loads it now: a broken folder fails at start-up, not on the first request
+        _ = embedder.dim   # loads it now: a broken folder fails at start-up, not on the first request
         embedder_name = args.embedder_name or (folder.parent.name if folder.name == "model" else folder.name)
     log_store = None
     if args.log_store is not None:

@@ -15,6 +15,7 @@ every request produce ``max_tokens`` tokens, so rows compare equal work.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -117,7 +118,7 @@ async def _one(client: Any, url: str, body: dict[str, Any], result: LoadResult) 
     result.output_tokens += tokens
     if arrivals:
         result.ttft_ms.append((arrivals[0] - t0) * 1000)
-        result.itl_ms += [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])]
+        result.itl_ms += [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
         if tokens > 1:
             result.tpot_ms.append((end - arrivals[0]) * 1000 / (tokens - 1))
 

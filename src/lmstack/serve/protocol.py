@@ -242,7 +242,7 @@ def _arguments(a: Any) -> Any:
     return a
 
 
-_TAGGED = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+_TAGGED = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
 def parse_tool_calls(text: str, use: ToolUse) -> list[dict[str, Any]] | None:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from lmstack.errors import LmstackError
 
@@ -36,7 +36,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         import uvicorn
 
         self.port = self.port or _free_port()
@@ -50,7 +50,7 @@ class BackgroundServer:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=30)
 
@@ -114,7 +114,7 @@ def speedrun_serve(run: Path, *, clients: int = 8, seconds: float = 4.0, max_tok
 
 def _report(checks: dict[str, Any], loads: dict[int, dict[str, Any]], clients: int, seconds: float,
             max_tokens: int) -> str:
-    ok = lambda v: "yes" if v else ("not run (llguidance/jsonschema missing)" if v is None else "**no**")  # noqa: E731
+    ok = lambda v: "yes" if v else ("not run (llguidance/jsonschema missing)" if v is None else "**no**")
     lines = ["The chat model behind `lmstack serve`'s app on a loopback port, driven by the official `openai` client.",
              "", "| check | result |", "|---|---|",
              f"| streamed reply equals the non-streamed one (temperature 0) | {ok(checks['stream_equals_whole'])} |",
@@ -124,14 +124,14 @@ def _report(checks: dict[str, Any], loads: dict[int, dict[str, Any]], clients: i
              f"| `/metrics` running requests back to 0 after the load | {ok(checks['metrics_running_after'])} |",
              "", f"Reply: `{checks['reply'][:120]!s}`" + (f"; JSON reply: `{checks['json_schema_reply']}`"
                                                          if checks.get("json_schema_reply") else ""),
-             "", f"Load test ({seconds:g} s per row, streaming chat, {max_tokens} tokens per request with `ignore_eos`, "
-                 "continuous batching; clients share the machine with the server):", "",
+             "", (f"Load test ({seconds:g} s per row, streaming chat, {max_tokens} tokens per request with `ignore_eos`, "
+                 "continuous batching; clients share the machine with the server):"), "",
              "| clients | requests | failed | output tok/s | TTFT p50 ms | TPOT p50 ms | ITL p99 ms |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for c, s in loads.items():
         lines.append(f"| {c} | {s['requests']} | {s['failed']} | {s['output_throughput']:.0f} | "
                      f"{s['ttft_ms']['median']:.1f} | {s['tpot_ms']['median']:.1f} | {s['itl_ms']['p99']:.1f} |")
     if 1 in loads and clients in loads and clients != 1 and loads[1]["output_throughput"] > 0:
-        lines += ["", f"{clients} clients get {loads[clients]['output_throughput'] / loads[1]['output_throughput']:.2f}x "
-                      f"one client's output tokens/s."]
+        lines += ["", (f"{clients} clients get {loads[clients]['output_throughput'] / loads[1]['output_throughput']:.2f}x "
+                      f"one client's output tokens/s.")]
     return "\n".join(lines) + "\n"
