@@ -626,9 +626,10 @@ class _SQLStore:
         equal share (a small stratum gives all it has, the rest is shared among the others); with
         ``without_feedback`` only interactions nobody has judged yet. Returned in time order."""
         if not _is_int(n) or n < 0:
-            raise LmstackError(f"sample: 'n' must be an integer >= 0, got {n!r}")
+            raise FieldError(f"sample: 'n' must be an integer >= 0, got {n!r}", "n")
         if stratify_by is not None and stratify_by not in STRATA:
-            raise LmstackError(f"sample: 'stratify_by' must be one of {list(STRATA)}, got {stratify_by!r}")
+            raise FieldError(f"sample: 'stratify_by' must be one of {list(STRATA)}, got {stratify_by!r}",
+                             "stratify_by")
         cond, params = self._where(since, until, model, None)
         if without_feedback:
             cond.append('NOT EXISTS (SELECT 1 FROM feedback f WHERE f."interaction_id" = interactions."id" '
