@@ -175,6 +175,29 @@ def test_export_jsonl_writes_every_field_atomically(store, tmp_path):
     assert out.read_text().count("\n") == 1
 
 
+def test_export_with_feedback_joins_it_onto_its_rows(store, tmp_path):
+    a, b, c = store.log_many([_row(1, input="q"), _row(2, input="q"), _row(3)])
+    store.add_feedback(Feedback(a, "thumb", value=1, time=T0 + 10))
+    store.add_feedback(Feedback(b, "pairwise", other_id=a, value=-1, time=T0 + 11))
+    out = tmp_path / "rows.jsonl"
+    assert export_jsonl(store, out, with_feedback=True) == 3
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [[(f["kind"], f["value"]) for f in r["feedback"]] for r in rows] == [
+        [("thumb", 1.0), ("pairwise", -1.0)], [("pairwise", -1.0)], []]
+    assert rows[0]["feedback"][0] == {"interaction_id": a, "kind": "thumb", "value": 1.0, "text": None,
+                                      "other_id": None, "time": T0 + 10, "user": None}
+
+
+def test_export_is_what_the_drift_reader_reads(store, tmp_path):
+    reader = pytest.importorskip("lmstack.monitor.rows", reason="the drift rows reader (monitor/rows.py) is absent")
+    ids = store.log_many([_row(2, embedding=[0.5, 1.0]), _row(1)])
+    store.add_feedback(Feedback(ids[0], "thumb", value=-1))
+    export_jsonl(store, tmp_path / "rows.jsonl", with_feedback=True)
+    got = reader.read_rows_jsonl(tmp_path / "rows.jsonl")
+    assert [r["id"] for r in got] == [ids[1], ids[0]] and got[1]["embedding"] == [0.5, 1.0]
+    assert reader.thumb(got[1]) == -1 and reader.thumb(got[0]) is None
+
+
 def test_stats_count_per_model_and_day(store):
     ids = store.log_many([_row(0, latency_s=1.0), _row(60, latency_s=3.0), _row(86400), _row(5, model="z")])
     store.add_feedback(Feedback(ids[0], "thumb", value=1))

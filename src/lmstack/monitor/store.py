@@ -609,6 +609,22 @@ class _SQLStore:
         got = self._read(f'SELECT {cols} FROM feedback{where} ORDER BY "time", "id"', params)
         return [Feedback(**dict(zip(FEEDBACK_FIELDS, t))) for t in got]
 
+    def feedback_for(self, ids: Sequence[str]) -> dict[str, list[Feedback]]:
+        """The feedback about each of ``ids`` (as either side of a pairwise choice), in time order."""
+        out: dict[str, list[Feedback]] = {i: [] for i in ids}
+        cols = ", ".join(f'"{c}"' for c in FEEDBACK_FIELDS)
+        ids = list(out)
+        for k in range(0, len(ids), 500):   # bounded IN lists
+            chunk = ids[k:k + 500]
+            marks = ", ".join("?" * len(chunk))
+            got = self._read(f'SELECT {cols} FROM feedback WHERE "interaction_id" IN ({marks}) OR "other_id" IN '
+                             f'({marks}) ORDER BY "time", "id"', chunk + chunk)
+            for t in got:
+                fb = Feedback(**dict(zip(FEEDBACK_FIELDS, t)))
+                for i in {fb.interaction_id, fb.other_id} & set(chunk):
+                    out[i].append(fb)
+        return out
+
     def inputs_with_alternatives(self, since: float | None = None, limit: int | None = None) -> list[str]:
         """Inputs answered at least twice with different outputs (the pairwise page's candidates), sorted."""
         cond, params = self._where(since, None, None, None)
@@ -685,14 +701,18 @@ class SQLiteStore(_SQLStore):
     migrations = SQLITE_MIGRATIONS
     BUSY_TIMEOUT_S = 60.0   # how long a writer waits for the write lock before giving up
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, create: bool = True):
         super().__init__()
         self.path = Path(path)
+        self.create = create   # False: a missing file is an error (read-only commands never leave an empty one)
         self.url = f"sqlite://{self.path}"   # sqlite:///abs/path.db or sqlite://relative.db
 
     def _connect(self) -> sqlite3.Connection:
         if self.path.is_dir():
             raise LmstackError(f"{self.path}: is a folder; give the log store a file path (e.g. {self.path}/log.db)")
+        if not self.create and not self.path.exists():
+            raise LmstackError(f"{self.path}: no such log store; check the path (a server started with "
+                               "--log-store creates it)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: no implicit transactions; each write opens BEGIN IMMEDIATE itself. One
@@ -849,9 +869,9 @@ class PostgresStore(_SQLStore):
 # ----------------------------------------------------------------------------------------------------
 
 
-def store_for(url: str | os.PathLike) -> SQLiteStore | PostgresStore:
+def store_for(url: str | os.PathLike, create: bool = True) -> SQLiteStore | PostgresStore:
     """The store a URL names, not yet connected: ``postgresql://...`` (or ``postgres://``), ``sqlite:///abs.db``
-    / ``sqlite://rel.db``, or a plain file path (SQLite)."""
+    / ``sqlite://rel.db``, or a plain file path (SQLite). ``create=False``: a missing SQLite file is an error."""
     s = os.fspath(url)
     if not isinstance(s, str) or not s.strip():
         raise LmstackError("log store: give a URL (postgresql://user@host/db) or a SQLite file path (log.db)")
@@ -866,12 +886,13 @@ def store_for(url: str | os.PathLike) -> SQLiteStore | PostgresStore:
     elif scheme:
         raise LmstackError(f"log store {redact_url(s)!r}: unknown scheme {scheme!r}; use postgresql://..., "
                            "sqlite:///path.db or a file path")
-    return SQLiteStore(s)
+    return SQLiteStore(s, create=create)
 
 
-def open_store(url: str | os.PathLike) -> SQLiteStore | PostgresStore:
-    """Open (and create or migrate) the log store at ``url``; see :func:`store_for` for the URL forms."""
-    store = store_for(url)
+def open_store(url: str | os.PathLike, create: bool = True) -> SQLiteStore | PostgresStore:
+    """Open (and create or migrate) the log store at ``url``; see :func:`store_for` for the URL forms.
+    ``create=False``: a missing SQLite file is an error instead of a new empty store."""
+    store = store_for(url, create)
     try:
         return store.open()
     except BaseException:
@@ -884,10 +905,28 @@ def open_store(url: str | os.PathLike) -> SQLiteStore | PostgresStore:
 
 
 def export_jsonl(store: _SQLStore, path: str | os.PathLike, since: float | None = None, until: float | None = None,
-                 model: str | None = None, arm: str | None = None) -> int:
+                 model: str | None = None, arm: str | None = None, with_feedback: bool = False) -> int:
     """Write the rows (in time order) to ``path`` as JSONL, atomically: one :class:`Interaction` per line,
-    every field as JSON (``time`` in unix seconds), the rows the drift readers take. Returns the row count."""
+    every field as JSON (``time`` in unix seconds), the rows the drift readers take. ``with_feedback`` adds
+    ``"feedback"``: the list of the row's :class:`Feedback` objects (thumbs, comments, pairwise choices it is
+    part of). Returns the row count."""
     from lmstack.runs import atomic_write_jsonl
 
-    rows = store.iter_rows(since=since, until=until, model=model, arm=arm)
-    return atomic_write_jsonl(path, (interaction_to_dict(r) for r in rows))
+    def lines() -> Iterator[dict[str, Any]]:
+        batch: list[Interaction] = []
+        for row in store.iter_rows(since=since, until=until, model=model, arm=arm):
+            batch.append(row)
+            if len(batch) == 500:
+                yield from flush(batch)
+                batch = []
+        yield from flush(batch)
+
+    def flush(batch: list[Interaction]) -> Iterator[dict[str, Any]]:
+        fbs = store.feedback_for([r.id for r in batch]) if with_feedback and batch else {}
+        for r in batch:
+            d = interaction_to_dict(r)
+            if with_feedback:
+                d["feedback"] = [dataclasses.asdict(f) for f in fbs[r.id]]
+            yield d
+
+    return atomic_write_jsonl(path, lines())
