@@ -25,7 +25,7 @@ import pytest
 def _bindir() -> Path | None:
     cands = [os.environ.get("LMSTACK_PG_BIN", "")]
     if shutil.which("pg_config"):
-        with_cfg = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        with_cfg = subprocess.run(["pg_config", "--bindir"], check=False, capture_output=True, text=True)
         cands.append(with_cfg.stdout.strip())
     cands += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
     if shutil.which("initdb"):
@@ -57,7 +57,7 @@ class _Server:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
 
     def start(self) -> str:
         if self.as_root:

@@ -21,7 +21,7 @@ T0 = 1_780_000_000.0   # 2026-05-28 20:26:40 UTC
 
 @pytest.fixture
 def lmstack(monkeypatch, capsys):
-    import lmstack.cli as cli
+    from lmstack import cli
 
     if "lmstack.monitor.cli" not in cli.LAYER_CLIS:
         stand_in = types.ModuleType("_monitor_log_stand_in")
@@ -109,7 +109,7 @@ def test_stats_and_prune(lmstack, db, monkeypatch):
 ])
 def test_bad_input_is_one_line_and_exit_2(lmstack, db, tmp_path, monkeypatch, argv, message):
     monkeypatch.delenv("LMSTACK_LOG_STORE", raising=False)
-    code, out, err = lmstack(*[a.format(tmp=tmp_path, db=db) for a in argv])
+    code, _, err = lmstack(*[a.format(tmp=tmp_path, db=db) for a in argv])
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "missing.db").exists() and not (tmp_path / "x.jsonl").exists()
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from monitor_pg import pg_server, store_url  # noqa: F401  (fixtures)
 
 from lmstack.errors import LmstackError
-from lmstack.monitor.feedback import (kto_rows, parse_feedback, preference_pairs, prompt_of,
-                                      write_alignment_data)
+from lmstack.monitor.feedback import kto_rows, parse_feedback, preference_pairs, prompt_of, write_alignment_data
 from lmstack.monitor.store import Feedback, FieldError, Interaction, open_store
+
+pytest_plugins = ("monitor_pg",)   # the store_url fixture: SQLite and PostgreSQL
 
 T0 = 1_780_000_000.0
 
@@ -133,7 +133,7 @@ def test_exported_files_load_with_aligns_readers(store, tmp_path):
     tok = train_bpe(["be kind how are you fine thanks go away very well whatever"] * 4, 300)
     encoded, stats = load_pairs([tmp_path / "dpo.jsonl"], tok, 128)
     assert stats["pairs"] == 2 and len(encoded) == 2
-    examples, kstats = load_unpaired([tmp_path / "kto.jsonl"], tok, 128)
+    _, kstats = load_unpaired([tmp_path / "kto.jsonl"], tok, 128)
     assert kstats["examples"] == 2 and kstats["desirable"] == 1
     first = json.loads((tmp_path / "dpo.jsonl").read_text().splitlines()[0])
     assert set(first) == {"prompt", "chosen", "rejected", "chosen_id", "rejected_id", "source"}

@@ -15,12 +15,25 @@ import time
 from datetime import timedelta
 
 import pytest
-from monitor_pg import pg_server, store_url  # noqa: F401  (fixtures)
 
 from lmstack.errors import LmstackError
-from lmstack.monitor.store import (SCHEMA_VERSION, Feedback, FieldError, Interaction,
-                                   PostgresStore, SQLiteStore, UnknownInteraction, export_jsonl,
-                                   interaction_from_dict, interaction_to_dict, open_store, redact_url, store_for)
+from lmstack.monitor.store import (
+    SCHEMA_VERSION,
+    Feedback,
+    FieldError,
+    Interaction,
+    PostgresStore,
+    SQLiteStore,
+    UnknownInteraction,
+    export_jsonl,
+    interaction_from_dict,
+    interaction_to_dict,
+    open_store,
+    redact_url,
+    store_for,
+)
+
+pytest_plugins = ("monitor_pg",)   # the store_url fixture: SQLite and PostgreSQL
 
 T0 = 1_780_000_000.0   # a fixed clock: 2026-05-28 20:26:40 UTC
 
@@ -176,7 +189,7 @@ def test_export_jsonl_writes_every_field_atomically(store, tmp_path):
 
 
 def test_export_with_feedback_joins_it_onto_its_rows(store, tmp_path):
-    a, b, c = store.log_many([_row(1, input="q"), _row(2, input="q"), _row(3)])
+    a, b, _ = store.log_many([_row(1, input="q"), _row(2, input="q"), _row(3)])
     store.add_feedback(Feedback(a, "thumb", value=1, time=T0 + 10))
     store.add_feedback(Feedback(b, "pairwise", other_id=a, value=-1, time=T0 + 11))
     out = tmp_path / "rows.jsonl"
@@ -215,12 +228,20 @@ def test_stats_count_per_model_and_day(store):
 # ---------------------------------------------------------------------------------------------------- schema
 
 
+def _missing_column_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.OperationalError,)
+    return (sqlite3.OperationalError, psycopg.errors.UndefinedColumn)
+
+
 def test_a_v1_store_is_upgraded_to_the_latest_at_open(store_url):
     old = store_for(store_url)
     assert old.migrate(to=1) == 1 and old.schema_version() == 1
     old._exec('INSERT INTO interactions ("id", "time", "model", "input", "output") VALUES '
               "('v1row', 1780000000.5, 'm', 'hi', 'yo')")
-    with pytest.raises(Exception):    # v1 has no arm column: today's writer cannot write into it
+    with pytest.raises(_missing_column_errors()):    # v1 has no arm column: today's writer cannot write into it
         old.log(_row(0, arm="A"))
     old.close()
     s = open_store(store_url)
@@ -236,13 +257,27 @@ def test_a_v1_store_is_upgraded_to_the_latest_at_open(store_url):
         open_store(store_url)
 
 
+def test_json_columns_are_text_in_sqlite_and_jsonb_in_postgres(store):
+    store.log(_row(0, id="j", meta={"judge": 4}, embedding=[1.0]))
+    if isinstance(store, SQLiteStore):
+        kinds = store._read('SELECT typeof("request"), typeof("meta"), typeof("embedding") FROM interactions')
+        assert kinds == [("text", "text", "blob")]
+        assert store._read('SELECT json_extract("meta", \'$.judge\') FROM interactions') == [(4,)]
+    else:
+        kinds = store._read("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = "
+                            "'interactions' AND column_name IN ('request', 'params', 'meta', 'embedding') "
+                            "ORDER BY column_name")
+        assert kinds == [("embedding", "bytea"), ("meta", "jsonb"), ("params", "jsonb"), ("request", "jsonb")]
+        assert store._read("""SELECT ("meta"->>'judge')::int FROM interactions""") == [(4,)]
+
+
 def test_stores_opening_together_migrate_once(store_url):
     errors, stores = [], []
 
     def opener():
         try:
             stores.append(open_store(store_url))
-        except Exception as e:  # collected: a failed open is the finding
+        except Exception as e:  # noqa: BLE001 (collected: a failed open is the finding)
             errors.append(e)
 
     threads = [threading.Thread(target=opener) for _ in range(8)]
@@ -425,3 +460,18 @@ def test_a_writer_killed_mid_write_leaves_the_store_consistent(store_url):
     assert store.count() == n + 1 and store.get("after").model == "m"
     store.close()
 
+
+
+def test_a_server_that_never_answers_times_out(monkeypatch):
+    """A host that takes the TCP connection and says nothing (a firewall, a hung server): connect_timeout ends
+    the wait with the same one-line error."""
+    pytest.importorskip("psycopg")
+    import socket
+
+    monkeypatch.setattr(PostgresStore, "CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)   # accepted by the kernel, never read: the PostgreSQL handshake waits for ever
+        port = sock.getsockname()[1]
+        with pytest.raises(LmstackError, match=rf"127\.0\.0\.1:{port}/logs: cannot connect to PostgreSQL \(.*time"):
+            open_store(f"postgresql://bob@127.0.0.1:{port}/logs")

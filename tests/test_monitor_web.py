@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from monitor_pg import pg_server, store_url  # noqa: F401  (fixtures)
 
 from lmstack.monitor.store import Interaction, open_store
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
+
+pytest_plugins = ("monitor_pg",)   # the store_url fixture: SQLite and PostgreSQL
 
 T0 = 1_780_000_000.0
 
@@ -191,10 +192,10 @@ def _run_page(page: str, actions: str) -> dict:
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("node is not installed: the pages' JavaScript is not run")
-    script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+    script = re.search(r"<script>(.*)</script>", page, re.DOTALL).group(1)
     code = _DOM_STUB + script + "\n(async () => { await tick();\n" + actions + \
         "\nawait tick(); console.log(JSON.stringify({calls, els}, (k, v) => k === 'onclick' ? undefined : v)); })();"
-    got = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=30)
+    got = subprocess.run([node, "-e", code], check=False, capture_output=True, text=True, timeout=30)
     assert got.returncode == 0, got.stderr
     return json.loads(got.stdout)
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from lmstack.errors import LmstackError
@@ -32,7 +32,7 @@ def parse_when(text: str) -> float:
             raise argparse.ArgumentTypeError(f"expected unix seconds or an ISO 8601 date such as 2026-05-28 or "
                                              f"2026-05-28T12:00:00, got {text!r}") from None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         return when.timestamp()
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number of unix seconds, got {text!r}")

@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from lmstack.errors import LmstackError
 
@@ -372,7 +372,7 @@ class _SQLStore:
             with contextlib.suppress(Exception):
                 c.close()
 
-    def __enter__(self) -> _SQLStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -403,14 +403,14 @@ class _SQLStore:
         cur.execute(f'CREATE TABLE IF NOT EXISTS schema_version ("version" INTEGER PRIMARY KEY, '
                     f'"applied" {"REAL" if self.dialect == "sqlite" else "DOUBLE PRECISION"} NOT NULL)')
 
+    def _has_table(self, name: str) -> bool:
+        raise NotImplementedError
+
     def schema_version(self) -> int:
-        try:
-            got = self._read('SELECT max("version") FROM schema_version')
-        except LmstackError:
-            raise
-        except Exception:  # no schema_version table: an empty database
+        """The version of the store's schema (0: an empty database)."""
+        if not self._has_table("schema_version"):
             return 0
-        return int(got[0][0] or 0)
+        return int(self._read('SELECT max("version") FROM schema_version')[0][0] or 0)
 
     def _lock_schema(self, cur: Any) -> None:
         """Serialise migrations between processes (SQLite: BEGIN IMMEDIATE already holds the write lock)."""
@@ -444,7 +444,7 @@ class _SQLStore:
                                f"{SCHEMA_VERSION}; upgrade lmstack to use it")
         return have >= to
 
-    def open(self) -> _SQLStore:
+    def open(self) -> Self:
         """Connect and bring the schema to the latest version; returns the store."""
         self.migrate()
         return self
@@ -768,10 +768,13 @@ class SQLiteStore(_SQLStore):
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         try:
             return self._conn().execute(sql, tuple(params)).fetchall()
-        except sqlite3.DatabaseError as e:
-            if "no such table" in str(e) and "schema_version" not in sql:
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
                 raise LmstackError(f"{self.path}: not an lmstack log store (open it with open_store)") from None
             raise
+
+    def _has_table(self, name: str) -> bool:
+        return bool(self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
 
     def _duplicate(self, e: Exception) -> bool:
         return isinstance(e, sqlite3.IntegrityError) and "UNIQUE" in str(e)
@@ -847,9 +850,10 @@ class PostgresStore(_SQLStore):
                 cur.execute(self._sql(sql), tuple(params))
                 return cur.fetchall()
         except psycopg.errors.UndefinedTable:
-            if "schema_version" in sql:
-                raise
             raise LmstackError(f"{self.url}: not an lmstack log store (open it with open_store)") from None
+
+    def _has_table(self, name: str) -> bool:
+        return self._read("SELECT to_regclass(?)", (name,))[0][0] is not None
 
     def _encode(self, row: Interaction) -> tuple:
         # PostgreSQL text and jsonb cannot hold NUL characters; they become U+FFFD, the replacement character
