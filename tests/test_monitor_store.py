@@ -271,6 +271,27 @@ def test_json_columns_are_text_in_sqlite_and_jsonb_in_postgres(store):
         assert store._read("""SELECT ("meta"->>'judge')::int FROM interactions""") == [(4,)]
 
 
+def test_a_finished_threads_connection_is_closed(store):
+    import gc
+
+    store.count()   # this thread's connection
+
+    def one_write(k):
+        store.log(_row(k))
+
+    threads = [threading.Thread(target=one_write, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    del t
+    gc.collect()
+    assert store.count() == 20 and len(store._held) == 1   # only this thread's is left
+    if isinstance(store, PostgresStore):
+        sessions = store._read("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        assert sessions == [(1,)]
+
+
 def test_stores_opening_together_migrate_once(store_url):
     errors, stores = [], []
 

@@ -35,6 +35,7 @@ import threading
 import time as _time
 import urllib.parse
 import uuid
+import weakref
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -330,6 +331,27 @@ def _seconds(older_than: float | timedelta) -> float:
 # the SQL both backends share
 
 
+_INHERITED: list[Any] = []
+
+
+class _Held:
+    """One thread's connection. A server's worker threads come and go (anyio retires idle ones), and a
+    thread's locals die with it: this closes the connection then, so a long-running server does not pile up
+    connections (file handles; PostgreSQL's max_connections)."""
+
+    def __init__(self, conn: Any):
+        self.conn, self.pid = conn, os.getpid()
+
+    def close(self) -> None:
+        if self.pid == os.getpid() and self.conn is not None:   # never a parent's, inherited through fork
+            conn, self.conn = self.conn, None
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class _SQLStore:
     """The queries of both stores; a backend gives connections, transactions, placeholders and decoding."""
 
@@ -342,7 +364,7 @@ class _SQLStore:
     def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[tuple[int, Any]] = []
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
         self._closed = False
 
     # -- connections (one per thread and per process)
@@ -353,24 +375,27 @@ class _SQLStore:
     def _conn(self) -> Any:
         if self._closed:
             raise LmstackError(f"{self.url}: the store is closed")
-        got = getattr(self._local, "conn", None)
-        if got is not None and got[0] == os.getpid():
-            return got[1]
-        # a connection inherited through fork belongs to the parent: never use or close it here
-        conn = self._connect()
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            if held.pid == os.getpid():
+                return held.conn
+            # inherited through fork, the parent's: never used here, and kept referenced, since collecting a
+            # PostgreSQL connection would say goodbye on the parent's socket
+            _INHERITED.append(held.conn)
+        held = _Held(self._connect())
         with self._lock:
-            self._conns.append((os.getpid(), conn))
-        self._local.conn = (os.getpid(), conn)
-        return conn
+            self._held.add(held)
+        self._local.held = held
+        return held.conn
 
     def close(self) -> None:
+        """Close every connection this process opened (each thread's)."""
         with self._lock:
-            mine = [c for pid, c in self._conns if pid == os.getpid()]
-            self._conns = []
+            mine = list(self._held)
+            self._held = weakref.WeakSet()
             self._closed = True
-        for c in mine:
-            with contextlib.suppress(Exception):
-                c.close()
+        for held in mine:
+            held.close()
 
     def __enter__(self) -> Self:
         return self
