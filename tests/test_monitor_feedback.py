@@ -103,6 +103,27 @@ def test_thumbs_make_pairs_and_kto_labels(store):
     assert preference_pairs(store, model="other") == [] and kto_rows(store, since=T0 + 10 ** 9) == []
 
 
+def test_a_users_latest_judgement_replaces_their_earlier_one(store):
+    a, b = _log(store, 1, "q", "first"), _log(store, 2, "q", "second")
+    store.add_feedback(Feedback(a, "thumb", value=1, user="ann", time=T0 + 10))
+    store.add_feedback(Feedback(a, "thumb", value=-1, user="ann", time=T0 + 11))   # ann changed her mind
+    store.add_feedback(Feedback(b, "thumb", value=1, time=T0 + 12))                # anonymous: both count
+    store.add_feedback(Feedback(b, "thumb", value=1, time=T0 + 13))
+    assert [(r["completion"], r["label"]) for r in kto_rows(store)] == [("first", False), ("second", True)]
+    store.add_feedback(Feedback(a, "pairwise", other_id=b, value=1, user="bob", time=T0 + 14))
+    store.add_feedback(Feedback(b, "pairwise", other_id=a, value=0, user="bob", time=T0 + 15))   # now a tie
+    assert [p["source"] for p in preference_pairs(store)] == ["thumbs"]
+    assert preference_pairs(store)[0]["chosen"] == "second"
+
+
+def test_openai_text_parts_are_read_as_the_message_text():
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    row = Interaction(id="x", time=T0, model="m", input="hello", request={"messages": parts})
+    assert prompt_of(row) == [{"role": "user", "content": "hello"}]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert prompt_of(Interaction(id="x", time=T0, model="m", input="look", request={"messages": image})) == "look"
+
+
 def test_a_pair_from_both_sources_is_written_once(store):
     a, b = _log(store, 1, "q", "yes"), _log(store, 2, "q", "no")
     store.add_feedback(Feedback(a, "pairwise", other_id=b, value=1))

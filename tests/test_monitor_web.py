@@ -131,6 +131,29 @@ def test_pair_prefers_different_models(served):
         assert "b1" in ids and len(ids) == 2
 
 
+def test_pair_window_leaves_old_interactions_out(store_url):
+    import time
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lmstack.monitor.web import feedback_router
+
+    store = open_store(store_url)
+    now = time.time()
+    store.log_many([Interaction(id="old1", time=now - 7200, model="a", input="old q", output="x"),
+                    Interaction(id="old2", time=now - 7100, model="b", input="old q", output="y"),
+                    Interaction(id="new1", time=now - 60, model="a", input="new q", output="x"),
+                    Interaction(id="new2", time=now - 30, model="b", input="new q", output="y")])
+    app = FastAPI()
+    app.include_router(feedback_router(store, pair_window_s=3600))
+    with TestClient(app) as client:
+        for seed in range(6):
+            body = client.get("/v1/interactions/pair", params={"seed": seed}).json()
+            assert body["prompt"] == "new q"
+    store.close()
+
+
 def test_pages_are_plain_html_calling_relative_urls(served):
     client, _ = served
     review = client.get("/review")

@@ -11,6 +11,9 @@ Pairs (``{"prompt", "chosen", "rejected"}``, :func:`lmstack.align.data.row_to_pa
 - thumbs: per interaction the sum of its thumbs (up +1, down -1); an interaction with a positive sum and one
   with a negative sum answering the same prompt make a pair (every such up/down combination, once).
 
+A named ``user``'s latest thumb on an interaction (or choice on a pair) replaces their earlier ones, so a
+changed mind counts once; feedback without a user all counts.
+
 KTO rows (``{"prompt", "completion", "label"}``, :func:`lmstack.align.data.row_to_unpaired`'s form) are the
 thumbed interactions: a positive sum is desirable (``true``), a negative one undesirable. A pairwise choice
 says which answer is better, not whether either is good, so it gives no KTO label.
@@ -56,14 +59,23 @@ def parse_feedback(payload: Any) -> Feedback:
     return fb
 
 
+def _text(content: Any) -> str | None:
+    """A message's text: a string, or OpenAI's list of text parts joined; None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def prompt_of(row: Interaction) -> str | list[dict[str, str]]:
-    """What the reply answered: the request's chat messages (role and string content) when it had them,
-    else the input text."""
+    """What the reply answered: the request's chat messages (system/user/assistant, text content) when it had
+    them, else the input text."""
     msgs = row.request.get("messages") if isinstance(row.request, dict) else None
-    if isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
-            for m in msgs):
-        out = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and m.get("role") in CHAT_ROLES
+                                               and _text(m.get("content")) is not None for m in msgs):
+        out = [{"role": m["role"], "content": _text(m["content"])} for m in msgs]
         if out[-1]["role"] != "assistant":
             return out
     return row.input
@@ -81,13 +93,20 @@ class _Judged:
         self.rows: dict[str, Interaction] = {}
         self.thumbs: dict[str, float] = {}
         self.pairs: dict[tuple[str, str], float] = {}
-        for fb in store.feedback(since=since):
+        # a named user's latest judgement of a thing replaces their earlier one (a changed mind counts once);
+        # anonymous ones all count
+        votes: dict[tuple[Any, ...], float] = {}
+        for n, fb in enumerate(store.feedback(since=since)):
+            who = fb.user if fb.user is not None else n
             if fb.kind == "thumb":
-                self.thumbs[fb.interaction_id] = self.thumbs.get(fb.interaction_id, 0.0) + fb.value
-            elif fb.kind == "pairwise" and fb.value:
+                votes[("thumb", fb.interaction_id, who)] = fb.value
+            elif fb.kind == "pairwise":
                 a, b = sorted((fb.interaction_id, fb.other_id))
                 sign = 1.0 if a == fb.interaction_id else -1.0   # positive: a preferred
-                self.pairs[(a, b)] = self.pairs.get((a, b), 0.0) + sign * fb.value
+                votes[("pair", (a, b), who)] = sign * fb.value
+        for (kind, what, _), v in votes.items():
+            table = self.thumbs if kind == "thumb" else self.pairs
+            table[what] = table.get(what, 0.0) + v
         wanted = set(self.thumbs) | {i for p in self.pairs for i in p}
         for i in sorted(wanted):
             try:

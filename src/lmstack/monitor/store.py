@@ -677,7 +677,8 @@ class _SQLStore:
                         'OR f."other_id" = interactions."id")')
         where = f" WHERE {' AND '.join(cond)}" if cond else ""
         key = f'"{stratify_by}"' if stratify_by else "NULL"
-        got = self._read(f'SELECT "id", {key} FROM interactions{where} ORDER BY "id"', params)
+        # sorted here, not by the database's collation: the same seed draws the same rows from either backend
+        got = sorted(self._read(f'SELECT "id", {key} FROM interactions{where}', params), key=lambda t: t[0])
         rng = random.Random(seed)
         strata: dict[Any, list[str]] = {}
         for i, k in got:

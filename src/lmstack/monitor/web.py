@@ -23,6 +23,7 @@ one. Store calls run in the server's thread pool (the stores keep one connection
 # runtime, and Request is imported inside feedback_router, where a string annotation could not be resolved
 import json
 import random
+import time
 from typing import Any
 
 from lmstack.errors import LmstackError
@@ -76,9 +77,11 @@ def pick_pair(store: Any, rng: random.Random, since: float | None = None) -> tup
     return (a, b) if rng.random() < 0.5 else (b, a)
 
 
-def feedback_router(store: Any, review_sample: int = 20) -> Any:
+def feedback_router(store: Any, review_sample: int = 20, pair_window_s: float | None = None) -> Any:
     """The router of the module docstring's routes over ``store`` (a :class:`~lmstack.monitor.store.LogStore`);
-    ``review_sample``: how many interactions the review page asks for."""
+    ``review_sample``: how many interactions the review page asks for; ``pair_window_s``: the pairwise page
+    draws from the interactions of this many last seconds (default: all; a bound keeps a big log's pair query
+    short)."""
     from lmstack.extras import require
 
     require("fastapi", "the feedback endpoints (lmstack.monitor.web)")
@@ -132,7 +135,8 @@ def feedback_router(store: Any, review_sample: int = 20) -> Any:
         try:
             seed = _int_param(request.query_params, "seed", None, 0, 2 ** 63 - 1)
             rng = random.Random(seed) if seed is not None else random.Random(random.SystemRandom().random())
-            got = await run_in_threadpool(pick_pair, store, rng)
+            since = None if pair_window_s is None else time.time() - pair_window_s
+            got = await run_in_threadpool(pick_pair, store, rng, since)
         except LmstackError as e:
             return failed(e)
         if got is None:
