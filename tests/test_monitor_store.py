@@ -65,6 +65,17 @@ def test_every_field_round_trips(store):
     assert store.count() == 1
 
 
+def test_nul_characters(store):
+    store.log(_row(0, id="nul", input="a\x00b", meta={"k\x00": ["x\x00"]}))
+    got = store.get("nul")
+    if isinstance(store, PostgresStore):   # PostgreSQL text cannot hold NUL: U+FFFD instead
+        assert (got.input, got.meta) == ("a\ufffdb", {"k\ufffd": ["x\ufffd"]})
+    else:
+        assert (got.input, got.meta) == ("a\x00b", {"k\x00": ["x\x00"]})
+    store.log(_row(1, id="lit", input="\\u0000 is how JSON writes NUL"))   # the six characters stay as they are
+    assert store.get("lit").input == "\\u0000 is how JSON writes NUL"
+
+
 def test_empty_id_gets_a_new_one_and_defaults_round_trip(store):
     a, b = store.log(_row(0)), store.log(_row(1))
     assert a != b and len(a) == 32 and int(a, 16) >= 0

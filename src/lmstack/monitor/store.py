@@ -313,6 +313,17 @@ def _unpack_embedding(b: bytes | memoryview | None) -> list[float] | None:
     return a.tolist()
 
 
+def _nul_free(obj: Any) -> Any:
+    """``obj`` with every NUL character in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(obj, str):
+        return obj.replace("\x00", "\ufffd")
+    if isinstance(obj, dict):
+        return {_nul_free(k): _nul_free(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nul_free(v) for v in obj]
+    return obj
+
+
 def _dumps(obj: Any, name: str) -> str:
     try:
         return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -883,9 +894,8 @@ class PostgresStore(_SQLStore):
 
     def _encode(self, row: Interaction) -> tuple:
         # PostgreSQL text and jsonb cannot hold NUL characters; they become U+FFFD, the replacement character
-        out = super()._encode(row)
-        return tuple(v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd") if isinstance(v, str) else v
-                     for v in out)
+        clean = {name: _nul_free(getattr(row, name)) for name in FIELDS if name != "embedding"}
+        return super()._encode(dataclasses.replace(row, **clean))
 
     def _duplicate(self, e: Exception) -> bool:
         import psycopg
