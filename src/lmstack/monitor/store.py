@@ -121,6 +121,10 @@ class UnknownInteraction(LmstackError):
         self.field = field
 
 
+class DuplicateInteraction(LmstackError):
+    """An interaction id that is already logged."""
+
+
 def new_interaction_id() -> str:
     return uuid.uuid4().hex
 
@@ -170,11 +174,11 @@ def validate_interaction(row: Interaction, where: str = "interaction") -> None:
     for name in ("prompt_name", "route", "arm", "user", "session"):
         if getattr(row, name) is not None and not isinstance(getattr(row, name), str):
             raise bad(name, "a string or null")
-    if row.prompt_version is not None and not _is_int(row.prompt_version):
-        raise bad("prompt_version", "an integer or null")
+    if row.prompt_version is not None and (not _is_int(row.prompt_version) or abs(row.prompt_version) >= 2 ** 31):
+        raise bad("prompt_version", "an integer (below 2**31) or null")
     for name in ("prompt_tokens", "completion_tokens"):
-        if not _is_int(getattr(row, name)) or getattr(row, name) < 0:
-            raise bad(name, "a count (an integer >= 0)")
+        if not _is_int(getattr(row, name)) or not 0 <= getattr(row, name) < 2 ** 31:
+            raise bad(name, "a count (an integer >= 0, below 2**31)")
     if not _is_num(row.latency_s):
         raise bad("latency_s", "seconds (a number)")
     if row.ttft_s is not None and not _is_num(row.ttft_s):
@@ -182,6 +186,7 @@ def validate_interaction(row: Interaction, where: str = "interaction") -> None:
     for name in JSON_FIELDS:
         if not isinstance(getattr(row, name), dict):
             raise bad(name, "a JSON object (a dict)")
+        _dumps(getattr(row, name), name)
     if row.embedding is not None and (not isinstance(row.embedding, (list, tuple))
                                       or not all(_is_num(x) for x in row.embedding)):
         raise bad("embedding", "a list of numbers or null")
@@ -328,7 +333,8 @@ def _dumps(obj: Any, name: str) -> str:
     try:
         return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
-        raise LmstackError(f"interaction: '{name}' must hold JSON values only (no NaN/inf, no objects): {e}") from None
+        raise FieldError(f"interaction: '{name}' must hold JSON values only (no NaN/inf, no objects): {e}",
+                         name) from None
 
 
 def _seconds(older_than: float | timedelta) -> float:
@@ -530,8 +536,8 @@ class _SQLStore:
                 cur.executemany(self._insert_sql(), prepared)
         except Exception as e:
             if self._duplicate(e):
-                raise LmstackError(f"{self.url}: an interaction with one of the ids {ids[:5]} is already logged; "
-                                   "leave 'id' empty for a new one") from None
+                raise DuplicateInteraction(f"{self.url}: an interaction with one of the ids {ids[:5]} is already "
+                                           "logged; leave 'id' empty for a new one") from None
             raise
         return ids
 
