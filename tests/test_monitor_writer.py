@@ -126,7 +126,7 @@ def test_a_duplicate_is_dropped_and_the_rest_of_its_batch_written(tmp_path):
 def test_close_gives_up_on_a_store_that_stays_down(tmp_path):
     real = open_store(tmp_path / "log.db")
     flaky = FlakyStore(real)
-    writer = BackgroundWriter(flaky, max_queue=1, retry_s=0.01).start()
+    writer = BackgroundWriter(flaky, retry_s=0.01).start()
     writer.submit(_row(0))
     writer.submit(_row(1))
     writer.close(timeout=0.3)        # returns, and the thread ends: the rows are counted as abandoned
