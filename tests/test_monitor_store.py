@@ -303,6 +303,22 @@ def test_a_finished_threads_connection_is_closed(store):
         assert sessions == [(1,)]
 
 
+def test_a_killed_postgres_connection_is_one_error_then_reconnected(pg_server):
+    import psycopg
+    from monitor_pg import fresh_database
+
+    store = open_store(fresh_database(pg_server))
+    store.log(_row(0))
+    pid = store._read("SELECT pg_backend_pid()")[0][0]
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(LmstackError, match="lost the connection to PostgreSQL .*; the next call reconnects"):
+        store.log(_row(1))
+    store.log(_row(2))
+    assert store.count() == 2 and store._read("SELECT pg_backend_pid()")[0][0] != pid
+    store.close()
+
+
 def test_stores_opening_together_migrate_once(store_url):
     errors, stores = [], []
 

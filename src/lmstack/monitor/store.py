@@ -395,7 +395,9 @@ class _SQLStore:
         held = getattr(self._local, "held", None)
         if held is not None:
             if held.pid == os.getpid():
-                return held.conn
+                if self._alive(held.conn):
+                    return held.conn
+                held.close()   # broken (a server restarted, a connection killed): a new one below
             # inherited through fork, the parent's: never used here, and kept referenced, since collecting a
             # PostgreSQL connection would say goodbye on the parent's socket
             _INHERITED.append(held.conn)
@@ -404,6 +406,9 @@ class _SQLStore:
             self._held.add(held)
         self._local.held = held
         return held.conn
+
+    def _alive(self, conn: Any) -> bool:
+        return True
 
     def close(self) -> None:
         """Close every connection this process opened (each thread's)."""
@@ -762,6 +767,11 @@ class SQLiteStore(_SQLStore):
             # connection serves one thread (the per-thread registry), so it may be closed from another.
             conn = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
+        except sqlite3.DatabaseError as e:
+            raise LmstackError(f"{self.path}: cannot open the SQLite log store ({e})") from None
+        except OSError as e:
+            raise LmstackError(f"{self.path}: cannot create the log store ({e.strerror})") from None
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
             self._wal(conn)
@@ -769,10 +779,9 @@ class SQLiteStore(_SQLStore):
             # last transactions (never corrupts)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
+            conn.close()
             raise LmstackError(f"{self.path}: cannot open the SQLite log store ({e}); give a new path or an "
                                "lmstack log store file") from None
-        except OSError as e:
-            raise LmstackError(f"{self.path}: cannot create the log store ({e.strerror})") from None
         return conn
 
     def _wal(self, conn: sqlite3.Connection) -> None:
@@ -876,11 +885,23 @@ class PostgresStore(_SQLStore):
             raise LmstackError(f"{self.url}: cannot connect to PostgreSQL ({why[:200]}); start the server or fix "
                                "host, port, user, password or database in the URL") from None
 
+    def _alive(self, conn: Any) -> bool:
+        return not (conn.closed or conn.broken)
+
+    def _lost(self, e: Exception) -> LmstackError:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        return LmstackError(f"{self.url}: lost the connection to PostgreSQL ({why}); the next call reconnects")
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:
+        import psycopg
+
         conn = self._conn()
-        with conn.transaction(), conn.cursor() as cur:
-            yield cur
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except psycopg.OperationalError as e:
+            raise self._lost(e) from None
 
     def _lock_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._LOCK_KEY,))
@@ -894,6 +915,8 @@ class PostgresStore(_SQLStore):
                 return cur.fetchall()
         except psycopg.errors.UndefinedTable:
             raise LmstackError(f"{self.url}: not an lmstack log store (open it with open_store)") from None
+        except psycopg.OperationalError as e:
+            raise self._lost(e) from None
 
     def _has_table(self, name: str) -> bool:
         return self._read("SELECT to_regclass(?)", (name,))[0][0] is not None
