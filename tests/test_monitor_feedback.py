@@ -42,6 +42,8 @@ def _log(store, i, prompt, output, model="m", messages=None):
     ({"interaction_id": "a", "kind": "thumb", "value": 1, "other_id": "b"}, "other_id", "pairwise choices only"),
     ({"interaction_id": 7, "kind": "thumb", "value": 1}, "interaction_id", "'interaction_id' must be the id"),
     ({"interaction_id": "a", "kind": "like", "value": 1}, "kind", "'kind' must be one of"),
+    ({"interaction_id": "a", "kind": "comment", "text": "x" * 10_001}, "text", "longer than 10000 characters"),
+    ({"interaction_id": "a", "kind": "thumb", "value": float("nan")}, "value", "'value' of a thumb must be 1"),
 ])
 def test_malformed_payloads_name_the_field(payload, field, message):
     with pytest.raises(FieldError) as e:

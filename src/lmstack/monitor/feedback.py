@@ -33,6 +33,7 @@ from lmstack.errors import LmstackError
 from lmstack.monitor.store import Feedback, FieldError, Interaction, validate_feedback
 
 PAYLOAD_FIELDS = ("interaction_id", "kind", "value", "text", "other_id", "user")
+MAX_TEXT = 10_000   # characters of a comment (or user name) a payload may carry
 CHAT_ROLES = ("system", "user", "assistant")   # what align's readers take; other requests fall back to the input
 
 
@@ -51,6 +52,10 @@ def parse_feedback(payload: Any) -> Feedback:
     value = payload.get("value")
     if isinstance(value, bool) or (value is not None and not isinstance(value, (int, float))):
         raise FieldError(f"feedback: 'value' must be a number, got {value!r:.40}", "value")
+    for name in ("text", "user"):
+        got = payload.get(name)
+        if isinstance(got, str) and len(got) > MAX_TEXT:
+            raise FieldError(f"feedback: '{name}' is longer than {MAX_TEXT} characters ({len(got)})", name)
     fb = Feedback(interaction_id=payload["interaction_id"], kind=payload["kind"], value=value,
                   text=payload.get("text"), other_id=payload.get("other_id"), user=payload.get("user"))
     validate_feedback(fb)
