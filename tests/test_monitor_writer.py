@@ -145,3 +145,20 @@ def test_a_malformed_row_is_refused_at_submit(tmp_path):
     with pytest.raises(FieldError, match="'prompt_tokens' must be a count"):
         writer.submit(_row(0, prompt_tokens=2 ** 40))
     store.close()
+
+
+def test_interaction_from_an_openai_request():
+    from lmstack.monitor.store import interaction_from_request, request_input
+
+    chat = {"model": "stories", "temperature": 0.2, "max_tokens": 9, "user": "u7",
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
+                         {"role": "assistant", "content": "ok"},
+                         {"role": "user", "content": [{"type": "text", "text": "sec"}, {"type": "text", "text": "ond"}]}]}
+    row = interaction_from_request(chat, "reply", model="stories", time=T0, finish_reason="stop", prompt_tokens=12,
+                                   completion_tokens=3, latency_s=0.5, ttft_s=0.1, arm="B")
+    assert (row.input, row.output, row.user, row.arm, row.time) == ("second", "reply", "u7", "B", T0)
+    assert row.params == {"temperature": 0.2, "max_tokens": 9} and row.request == chat and row.id == ""
+    assert request_input({"prompt": "Once upon"}) == "Once upon" == request_input({"prompt": ["Once upon"]})
+    assert request_input({"prompt": [1, 2, 3]}) == "[1, 2, 3]" and request_input({}) == ""
+    with pytest.raises(FieldError, match="'completion_tokens' must be a count"):
+        interaction_from_request(chat, "x", model="m", completion_tokens=-1)

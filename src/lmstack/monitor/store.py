@@ -149,6 +149,43 @@ def interaction_from_dict(d: dict[str, Any], where: str = "row") -> Interaction:
     return row
 
 
+# the request fields that are sampling parameters (copied into Interaction.params)
+SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                   "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "stream")
+
+
+def request_input(body: dict[str, Any]) -> str:
+    """The input of an OpenAI-style request body: the last user message of ``messages`` (text parts joined),
+    else ``prompt`` (a string; a list of token ids as JSON), else ""."""
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in reversed(msgs):
+            if isinstance(m, dict) and m.get("role") == "user":
+                c = m.get("content")
+                if isinstance(c, list):
+                    return "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+                return c if isinstance(c, str) else ""
+        return ""
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        return p[0]
+    return p if isinstance(p, str) else (json.dumps(p) if p is not None else "")
+
+
+def interaction_from_request(body: dict[str, Any], output: str, *, model: str, time: float | None = None,
+                             **fields: Any) -> Interaction:
+    """The row a server logs for one request: ``input`` from the body (:func:`request_input`), ``request`` the
+    body itself, ``params`` its sampling fields; ``fields`` sets the rest (finish_reason, prompt_tokens,
+    completion_tokens, latency_s, ttft_s, model_version, route, arm, user, session, prompt_name, ...)."""
+    params = {k: body[k] for k in SAMPLING_FIELDS if k in body}
+    user = body.get("user") if isinstance(body.get("user"), str) else None
+    row = Interaction(id=fields.pop("id", ""), time=_time.time() if time is None else time, model=model,
+                      input=request_input(body), request=dict(body), output=output, params=params,
+                      user=fields.pop("user", user), **fields)
+    validate_interaction(row)
+    return row
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
