@@ -61,7 +61,8 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(run), "--port", str(port),
-                             "--device", "cpu", "--api-key", "sekrit"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--api-key", "sekrit", "--log-store", str(tmp_path / "log.db")],
+                            env=env, stderr=subprocess.PIPE, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sekrit", max_retries=0)
         while True:   # bounded by the test timeout
@@ -80,6 +81,11 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    from lmstack.monitor.store import open_store
+
+    with open_store(tmp_path / "log.db", create=False) as store:   # --log-store kept the interaction
+        row = store.get(r.id)
+        assert row.input == "the cat" and row.output == r.choices[0].text and row.model == "tiny"
 
 
 def test_a_chat_template_that_fails_to_render_is_one_line_exit_2(tmp_path, capsys):
@@ -99,3 +105,6 @@ def test_a_chat_template_that_fails_to_render_is_one_line_exit_2(tmp_path, capsy
 def test_bad_embedder_and_timeout_are_one_line_exit_2(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--port", str(_free_port()), "--request-timeout", "0"]) == 2
     assert capsys.readouterr().err == "error: --request-timeout: must be > 0 seconds, got 0.0\n"
+    assert main(["serve", str(tmp_path), "--port", str(_free_port()), "--log-store", "mysql://x/y"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown scheme 'mysql'" in err

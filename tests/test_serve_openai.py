@@ -378,17 +378,20 @@ def test_auto_tool_choice_parses_a_call_in_the_text():
 
 
 def test_feedback_is_stored_against_the_response_id(server, client):
-    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=3, temperature=0)
-    log = server[1].state.server.log
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=3, temperature=0, user="u1")
+    store = server[1].state.server.log
+    row = store.get(r.id)                                   # logged under the response id before it returned
+    assert row.output == r.choices[0].message.content and row.route == "chat" and row.user == "u1"
+    assert row.completion_tokens == r.usage.completion_tokens and row.input == CHAT[-1]["content"]
     url = server[0] + "/v1/feedback"
-    assert httpx.post(url, json={"interaction_id": r.id, "kind": "thumb", "value": 1}).json() == {"ok": True}
+    assert httpx.post(url, json={"interaction_id": r.id, "kind": "thumb", "value": 1}).status_code == 200
     assert httpx.post(url, json={"interaction_id": r.id, "kind": "comment", "text": "nice"}).status_code == 200
-    row = log.interactions[r.id] if hasattr(log, "interactions") else log.get(r.id)
-    assert row is not None
+    assert sorted(f.kind for f in store.feedback(r.id)) == ["comment", "thumb"]
     unknown = httpx.post(url, json={"interaction_id": "chatcmpl-nope", "kind": "thumb", "value": 1})
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "interaction_id"
     malformed = httpx.post(url, json={"interaction_id": r.id, "kind": "thumb", "value": 5})
     assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "value"
+    assert httpx.get(server[0] + "/review").status_code == 200
     assert client_ok(server[0])
 
 

@@ -17,7 +17,8 @@ request at temperature 0 answers what ``complete`` answers. Errors carry OpenAI'
 429 when the queue is full.
 
 Every finished request is recorded in the interaction log (``log_store``: a :mod:`lmstack.monitor` store; by
-default an in-memory one) under its response id, which is what ``/v1/feedback`` takes.
+default a SQLite file for the server's lifetime) under its response id, which is what ``/v1/feedback`` (and the
+``/review`` and ``/pairwise`` pages of :func:`lmstack.monitor.web.feedback_router`) take.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import base64
 import contextlib
 import json
 import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -40,7 +44,7 @@ from lmstack.errors import LmstackError
 from lmstack.extras import require
 
 require("fastapi", "lmstack serve")
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -66,25 +70,6 @@ class Parsed:
     input_text: str = ""              # the last user message or the prompt, for the interaction log
 
 
-class MemoryLog:
-    """The interaction log when no store is given: the last ``keep`` interactions and their feedback, in memory."""
-
-    def __init__(self, keep: int = 10_000):
-        self.keep = keep
-        self.interactions: dict[str, dict[str, Any]] = {}
-        self.feedback: list[dict[str, Any]] = []
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.interactions[row["id"]] = row
-        while len(self.interactions) > self.keep:
-            self.interactions.pop(next(iter(self.interactions)))
-
-    def add_feedback(self, fb: dict[str, Any]) -> None:
-        if fb["interaction_id"] not in self.interactions:
-            raise LmstackError(f"no interaction {fb['interaction_id']!r} in this server's log")
-        self.feedback.append(fb)
-
-
 class Server:
     """The state behind the routes: the model, its engine, and the request rules."""
 
@@ -99,7 +84,7 @@ class Server:
         self.ctx = int(model.config.max_seq_len)
         self.created = int(time.time())
         self.embedder, self.embedder_name = embedder, embedder_name
-        self.log = log_store if log_store is not None else MemoryLog()
+        self.log = log_store                 # a lmstack.monitor LogStore
         self.hf_template = getattr(tokenizer, "chat_template", None) is not None
 
     def parse(self, body: Mapping[str, Any], chat: bool) -> Parsed:
@@ -219,23 +204,25 @@ class Server:
         return ([req.token_ids[k] for k in keep], [lps[k] for k in keep if k < len(lps)],
                 [tops[k] for k in keep if k < len(tops)])
 
-    def record(self, rid: str, parsed: Parsed, reqs: list[Request], texts: list[str], chat: bool,
-               started: float) -> None:
-        """One interaction-log row per response (all of its choices), keyed by the response id."""
+    async def record(self, rid: str, body: Mapping[str, Any], parsed: Parsed, reqs: list[Request],
+                     texts: list[str], chat: bool, started: float) -> None:
+        """One interaction-log row per response (all of its choices), under the response id, written before the
+        response ends (so feedback on it can follow at once); a failing store is reported, not raised."""
+        from starlette.concurrency import run_in_threadpool
+
+        from lmstack.monitor.store import interaction_from_request
+
         r0 = reqs[0]
         ttft = (r0.first_token_at - r0.submitted) if r0.first_token_at is not None else None
-        cfg = parsed.config
-        row = {"id": rid, "time": time.time(), "model": self.model_name, "route": "chat" if chat else "completions",
-               "user": parsed.user, "input": parsed.input_text, "output": texts[0] if texts else "",
-               "finish_reason": r0.finish_reason or "", "prompt_tokens": len(parsed.ids),
-               "completion_tokens": sum(len(r.token_ids) for r in reqs), "latency_s": time.monotonic() - started,
-               "ttft_s": ttft, "params": {"temperature": cfg.temperature if cfg.do_sample else 0.0,
-                                          "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                                          "n": parsed.n},
-               "meta": {"choices": texts} if len(texts) > 1 else {}}
         try:
-            self.log.log(row)
-        except Exception as e:  # noqa: BLE001  (a failing log store must not fail the answer; it is reported)
+            row = interaction_from_request(
+                dict(body), texts[0] if texts else "", model=self.model_name, id=rid,
+                route="chat" if chat else "completions", finish_reason=r0.finish_reason or "",
+                prompt_tokens=len(parsed.ids), completion_tokens=sum(len(r.token_ids) for r in reqs),
+                latency_s=time.monotonic() - started, ttft_s=ttft,
+                meta={"choices": texts} if len(texts) > 1 else {})
+            await run_in_threadpool(self.log.log, row)
+        except Exception as e:  # noqa: BLE001  (the answer must not fail because the log did)
             print(f"[serve] interaction log: {type(e).__name__}: {e}", flush=True)
 
 
@@ -268,6 +255,13 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     ``log_store``: where interactions and feedback go (an object with ``log(row)`` and ``add_feedback(fb)``).
     ``prefill_chunk``: prompt ids prefilled per decode step (None: whole prompts at admission);
     ``prefix_cache_tokens``: positions of finished prefills kept for prompts sharing a prefix (0: off)."""
+    from lmstack.monitor.store import open_store
+    from lmstack.monitor.web import feedback_router
+
+    scratch = None
+    if log_store is None:   # no store given: a SQLite file for this server's lifetime, removed when it stops
+        scratch = tempfile.mkdtemp(prefix="lmstack-serve-log-")
+        log_store = open_store(Path(scratch) / "interactions.db")
     srv = Server(model, tokenizer, model_name, max_batch, max_queue, scheduling, request_timeout, embedder,
                  embedder_name or ("embeddings" if embedder is not None else None), log_store, prefill_chunk,
                  prefix_cache_tokens)
@@ -279,6 +273,9 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             yield
         finally:
             srv.engine.stop()
+            if scratch is not None:
+                log_store.close()
+                shutil.rmtree(scratch, ignore_errors=True)
 
     app = FastAPI(title="lmstack", lifespan=lifespan)
     app.state.server = srv
@@ -404,7 +401,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                 ts = srv.text_stream(cfg)
                 texts.append(ts.push(toks) + ts.finish())
                 choices.append(choice(i, texts[-1], r.finish_reason, logprobs_of(*srv.shown(r, cfg))))
-            srv.record(rid, parsed, reqs, texts, chat, started)
+            await srv.record(rid, body, parsed, reqs, texts, chat, started)
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                     "usage": usage(sum(map(len, outs)))}
 
@@ -456,7 +453,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             text += tail
             last = choice(0, (text if hold else pending + tail), req.finish_reason, lp_chunk(), delta=True)
             yield sse([last])
-            srv.record(rid, parsed, reqs, [text], chat, started)
+            await srv.record(rid, body, parsed, reqs, [text], chat, started)
             if parsed.include_usage:
                 yield sse([], usage=usage(len(req.token_ids)))
             yield "data: [DONE]\n\n"
@@ -504,31 +501,10 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
         return {"object": "list", "data": data, "model": srv.embedder_name,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    @app.post("/v1/feedback")
-    async def feedback(request: HttpRequest) -> Any:
+    # thumbs, comments and pairwise choices on logged answers; the review and pairwise pages (lmstack.monitor)
+    def require_key(request: HttpRequest) -> None:
         check_key(request)
-        body = await read_body(request)
-        rid = body.get("interaction_id")
-        if not isinstance(rid, str) or not rid:
-            raise p.bad("interaction_id", "required: the id of the response (chatcmpl-...)")
-        kind = body.get("kind")
-        if kind == "thumb":
-            value = body.get("value")
-            if value not in (1, -1) or isinstance(value, bool):
-                raise p.bad("value", "a thumb is 1 (up) or -1 (down)")
-            fb: dict[str, Any] = {"interaction_id": rid, "kind": kind, "value": value}
-        elif kind == "comment":
-            text = body.get("text")
-            if not isinstance(text, str) or not text.strip() or len(text) > 10_000:
-                raise p.bad("text", "a comment is a non-empty string of at most 10000 characters")
-            fb = {"interaction_id": rid, "kind": kind, "text": text}
-        else:
-            raise p.bad("kind", f"must be thumb or comment, got {kind!r}")
-        fb["time"] = time.time()
-        try:
-            srv.log.add_feedback(fb)
-        except LmstackError as e:
-            raise ApiError(404, str(e), "interaction_id", "not_found") from None
-        return {"ok": True}
+
+    app.include_router(feedback_router(srv.log), dependencies=[Depends(require_key)])
 
     return app

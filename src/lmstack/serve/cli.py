@@ -124,6 +124,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise LmstackError(f"--request-timeout: must be > 0 seconds, got {args.request_timeout}")
+    log_store = None
+    if args.log_store is not None:   # before the model loads: a bad URL or an unreachable server fails fast
+        from lmstack.monitor.store import open_store
+
+        log_store = open_store(args.log_store)
     model, tok = load_run(args.run_dir, device=args.device, prefer=("chat_model", "pretrain"))
     check_chat_template(tok)
     embedder, embedder_name = None, None
@@ -136,11 +141,6 @@ def _serve(args: argparse.Namespace) -> int:
         embedder = Embedder(folder, device=str(next(model.parameters()).device))
         _ = embedder.dim   # loads it now: a broken folder fails at start-up, not on the first request
         embedder_name = args.embedder_name or (folder.parent.name if folder.name == "model" else folder.name)
-    log_store = None
-    if args.log_store is not None:
-        from lmstack.monitor.store import open_store
-
-        log_store = open_store(args.log_store)
     name = args.model_name or Path(args.run_dir).resolve().name
     app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                      scheduling=args.scheduling, request_timeout=args.request_timeout, embedder=embedder,
