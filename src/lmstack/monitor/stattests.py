@@ -255,10 +255,9 @@ def _mmd2_from_kernel(k: np.ndarray, n: int) -> float:
     return float(sxx + syy - 2 * kxy.mean())
 
 
-def mmd(reference: Any, current: Any, threshold: float = 0.05, n_permutations: int = 200, seed: int = 0,
-        bandwidth: float | None = None) -> Result:
-    """MMD^2 (unbiased, RBF kernel, median-heuristic bandwidth over the pooled sample) with a permutation
-    p-value (1 + #perm >= observed) / (1 + n_permutations); drifted when p < threshold."""
+def mmd_permutation(reference: Any, current: Any, n_permutations: int = 200, seed: int = 0,
+                    bandwidth: float | None = None) -> tuple[float, np.ndarray]:
+    """(observed MMD^2, its permutation null: MMD^2 of ``n_permutations`` random relabellings of the pool)."""
     x, y = np.asarray(reference, float), np.asarray(current, float)
     if x.ndim == 1:
         x, y = x[:, None], y[:, None]
@@ -269,12 +268,19 @@ def mmd(reference: Any, current: Any, threshold: float = 0.05, n_permutations: i
     k = np.exp(-_sq_dists(pooled, pooled) / (2 * bw**2))
     observed = _mmd2_from_kernel(k, len(x))
     rng = np.random.default_rng(seed)
-    count = 0
-    for _ in range(n_permutations):
+    null = np.empty(n_permutations)
+    for i in range(n_permutations):
         idx = rng.permutation(len(pooled))
-        if _mmd2_from_kernel(k[np.ix_(idx, idx)], len(x)) >= observed:
-            count += 1
-    p = (count + 1) / (n_permutations + 1)
+        null[i] = _mmd2_from_kernel(k[np.ix_(idx, idx)], len(x))
+    return observed, null
+
+
+def mmd(reference: Any, current: Any, threshold: float = 0.05, n_permutations: int = 200, seed: int = 0,
+        bandwidth: float | None = None) -> Result:
+    """MMD^2 (unbiased, RBF kernel, median-heuristic bandwidth over the pooled sample; Gretton et al. 2012) with
+    a permutation p-value (1 + #perm >= observed) / (1 + n_permutations); drifted when p < threshold."""
+    observed, null = mmd_permutation(reference, current, n_permutations, seed, bandwidth)
+    p = (int(np.sum(null >= observed)) + 1) / (n_permutations + 1)
     return Result(observed, p, threshold, p < threshold)
 
 
