@@ -23,7 +23,7 @@ import math
 import operator
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,3 @@ def window_metrics(rows: Sequence[dict[str, Any]], window_s: float = 3600.0) -> 
         out.append((w * window_s, m))
     return out
 
-
-def event_dict(rule: Rule) -> dict[str, Any]:
-    return asdict(rule)

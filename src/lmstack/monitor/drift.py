@@ -58,7 +58,7 @@ class DriftConfig:
     reference: str = "seasonal"
     alpha: float = 0.01
     consecutive: int = 3
-    clear_after: int = 2
+    clear_after: int = 3
     signals: tuple[str, ...] | None = None
     min_rows: int = 10
     max_window_rows: int = 200
@@ -263,6 +263,8 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
             vals = calib[s]
             if len(vals) >= 5:
                 thresholds[s] = float(np.quantile(vals, 1 - cfg.alpha, method="higher"))
+                if KIND[s] == "rate":  # score == raw |z| there: show the floor in the threshold itself
+                    thresholds[s] = max(thresholds[s], STATIC_THRESHOLD["rate"])
 
     first, last = min(cur_groups), max(cur_groups)
     n_windows = last - first + 1
