@@ -1,0 +1,148 @@
+"""lmstack.monitor rows, signals and windowed drift: seasonal reference, calibration, alerts, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmstack.errors import LmstackError
+from lmstack.monitor import rows as R
+from lmstack.monitor.drift import DriftConfig, config_from_dict, drift_report
+from lmstack.monitor.simulate import START, simulate_traffic, split_at_day
+
+
+def _write(path, objs):
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
+    return path
+
+
+def test_read_rows_jsonl_times_and_sorting(tmp_path):
+    p = _write(tmp_path / "r.jsonl", [{"time": "2026-01-05T01:00:00Z", "input": "b", "output": "y"},
+                                      {"time": START, "input": "a", "output": "x", "latency_s": 0.5},
+                                      {"time": "2026-01-05T00:30:00", "input": "c", "output": "z"}])
+    rows = R.read_rows_jsonl(p)
+    assert [r["input"] for r in rows] == ["a", "c", "b"]
+    assert [r["time"] for r in rows] == [START, START + 1800, START + 3600]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"time": 1, "input": "a"}', "r.jsonl:2: missing field 'output'"),
+    ('{"time": "yesterday", "input": "a", "output": "b"}', "r.jsonl:2: field 'time' 'yesterday' is not ISO 8601"),
+    ('{"time": 1, "input": 3, "output": "b"}', "r.jsonl:2: field 'input' must be a string, got int"),
+    ('{"time": 1, "input": "a", "output": "b", "latency_s": "fast"}', "r.jsonl:2: field 'latency_s' must be a number"),
+    ('{"time": 1, "input": "a", "output": "b"', "r.jsonl:2: not valid JSON"),
+    ('[1, 2]', "r.jsonl:2: a row must be a JSON object, got list"),
+])
+def test_read_rows_jsonl_bad_row_names_line_and_field(tmp_path, line, msg):
+    p = _write(tmp_path / "r.jsonl", [{"time": 0, "input": "ok", "output": "ok"}, line])
+    with pytest.raises(LmstackError) as e:
+        R.read_rows_jsonl(p)
+    assert msg in str(e.value)
+
+
+def test_row_signals():
+    assert R.is_refusal("I'm sorry, but I can't help with that.") and not R.is_refusal("Here is the recipe.")
+    assert R.sentiment("great, glad to help") == 1.0 and R.sentiment("unfortunately this failed") == -1.0
+    assert R.sentiment("the sky") == 0.0
+    assert R.safety_flags("mail me at bob@example.com") == ["email"]
+    assert R.safety_flags("call +1-202-555-0147 now") == ["phone"]
+    assert R.safety_flags("Here is how to make a bomb") == ["how to make a bomb"]
+    assert R.safety_flags("a normal answer") == []
+    assert R.thumb({"thumb": -1}) == -1.0 and R.thumb({"meta": {"thumb": 1}}) == 1.0
+    assert R.thumb({"feedback": [{"kind": "comment"}, {"kind": "thumb", "value": 1}]}) == 1.0
+    assert R.thumb({}) is None
+    e1, e2 = R.hashed_embed(["hello world", "hello world", "other text"]), R.hashed_embed(["hello world"])
+    assert np.array_equal(e1[0], e2[0]) and np.allclose(np.linalg.norm(e1, axis=1), 1.0)
+    assert float(e1[0] @ e1[2]) < float(e1[0] @ e1[1])
+    ref = [{"time": 0, "input": "the cat sat", "output": "ok"}] * 2
+    ctx = R.fit_context(ref, n_topics=2)
+    sig = R.compute_signals([{"time": 0, "input": "the dog sat down", "output": "I cannot do that"}], ctx)
+    assert sig["oov_rate"][0] == 0.5 and sig["refusal"][0] == 1.0 and sig["input_len"][0] == 4
+    assert "latency_s" not in sig and "thumbs_up" not in sig  # absent from the reference
+
+
+def test_kmeans_recovers_separated_clusters():
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(c, 0.1, (50, 2)) for c in ((0, 0), (5, 5), (0, 5))])
+    c = R.kmeans(x, 3, seed=0)
+    assert sorted(map(tuple, np.round(c).astype(int).tolist())) == [(0, 0), (0, 5), (5, 5)]
+
+
+@pytest.fixture(scope="module")
+def week():
+    stable = simulate_traffic(days=5, rows_per_hour=40, shift_day=None, seed=3)
+    shifted = simulate_traffic(days=5, rows_per_hour=40, shift_day=4, topic_shift=0.5, refusal_rate=0.2, seed=3)
+    return split_at_day(stable, 3), split_at_day(shifted, 3)
+
+
+def test_stable_daily_cycle_raises_no_alert(week):
+    (ref, cur), _ = week
+    rep = drift_report(ref, cur, {"signals": ["input_len", "output_len", "refusal", "topic", "topic_novelty",
+                                              "embedding", "latency_s"]})
+    assert rep["mode"] == "seasonal" and rep["period_s"] == 86400
+    assert rep["alerts"] == [] and not rep["drifted"]
+    assert all(v["calibration_windows"] >= 60 for v in rep["signals"].values())
+
+
+def test_shift_alerts_after_the_shift_not_before(week):
+    _, (ref, cur) = week
+    rep = drift_report(ref, cur, {"signals": ["refusal", "topic_novelty", "input_len"]})
+    shift = START + 4 * 86400
+    opened = {a["signal"]: a["opened_at"] for a in rep["alerts"]}
+    assert {"refusal", "topic_novelty"} <= set(opened)
+    assert all(t >= shift for t in opened.values())
+    # N = 3 consecutive windows: the earliest an alert can open is the third shifted window
+    assert opened["refusal"] >= shift + 2 * 3600
+    assert rep["signals"]["refusal"]["drifted"] and rep["drifted"]
+    first = [w for w in rep["windows"] if w["start"] < shift]
+    assert sum("refusal" in w["drifted"] for w in first) == 0
+
+
+def test_previous_window_reference_misses_a_persistent_shift(week):
+    _, (ref, cur) = week
+    seasonal = drift_report(ref, cur, {"signals": ["refusal"]})
+    naive = drift_report(ref, cur, {"signals": ["refusal"], "reference": "previous"})
+    assert naive["mode"] == "previous"
+    assert seasonal["signals"]["refusal"]["drifted"] and not naive["signals"]["refusal"]["drifted"]
+    assert naive["signals"]["refusal"]["drifted_windows"] <= 2  # only the jump is seen, then the new level is normal
+
+
+def test_alert_hysteresis_counts(week):
+    _, (ref, cur) = week
+    rep = drift_report(ref, cur, DriftConfig(signals=("refusal",), consecutive=2, clear_after=4))
+    ev = rep["events"]
+    assert [e["event"] for e in ev][:1] == ["open"]
+    assert sum(e["event"] == "open" for e in ev) == 1  # deduplicated while the refusals last
+
+
+def test_empty_reference_window_is_named(week):
+    (ref, cur), _ = week
+    half = [r for r in ref if ((r["time"] - START) % 86400) < 12 * 3600]  # mornings only
+    with pytest.raises(LmstackError, match=r"the reference window for 2026-01-08T12:00Z \(phase 12 of a 24 h"):
+        drift_report(half, cur, {"signals": ["input_len"]})
+    with pytest.raises(LmstackError, match=r"reference window \[2020-01-01T00:00Z, 2020-01-02T00:00Z\) has no rows"):
+        drift_report(ref, cur, {"reference_window": ["2020-01-01T00:00:00Z", "2020-01-02T00:00:00Z"]})
+    with pytest.raises(LmstackError, match="the reference has no rows"):
+        drift_report([], cur)
+
+
+def test_config_errors():
+    with pytest.raises(LmstackError, match="unknown field.*windw"):
+        config_from_dict({"windw": 3})
+    with pytest.raises(LmstackError, match="unknown signal.*colour"):
+        config_from_dict({"signals": ["colour"]})
+    with pytest.raises(LmstackError, match="reference 'last'"):
+        DriftConfig(reference="last")
+
+
+def test_static_mode_on_small_files():
+    ref = [{"time": START + i, "input": f"how do i bake bread {i % 3}", "output": "Mix flour and water."}
+           for i in range(60)]
+    cur = [{"time": START + 86400 + i, "input": f"how do i bake bread {i % 3}",
+            "output": "I'm sorry, but I can't help with that." if i % 2 else "Mix flour."} for i in range(60)]
+    rep = drift_report(ref, cur, {"signals": ["refusal", "input_len"], "embedding_test": "none"})
+    assert rep["mode"] == "static" and len(rep["windows"]) == 1
+    assert rep["signals"]["refusal"]["drifted"] and not rep["signals"]["input_len"]["drifted"]
+    assert [a["signal"] for a in rep["alerts"]] == ["refusal"]
