@@ -97,15 +97,19 @@ def render_dashboard(rows: Sequence[dict[str, Any]], drift: dict[str, Any] | Non
         fig, ax = plt.subplots(figsize=(10, 3.6))
         for s in signals:
             ys = [(w["statistics"][s]["score"] / w["statistics"][s]["threshold"]
-                   if s in w["statistics"] and w["statistics"][s]["threshold"] else None) for w in wins]
-            ax.plot(wt, [y if y is not None else float("nan") for y in ys], label=s, lw=1)
+                   if s in w["statistics"] and w["statistics"][s]["threshold"]
+                   else (100.0 if s in w["statistics"] and w["statistics"][s]["score"] > 0 else
+                         (0.01 if s in w["statistics"] else None))) for w in wins]
+            # clipped to [0.01, 100] on a log axis: a threshold of 0 (a constant reference) shows as 100
+            ax.plot(wt, [min(max(y, 0.01), 100.0) if y is not None else float("nan") for y in ys], label=s, lw=1)
         ax.axhline(1.0, color="black", lw=1)
         mark_alerts(ax)
-        ax.set_yscale("symlog")
+        ax.set_yscale("log")
         ax.set_ylabel("statistic / threshold")
         ax.legend(loc="upper left", fontsize=7, ncol=4)
         parts += [f"<h2>Drift ({html.escape(drift['mode'])} reference, period {drift['period_s'] / 3600:g} h)</h2>",
-                  "<p>Each signal's window statistic over its calibrated threshold (above 1: drifted); dashed red "
+                  "<p>Each signal's window statistic over its calibrated threshold (above 1: drifted, log scale, clipped "
+                  "to [0.01, 100]); dashed red "
                   "lines: alerts opened.</p>", f'<img src="{_png(fig)}" alt="drift">']
         parts.append(_table(["signal", "test", "threshold", "last", "max", "drifted windows", "alert"],
                             [[s, v["test"], v["threshold"], v["statistic"], v["max_statistic"],

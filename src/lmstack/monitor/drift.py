@@ -190,9 +190,10 @@ def _period(config: DriftConfig, span: float) -> float:
 
 
 def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], config: DriftConfig | Mapping | None = None,
-                 embed: Embed | None = None) -> dict[str, Any]:
+                 embed: Embed | None = None, sinks: Sequence[Any] = ()) -> dict[str, Any]:
     """Per-window, per-signal drift statistics of ``current_rows`` against ``reference_rows``, their calibrated
-    thresholds, and the alerts (see the module docstring). Returns a JSON-ready dict."""
+    thresholds, and the alerts (see the module docstring); alert events also go to ``sinks``
+    (:mod:`lmstack.monitor.alerts`). Returns a JSON-ready dict."""
     cfg = config if isinstance(config, DriftConfig) else config_from_dict(config)
     ref_rows = normalize_rows(reference_rows)
     if cfg.reference_window is not None:
@@ -326,7 +327,7 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
 
     rules = [Rule(metric=f"drift.{s}", op=">", threshold=1.0, severity=cfg.severity, for_windows=need,
                   clear_windows=cfg.clear_after, name=f"drift.{s}") for s in signals]
-    engine = AlertEngine(rules)
+    engine = AlertEngine(rules, list(sinks))
     for i, (t, m) in enumerate(engine_rows):
         engine.observe(t, m, i)
     alerts = alert_intervals(engine.events)
