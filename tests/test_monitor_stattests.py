@@ -157,3 +157,15 @@ def test_classifier_test_separates_shifted_embeddings():
     shifted = stattests.classifier_test(x, y + np.r_[0.6, np.zeros(7)], seed=0)
     assert 0.35 < null.statistic < 0.62 and not null.drifted
     assert shifted.statistic > 0.6 and shifted.drifted
+
+
+def test_mmd_null_equals_reindexed_kernel():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(12, 3)), rng.normal(size=(9, 3))
+    obs, null = stattests.mmd_permutation(x, y, n_permutations=5, seed=3, bandwidth=1.1)
+    pooled = np.vstack([x, y])
+    perm_rng = np.random.default_rng(3)
+    for v in null:
+        idx = perm_rng.permutation(21)
+        assert v == pytest.approx(stattests.mmd2(pooled[idx[:12]], pooled[idx[12:]], 1.1), abs=1e-12)
+    assert obs == pytest.approx(stattests.mmd2(x, y, 1.1), abs=1e-12)
