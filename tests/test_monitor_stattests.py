@@ -169,3 +169,12 @@ def test_mmd_null_equals_reindexed_kernel():
         idx = perm_rng.permutation(21)
         assert v == pytest.approx(stattests.mmd2(pooled[idx[:12]], pooled[idx[12:]], 1.1), abs=1e-12)
     assert obs == pytest.approx(stattests.mmd2(x, y, 1.1), abs=1e-12)
+
+
+def test_empty_or_non_binary_samples_are_user_errors():
+    from lmstack.errors import LmstackError
+
+    with pytest.raises(LmstackError, match="current sample is empty"):
+        stattests.wasserstein_normed([1.0, 2.0], [])
+    with pytest.raises(LmstackError, match="needs a binary variable, got 3"):
+        stattests.z_test([0, 1, 2], [0, 1])

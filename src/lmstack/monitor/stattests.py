@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from lmstack.errors import DataError
+
 
 @dataclass(frozen=True)
 class Result:
@@ -49,7 +51,7 @@ class Result:
 def _num(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=float).ravel()
     if a.size == 0:
-        raise ValueError(f"{name} sample is empty")
+        raise DataError(f"{name} sample is empty")
     return a
 
 
@@ -60,7 +62,7 @@ def chi2_sf(x: float, df: int) -> float:
     even df: exp(-x/2) sum_{i<df/2} (x/2)^i / i!; odd df: 2 Q(sqrt x) + 2 phi(sqrt x) sum_{i=1}^{(df-1)/2}
     x^{i-1/2} / (1*3*...*(2i-1))."""
     if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
+        raise DataError(f"df must be >= 1, got {df}")
     if x <= 0:
         return 1.0
     if df % 2 == 0:
@@ -107,7 +109,7 @@ def binned_shares(reference: Sequence[Any], current: Sequence[Any], categorical:
                   fill_zeroes: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(reference shares, current shares) over common bins, as Evidently bins them (see the module docstring)."""
     if len(reference) == 0 or len(current) == 0:
-        raise ValueError("binned_shares needs non-empty reference and current samples")
+        raise DataError("binned_shares needs non-empty reference and current samples")
     if categorical is None:
         try:
             ref = np.asarray(reference, dtype=float)
@@ -150,7 +152,7 @@ def chi2(reference: Sequence[Any], current: Sequence[Any], threshold: float = 0.
     """Pearson chi-square of the current counts against the reference shares scaled to the current size
     (Evidently's ``chisquare``). A category absent from the reference has expected count 0: statistic inf, p 0."""
     if len(reference) == 0 or len(current) == 0:
-        raise ValueError("chi2 needs non-empty reference and current samples")
+        raise DataError("chi2 needs non-empty reference and current samples")
     _, r, c = _categories(reference, current)
     if r.size < 2:
         return Result(0.0, 1.0, threshold, False)
@@ -166,10 +168,10 @@ def z_test(reference: Sequence[Any], current: Sequence[Any], threshold: float = 
     """Two-proportion z-test of a binary variable (Evidently's ``z``): the first of the sorted values is 0, the
     other 1; z = (p_ref - p_cur) / sqrt(P (1 - P) (1/n_ref + 1/n_cur)), P pooled; p two-sided."""
     if len(reference) == 0 or len(current) == 0:
-        raise ValueError("z_test needs non-empty reference and current samples")
+        raise DataError("z_test needs non-empty reference and current samples")
     keys = sorted(set(reference) | set(current))
     if len(keys) > 2:
-        raise ValueError(f"z_test needs a binary variable, got {len(keys)} distinct values")
+        raise DataError(f"z_test needs a binary variable, got {len(keys)} distinct values")
     if len(keys) == 1:
         return Result(0.0, 1.0, threshold, False)
     ones_r = sum(1 for x in reference if x != keys[0])
@@ -262,7 +264,7 @@ def mmd_permutation(reference: Any, current: Any, n_permutations: int = 200, see
     if x.ndim == 1:
         x, y = x[:, None], y[:, None]
     if len(x) < 2 or len(y) < 2:
-        raise ValueError("mmd needs at least 2 points in each sample")
+        raise DataError("mmd needs at least 2 points in each sample")
     pooled = np.vstack([x, y])
     bw = bandwidth or median_bandwidth(pooled)
     k = np.exp(-_sq_dists(pooled, pooled) / (2 * bw**2))
@@ -338,7 +340,7 @@ def classifier_test(reference: Any, current: Any, threshold: float = 0.05, folds
     if x0.ndim == 1:
         x0, x1 = x0[:, None], x1[:, None]
     if len(x0) < folds or len(x1) < folds:
-        raise ValueError(f"classifier_test needs at least {folds} points in each sample")
+        raise DataError(f"classifier_test needs at least {folds} points in each sample")
     x = np.vstack([x0, x1])
     y = np.concatenate([np.zeros(len(x0)), np.ones(len(x1))])
     mu, sd = x.mean(0), x.std(0) + 1e-9
