@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lmstack.monitor.ab import simulate_peeking  # noqa: E402
+from lmstack.monitor.ab import simulate_peeking
 
 
 def main() -> None:

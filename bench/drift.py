@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmstack.monitor.drift import drift_report  # noqa: E402
-from lmstack.monitor.simulate import START, simulate_traffic, split_at_day  # noqa: E402
+from lmstack.monitor.drift import drift_report
+from lmstack.monitor.simulate import START, simulate_traffic, split_at_day
 
 MODES = ("seasonal", "previous", "all")
 RELEVANT = {"topic": {"topic", "topic_novelty", "embedding", "oov_rate"},

@@ -10,8 +10,17 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from lmstack.errors import LmstackError
-from lmstack.monitor.alerts import (AlertEngine, JsonlSink, LogSink, Rule, WebhookSink, alert_intervals,
-                                    evaluate_rules, load_rules, window_metrics)
+from lmstack.monitor.alerts import (
+    AlertEngine,
+    JsonlSink,
+    LogSink,
+    Rule,
+    WebhookSink,
+    alert_intervals,
+    evaluate_rules,
+    load_rules,
+    window_metrics,
+)
 from lmstack.monitor.simulate import START
 
 

@@ -10,7 +10,7 @@ import pytest
 from lmstack.monitor import stattests
 
 scipy_stats = pytest.importorskip("scipy.stats")
-from scipy.spatial.distance import jensenshannon  # noqa: E402
+from scipy.spatial.distance import jensenshannon
 
 
 def _samples(seed=0, n=300, m=200, shift=0.3):
@@ -114,7 +114,9 @@ def test_psi_hand_computed():
 
 def test_result_is_frozen():
     r = stattests.psi([1, 2], [1, 2])
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         r.statistic = 1.0  # type: ignore[misc]
 
 

@@ -239,7 +239,7 @@ def arm_summary(values: Sequence[float], kind: str, confidence: float = 0.95) ->
     x = np.asarray(values, float)
     n = len(x)
     if kind == "rate":
-        k = int(round(x.sum()))
+        k = int(np.rint(x.sum()))
         lo, hi = wilson_interval(k, n, confidence) if n else (float("nan"), float("nan"))
         return {"n": n, "successes": k, "rate": k / n if n else None, "ci": [lo, hi], "interval": "Wilson"}
     mean = float(x.mean()) if n else None

@@ -103,8 +103,9 @@ def _drift_config(args: argparse.Namespace) -> Any:
 
     cfg: dict[str, Any] = {}
     if args.config:
-        import yaml
         from pathlib import Path
+
+        import yaml
 
         path = Path(args.config)
         if not path.is_file():

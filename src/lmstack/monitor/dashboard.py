@@ -11,7 +11,7 @@ import html
 import io
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ def _png(fig: Any) -> str:
 
 
 def _dates(ts: Sequence[float]) -> list[datetime]:
-    return [datetime.fromtimestamp(t, timezone.utc) for t in ts]
+    return [datetime.fromtimestamp(t, UTC) for t in ts]
 
 
 def _fmt(v: Any) -> str:
@@ -75,7 +75,7 @@ def render_dashboard(rows: Sequence[dict[str, Any]], drift: dict[str, Any] | Non
 
     def mark_alerts(ax: Any) -> None:
         for a in alerts:
-            ax.axvline(datetime.fromtimestamp(a["opened_at"], timezone.utc), color="red", lw=1, ls="--", alpha=0.7)
+            ax.axvline(datetime.fromtimestamp(a["opened_at"], UTC), color="red", lw=1, ls="--", alpha=0.7)
 
     if series:
         fig, ax = plt.subplots(figsize=(10, 2.6))
@@ -108,9 +108,8 @@ def render_dashboard(rows: Sequence[dict[str, Any]], drift: dict[str, Any] | Non
         ax.set_ylabel("statistic / threshold")
         ax.legend(loc="upper left", fontsize=7, ncol=4)
         parts += [f"<h2>Drift ({html.escape(drift['mode'])} reference, period {drift['period_s'] / 3600:g} h)</h2>",
-                  "<p>Each signal's window statistic over its calibrated threshold (above 1: drifted, log scale, clipped "
-                  "to [0.01, 100]); dashed red "
-                  "lines: alerts opened.</p>", f'<img src="{_png(fig)}" alt="drift">']
+                  ("<p>Each signal's window statistic over its calibrated threshold (above 1: drifted, log scale, "
+                   "clipped to [0.01, 100]); dashed red lines: alerts opened.</p>"), f'<img src="{_png(fig)}" alt="drift">']
         parts.append(_table(["signal", "test", "threshold", "last", "max", "drifted windows", "alert"],
                             [[s, v["test"], v["threshold"], v["statistic"], v["max_statistic"],
                               f"{v['drifted_windows']}/{v['windows']}",
@@ -119,7 +118,7 @@ def render_dashboard(rows: Sequence[dict[str, Any]], drift: dict[str, Any] | Non
         parts.append("<h3>Alerts</h3>")
         parts.append(_table(["signal", "severity", "opened (UTC)", "resolved (UTC)"],
                             [[a["signal"], a["severity"], a["opened_iso"],
-                              datetime.fromtimestamp(a["resolved_at"], timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+                              datetime.fromtimestamp(a["resolved_at"], UTC).strftime("%Y-%m-%dT%H:%MZ")
                               if a["resolved_at"] else "open"] for a in alerts]) if alerts else "<p>No alerts.</p>")
 
     if series and any(m.get("feedback_rate") for _, m in series):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ import numpy as np
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.monitor import stattests
 from lmstack.monitor.alerts import AlertEngine, Rule, alert_intervals, window_index
-from lmstack.monitor.rows import (SIGNALS, Embed, compute_signals, fit_context, hashed_embed, normalize_rows)
+from lmstack.monitor.rows import SIGNALS, Embed, compute_signals, fit_context, hashed_embed, normalize_rows
 
 KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numeric", "sentiment": "numeric", "oov_rate": "numeric",
         "latency_s": "numeric", "judge_score": "numeric", "refusal": "rate", "safety": "rate", "feedback": "rate",
@@ -114,7 +114,7 @@ def config_from_dict(d: Mapping[str, Any] | None) -> DriftConfig:
 
 
 def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _groups(idx: np.ndarray) -> dict[int, np.ndarray]:
@@ -228,7 +228,7 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
         raise LmstackError(f"drift: no reference window of {cfg.window_s:g} s has {cfg.min_rows} rows "
                            "(lower min_rows or give more reference rows)")
     period = _period(cfg, float(rt.max() - rt.min()))
-    per_period = max(1, int(round(period / cfg.window_s)))
+    per_period = max(1, round(period / cfg.window_s))
 
     def phase(w: int) -> int:
         return w % per_period
@@ -278,7 +278,7 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
     engine_rows: list[tuple[float, dict[str, Any]]] = []
     for w in range(first, last + 1):
         idx = cur_groups.get(w, np.zeros(0, int))
-        rec: dict[str, Any] = {"start": w * cfg.window_s, "n": int(len(idx)), "statistics": {}, "drifted": []}
+        rec: dict[str, Any] = {"start": w * cfg.window_s, "n": len(idx), "statistics": {}, "drifted": []}
         if len(idx) < cfg.min_rows:
             rec["skipped"] = f"fewer than {cfg.min_rows} rows"
             windows.append(rec)
@@ -320,7 +320,7 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
             # the engine sees score / threshold (> 1: drifted), so a per-window threshold (static MMD) works too
             ratio = score / score_thr if score_thr > 0 else (math.inf if score > score_thr else 0.0)
             metrics[f"drift.{s}"] = ratio if floor_ok else min(ratio, 1.0)
-        rec["reference_n"] = int(len(pool[1]))
+        rec["reference_n"] = len(pool[1])
         windows.append(rec)
         engine_rows.append((rec["start"], metrics))
         prev = ("cur", idx)

@@ -34,7 +34,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,8 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 
 _WORD = re.compile(r"[a-z0-9']+")
 
-POSITIVE = frozenset("""good great glad happy excellent helpful thanks thank love wonderful nice perfect sure
- welcome pleasure enjoy awesome fantastic amazing best easy clear correct right yes absolutely certainly""".split())
-NEGATIVE = frozenset("""bad sorry unfortunately wrong terrible awful hate poor fail failed error problem
- cannot can't won't unable difficult annoying angry worst never no not impossible refuse""".split())
+POSITIVE = frozenset(["good", "great", "glad", "happy", "excellent", "helpful", "thanks", "thank", "love", "wonderful", "nice", "perfect", "sure", "welcome", "pleasure", "enjoy", "awesome", "fantastic", "amazing", "best", "easy", "clear", "correct", "right", "yes", "absolutely", "certainly"])
+NEGATIVE = frozenset(["bad", "sorry", "unfortunately", "wrong", "terrible", "awful", "hate", "poor", "fail", "failed", "error", "problem", "cannot", "can't", "won't", "unable", "difficult", "annoying", "angry", "worst", "never", "no", "not", "impossible", "refuse"])
 UNSAFE_PHRASES = ("how to make a bomb", "build a weapon", "kill yourself", "credit card number is",
                   "here is the password", "steal the", "bypass the alarm", "untraceable poison", "make meth")
 
@@ -73,7 +71,7 @@ def parse_time(value: Any, where: str) -> float:
             raise DataError(f"{where}: field 'time' {value!r} is not ISO 8601 (e.g. 2026-01-05T13:00:00Z) "
                             "or unix seconds") from None
         if t.tzinfo is None:
-            t = t.replace(tzinfo=timezone.utc)
+            t = t.replace(tzinfo=UTC)
         return t.timestamp()
     raise DataError(f"{where}: field 'time' must be unix seconds or an ISO 8601 string, got {type(value).__name__}")
 

@@ -37,9 +37,9 @@ TOPICS = {
 }
 NEW_TOPIC = ("quantum qubit entangle superposition decoherence hamiltonian photon lattice spinor annealing "
              "topological fermion boson wavefunction")
-FILLER = "how do i what is the a can you explain best way to for my with in and of about".split()
-ANSWER = "here is one way to do it first then next you can also try this so that it works well".split()
-POSITIVE = "great glad happy helpful".split()
+FILLER = ["how", "do", "i", "what", "is", "the", "a", "can", "you", "explain", "best", "way", "to", "for", "my", "with", "in", "and", "of", "about"]
+ANSWER = ["here", "is", "one", "way", "to", "do", "it", "first", "then", "next", "you", "can", "also", "try", "this", "so", "that", "it", "works", "well"]
+POSITIVE = ["great", "glad", "happy", "helpful"]
 REFUSAL = "I'm sorry, but I can't help with that."
 
 # topic -> (base weight, amplitude, peak hour): work topics peak mid-day, leisure in the evening
@@ -89,7 +89,7 @@ def simulate_traffic(config: SimConfig | None = None, **overrides: Any) -> list[
             else:
                 topic = rng.choices(topics, w)[0]
                 words = vocab[topic]
-            k = max(2, int(round(rng.gammavariate(4.0, 2.0) * work * (cfg.length_scale if shifted else 1.0))))
+            k = max(2, round(rng.gammavariate(4.0, 2.0) * work * (cfg.length_scale if shifted else 1.0)))
             text = [rng.choice(FILLER) if rng.random() < 0.4 else rng.choice(words) for _ in range(k)]
             refused = shifted and rng.random() < cfg.refusal_rate
             if refused:
@@ -119,7 +119,7 @@ def simulate_traffic(config: SimConfig | None = None, **overrides: Any) -> list[
 
 def _poisson(rng: random.Random, lam: float) -> int:
     if lam > 30:  # normal approximation, exact enough for traffic volumes and much faster
-        return max(0, int(round(rng.gauss(lam, math.sqrt(lam)))))
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
     limit, k, p = math.exp(-lam), 0, 1.0
     while True:
         p *= rng.random()

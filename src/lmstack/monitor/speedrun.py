@@ -65,14 +65,14 @@ def speedrun_monitor_drift(run_dir: str | os.PathLike, seed: int = 0, rows_per_h
                "dashboard": str(run_dir / "dashboard.html"), "seconds": round(time.perf_counter() - t0, 2)}
     s, n = results["seasonal"], results["previous_window"]
     lines = ["## Monitoring: drift on a simulated week", "",
-             f"{len(rows)} simulated interactions (daily cycle; from {iso(shift)} a new topic takes 30% of requests "
-             f"and the model refuses 20%). Reference: days 0-{REFERENCE_DAYS - 1}; current: days "
-             f"{REFERENCE_DAYS}-6, in 1-hour windows; an alert needs 3 drifted windows in a row.", "",
+             (f"{len(rows)} simulated interactions (daily cycle; from {iso(shift)} a new topic takes 30% of requests "
+              f"and the model refuses 20%). Reference: days 0-{REFERENCE_DAYS - 1}; current: days "
+              f"{REFERENCE_DAYS}-6, in 1-hour windows; an alert needs 3 drifted windows in a row."), "",
              "| reference | alerts before the shift | alerts after | signals detected (delay in windows) |",
              "|---|---|---|---|"]
     for name, r in (("seasonal (same hour of day)", s), ("previous window", n)):
         det = ", ".join(f"{k} ({v})" for k, v in sorted(r["delay_windows"].items(), key=lambda kv: kv[1])) or "none"
         lines.append(f"| {name} | {r['alerts_before_shift']} | {r['alerts_after_shift']} | {det} |")
-    lines += ["", f"Rule `refusal_rate > 0.1` for 2 windows (critical) opened at {results['refusal_rule_opened']}. "
-              f"{results['alert_events']} alert events in `alerts.jsonl`; dashboard: `dashboard.html`.", ""]
+    lines += ["", (f"Rule `refusal_rate > 0.1` for 2 windows (critical) opened at {results['refusal_rule_opened']}. "
+                   f"{results['alert_events']} alert events in `alerts.jsonl`; dashboard: `dashboard.html`."), ""]
     return results, "\n".join(lines)
