@@ -135,6 +135,29 @@ def test_config_errors():
         config_from_dict({"signals": ["colour"]})
     with pytest.raises(LmstackError, match="reference 'last'"):
         DriftConfig(reference="last")
+    with pytest.raises(LmstackError, match="alpha must be a number, got 'low'"):
+        config_from_dict({"alpha": "low"})
+    with pytest.raises(LmstackError, match="consecutive must be an integer"):
+        config_from_dict({"consecutive": 2.5})
+
+
+def test_interaction_dataclass_rows_and_strict_json(week):
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Interaction:  # the log store's row (docs/monitor.md), trimmed
+        id: str
+        time: float
+        model: str
+        input: str = ""
+        output: str = ""
+        meta: dict = field(default_factory=dict)
+
+    (ref, cur), _ = week
+    as_objects = [Interaction(r["id"], r["time"], r["model"], r["input"], r["output"]) for r in cur]
+    rep = drift_report(ref, as_objects, {"signals": ["input_len", "oov_rate"]})
+    assert rep["current_rows"] == len(cur)
+    json.dumps(rep, allow_nan=False)  # strict JSON: no inf / nan anywhere
 
 
 def test_static_mode_on_small_files():

@@ -141,9 +141,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
         atomic_write_json(args.out, report)
     if args.json:
-        slim = {k: v for k, v in report.items() if k != "windows"}
-        slim["windows"] = [{k: v for k, v in w.items()} for w in report["windows"]]
-        print(json.dumps(slim, indent=2, default=float))
+        print(json.dumps(report, indent=2, allow_nan=False))
         return 0
     print(f"drift: {report['current_rows']} current rows vs {report['reference_rows']} reference rows, "
           f"{len(report['windows'])} windows of {report['window_s'] / 3600:g} h, {report['mode']} reference")
@@ -190,7 +188,9 @@ def cmd_ab(args: argparse.Namespace) -> int:
     out = decide(_read_jsonl(args.rows), args.metric, args.kind, parse_shares(args.shares), args.control,
                  args.treatment, args.alpha, not args.lower_is_better, args.look_every)
     if args.json:
-        print(json.dumps(out, indent=2, default=float))
+        from lmstack.monitor.drift import json_ready
+
+        print(json.dumps(json_ready(out), indent=2, allow_nan=False))
         return 0
     srm = out["srm"]
     print(f"SRM: counts {srm['counts']}, p = {srm['p_value']:.3g} ({'FLAGGED' if srm['flagged'] else 'ok'})")

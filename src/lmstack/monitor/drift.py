@@ -97,7 +97,18 @@ def config_from_dict(d: Mapping[str, Any] | None) -> DriftConfig:
     unknown = set(d) - names
     if unknown:
         raise ConfigError(f"drift config: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    for key in ("window_s", "alpha"):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))):
+            raise ConfigError(f"drift config: {key} must be a number, got {d[key]!r}")
+    for key in ("consecutive", "clear_after", "min_rows", "max_window_rows", "n_topics", "seed"):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], int)):
+            raise ConfigError(f"drift config: {key} must be an integer, got {d[key]!r}")
+    if "period" in d and not isinstance(d["period"], str) and (isinstance(d["period"], bool)
+                                                             or not isinstance(d["period"], (int, float))):
+        raise ConfigError(f"drift config: period must be auto, day, week or seconds, got {d['period']!r}")
     if d.get("signals") is not None:
+        if isinstance(d["signals"], str) or not isinstance(d["signals"], (list, tuple)):
+            raise ConfigError(f"drift config: signals must be a list of signal names, got {d['signals']!r}")
         d["signals"] = tuple(d["signals"])
     if d.get("reference_window") is not None:
         rw = d["reference_window"]
@@ -318,7 +329,8 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
             if drifted:
                 rec["drifted"].append(s)
             # the engine sees score / threshold (> 1: drifted), so a per-window threshold (static MMD) works too
-            ratio = score / score_thr if score_thr > 0 else (math.inf if score > score_thr else 0.0)
+            # capped so the events stay finite JSON (a threshold of 0 comes from a constant reference)
+            ratio = min(score / score_thr, 1e9) if score_thr > 0 else (1e9 if score > score_thr else 0.0)
             metrics[f"drift.{s}"] = ratio if floor_ok else min(ratio, 1.0)
         rec["reference_n"] = len(pool[1])
         windows.append(rec)
@@ -354,6 +366,21 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
             "calibration_windows": len(calib.get(s, [])),
         }
     cfg_out = asdict(cfg)
-    return {"mode": mode, "period_s": period, "window_s": cfg.window_s, "reference_rows": len(ref_rows),
+    return json_ready({"mode": mode, "period_s": period, "window_s": cfg.window_s, "reference_rows": len(ref_rows),
             "current_rows": len(cur_rows), "signals": summary, "drifted": any(v["drifted"] for v in summary.values()),
-            "alerts": alerts, "events": engine.events, "windows": windows, "config": cfg_out}
+            "alerts": alerts, "events": engine.events, "windows": windows, "config": cfg_out})
+
+
+def json_ready(obj: Any) -> Any:
+    """The report with numpy scalars as Python numbers and non-finite floats as None: strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
