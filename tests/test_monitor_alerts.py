@@ -41,7 +41,8 @@ def test_open_once_resolve_once_with_hysteresis():
 
 def test_missing_metric_keeps_streaks():
     rule = Rule("thumbs_up_rate", "<", 0.5, for_windows=2)
-    ev = evaluate_rules([rule], [(0, {"thumbs_up_rate": 0.2}), (1, {"thumbs_up_rate": None}), (2, {"thumbs_up_rate": 0.3})])
+    series = [(0, {"thumbs_up_rate": 0.2}), (1, {"thumbs_up_rate": None}), (2, {"thumbs_up_rate": 0.3})]
+    ev = evaluate_rules([rule], series)
     assert [(e["event"], e["window"]) for e in ev] == [("open", 2)]
 
 

@@ -99,3 +99,48 @@ def test_help_does_not_import_numpy():
             "print(sorted(m for m in ('numpy', 'matplotlib', 'torch', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ab_from_the_log_store(monkeypatch, capsys):
+    """--store goes through the LogStore protocol only (open_store, rows, feedback, close): a stand-in store."""
+    import types
+    from dataclasses import dataclass
+
+    from lmstack.monitor.ab import assign
+
+    @dataclass
+    class Interaction:
+        id: str
+        time: float
+        arm: str
+        input: str = "q"
+        output: str = "a"
+
+    @dataclass
+    class Feedback:
+        interaction_id: str
+        kind: str
+        value: float | None = None
+
+    rows = [Interaction(f"i{i}", float(i), assign(f"u{i}", "e", {"A": 0.5, "B": 0.5})) for i in range(600)]
+    fbs = [Feedback(r.id, "thumb", 1 if (i % 3 or r.arm == "B") else -1) for i, r in enumerate(rows)]
+    closed = []
+
+    class Store:
+        def rows(self):
+            return rows
+
+        def feedback(self, interaction_id=None):
+            return fbs
+
+        def close(self):
+            closed.append(True)
+
+    fake = types.ModuleType("lmstack.monitor.store")
+    fake.open_store = lambda url: Store()
+    monkeypatch.setitem(sys.modules, "lmstack.monitor.store", fake)
+    assert main(["monitor", "ab", "--store", "sqlite:///x.db", "--metric", "thumbs_up", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arms"]["B"]["rate"] == 1.0 and out["arms"]["A"]["rate"] < 0.75 and closed == [True]
+    assert main(["monitor", "ab", "--metric", "thumbs_up"]) == 2
+    assert "give ROWS.jsonl or --store URL" in capsys.readouterr().err

@@ -182,8 +182,8 @@ def test_attach_feedback_and_judge_score_signals():
 
     rows = [{"id": "a", "time": 0, "input": "x y", "output": "ok", "meta": {"judge_score": 7}},
             {"id": "b", "time": 1, "input": "x", "output": "ok", "meta": {"judge_score": 3}}]
-    joined = R.attach_feedback(rows, [Feedback("a", "thumb", -1), Feedback("a", "comment"), {"interaction_id": "b",
-                                                                                           "kind": "thumb", "value": 1}])
+    fbs = [Feedback("a", "thumb", -1), Feedback("a", "comment"), {"interaction_id": "b", "kind": "thumb", "value": 1}]
+    joined = R.attach_feedback(rows, fbs)
     assert [R.thumb(r) for r in joined] == [-1.0, 1.0] and "feedback" not in rows[0]
     ctx = R.fit_context(joined, n_topics=1)
     sig = R.compute_signals(joined, ctx)

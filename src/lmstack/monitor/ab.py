@@ -251,8 +251,9 @@ def arm_summary(values: Sequence[float], kind: str, confidence: float = 0.95) ->
     return {"n": n, "mean": mean, "ci": ci, "interval": "Student t"}
 
 
-def decide(rows: Sequence[Mapping[str, Any]], metric: str, kind: str = "rate", shares: Mapping[str, float] | None = None,
-           control: str = "A", treatment: str = "B", alpha: float = 0.05, higher_is_better: bool = True,
+def decide(rows: Sequence[Mapping[str, Any]], metric: str, kind: str = "rate",
+           shares: Mapping[str, float] | None = None, control: str = "A", treatment: str = "B",
+           alpha: float = 0.05, higher_is_better: bool = True,
            look_every: int = 100, tau: float | None = None) -> dict[str, Any]:
     """Readout of an experiment: SRM first, then per-arm summaries, the fixed-horizon test, the sequential test
     replayed over the rows in time order (a look every ``look_every`` rows per arm), and a recommendation with
@@ -288,7 +289,8 @@ def decide(rows: Sequence[Mapping[str, Any]], metric: str, kind: str = "rate", s
     effect = fixed["effect"]
     better = (effect > 0) == higher_is_better
     what = "rate" if kind == "rate" else "mean"
-    detail = (f"{treatment} - {control} {what} = {effect:+.4g}; fixed-horizon {fixed['test']} p = {fixed['p_value']:.3g}; "
+    detail = (f"{treatment} - {control} {what} = {effect:+.4g}; fixed-horizon {fixed['test']} "
+              f"p = {fixed['p_value']:.3g}; "
               f"always-valid mSPRT p = {seq.p_value:.3g} after {seq.looks} looks; SRM p = {srm['p_value']:.3g} (ok).")
     if seq.p_value < alpha:
         rec = f"ship {treatment}" if better else f"keep {control}"
@@ -324,7 +326,7 @@ def simulate_peeking(n_experiments: int = 2000, looks: int = 20, batch: int = 20
     p_naive = np.vectorize(normal_two_sided)(z)
     var = ra * (1 - ra) / n + rb * (1 - rb) / n
     t = tau if tau is not None else 0.1 * np.sqrt(np.maximum(pooled * (1 - pooled), 1e-12))
-    lam = np.sqrt(var / (var + t * t)) * np.exp(np.minimum((rb - ra) ** 2 * t * t / (2 * np.maximum(var, 1e-300) * (var + t * t)), 700))
+    lam = msprt_lambda(rb - ra, var, t)
     p_seq = np.minimum.accumulate(np.minimum(1.0, 1.0 / lam), axis=1)
     return {"experiments": n_experiments, "looks": looks, "batch": batch, "p_a": p_a, "p_b": p_b, "alpha": alpha,
             "naive_peeking": float(np.mean((p_naive < alpha).any(1))),

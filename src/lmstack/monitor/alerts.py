@@ -70,7 +70,8 @@ def rule_from_dict(d: Any, where: str = "rule") -> Rule:
         raise ConfigError(f"{where}: a rule must be a mapping with metric, op, threshold")
     unknown = set(d) - RULE_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(RULE_KEYS))}")
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(RULE_KEYS))}")
     if not isinstance(d.get("metric"), str) or not d["metric"]:
         raise ConfigError(f"{where}: field 'metric' is required (a metric name such as refusal_rate)")
     thr = d.get("threshold", 0.0)

@@ -56,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        formatter_class=HelpFormatter,
                        epilog="examples:\n  lmstack monitor ab outcomes.jsonl --metric converted --kind rate\n"
                               "  lmstack monitor ab rows.jsonl --metric thumbs_up --shares A=0.9,B=0.1 --json")
-    a.add_argument("rows", metavar="ROWS.jsonl", help="one row per user or interaction: {arm, <metric>, time?}")
+    a.add_argument("rows", metavar="ROWS.jsonl", nargs="?", default=None,
+                   help="one row per user or interaction: {arm, <metric>, time?}")
+    a.add_argument("--store", default=None, metavar="URL",
+                   help="read the interactions (with their thumbs) from the log store instead of ROWS.jsonl")
     a.add_argument("--metric", required=True, help="the outcome field (top level or in meta; thumbs_up reads thumbs)")
     a.add_argument("--kind", choices=("rate", "mean"), default="rate")
     a.add_argument("--shares", default="A=0.5,B=0.5", help="configured split, ARM=SHARE,...")
@@ -81,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     rep = sub.add_parser("report", help="the static HTML dashboard (traffic, latency, drift, feedback, A/B)",
                          formatter_class=HelpFormatter,
-                         epilog="examples:\n  lmstack monitor report cur.jsonl --reference ref.jsonl --out monitor.html")
+                         epilog="examples:\n"
+                                "  lmstack monitor report cur.jsonl --reference ref.jsonl --out monitor.html")
     rep.add_argument("rows", metavar="ROWS.jsonl", help="the rows to show")
     rep.add_argument("--reference", default=None, metavar="REF.jsonl", help="reference rows: adds the drift section")
     rep.add_argument("--drift", default=None, metavar="DRIFT.json", help="a saved drift report instead")
@@ -144,7 +148,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, allow_nan=False))
         return 0
     print(f"drift: {report['current_rows']} current rows vs {report['reference_rows']} reference rows, "
-          f"{len(report['windows'])} windows of {report['window_s'] / 3600:g} h, {report['mode']} reference")
+          f"{len(report['windows'])} windows of {report['window_s'] / 3600:g} h, {report['mode']} reference"
+          + (f" ({report['mode_note']})" if report["mode_note"] else ""))
     print(f"{'signal':<14} {'test':<19} {'threshold':>10} {'last':>10} {'max':>10} {'drifted':>9}  alert")
     for s, v in report["signals"].items():
         def f(x: Any) -> str:
@@ -182,10 +187,35 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _store_rows(url: str) -> list[dict[str, Any]]:
+    """Every interaction of the log store (``lmstack.monitor.store``, docs/monitor.md) as a row dict, with its
+    feedback attached (so ``--metric thumbs_up`` reads the thumbs)."""
+    import dataclasses
+
+    try:
+        from lmstack.monitor.store import open_store
+    except ImportError:
+        raise LmstackError("monitor ab --store: this installation has no log store (lmstack.monitor.store)") from None
+    from lmstack.monitor.rows import attach_feedback
+
+    store = open_store(url)
+    try:
+        rows = [dataclasses.asdict(r) for r in store.rows()]
+        feedback = store.feedback()
+    finally:
+        store.close()
+    if not rows:
+        raise LmstackError(f"monitor ab --store {url}: the store has no interactions")
+    return attach_feedback(rows, feedback)
+
+
 def cmd_ab(args: argparse.Namespace) -> int:
     from lmstack.monitor.ab import decide, parse_shares
 
-    out = decide(_read_jsonl(args.rows), args.metric, args.kind, parse_shares(args.shares), args.control,
+    if (args.rows is None) == (args.store is None):
+        raise ConfigError("monitor ab: give ROWS.jsonl or --store URL (one of them)")
+    rows = _read_jsonl(args.rows) if args.rows else _store_rows(args.store)
+    out = decide(rows, args.metric, args.kind, parse_shares(args.shares), args.control,
                  args.treatment, args.alpha, not args.lower_is_better, args.look_every)
     if args.json:
         from lmstack.monitor.drift import json_ready
@@ -196,7 +226,8 @@ def cmd_ab(args: argparse.Namespace) -> int:
     print(f"SRM: counts {srm['counts']}, p = {srm['p_value']:.3g} ({'FLAGGED' if srm['flagged'] else 'ok'})")
     for arm, v in out.get("arms", {}).items():
         val = v.get("rate", v.get("mean"))
-        print(f"  {arm}: n={v['n']} {args.kind}={val:.4g} 95% CI [{v['ci'][0]:.4g}, {v['ci'][1]:.4g}] ({v['interval']})")
+        print(f"  {arm}: n={v['n']} {args.kind}={val:.4g} 95% CI [{v['ci'][0]:.4g}, {v['ci'][1]:.4g}] "
+              f"({v['interval']})")
     print(f"recommendation: {out['recommendation']}")
     print(out["reasoning"])
     return 0

@@ -109,7 +109,8 @@ def render_dashboard(rows: Sequence[dict[str, Any]], drift: dict[str, Any] | Non
         ax.legend(loc="upper left", fontsize=7, ncol=4)
         parts += [f"<h2>Drift ({html.escape(drift['mode'])} reference, period {drift['period_s'] / 3600:g} h)</h2>",
                   ("<p>Each signal's window statistic over its calibrated threshold (above 1: drifted, log scale, "
-                   "clipped to [0.01, 100]); dashed red lines: alerts opened.</p>"), f'<img src="{_png(fig)}" alt="drift">']
+                   "clipped to [0.01, 100]); dashed red lines: alerts opened.</p>"),
+                  f'<img src="{_png(fig)}" alt="drift">']
         parts.append(_table(["signal", "test", "threshold", "last", "max", "drifted windows", "alert"],
                             [[s, v["test"], v["threshold"], v["statistic"], v["max_statistic"],
                               f"{v['drifted_windows']}/{v['windows']}",
@@ -134,7 +135,8 @@ def render_dashboard(rows: Sequence[dict[str, Any]], drift: dict[str, Any] | Non
     if ab:
         parts.append("<h2>A/B test</h2>")
         srm = ab.get("srm", {})
-        parts.append(f"<p><b>{html.escape(ab.get('recommendation', ''))}</b>: {html.escape(ab.get('reasoning', ''))}</p>")
+        parts.append(f"<p><b>{html.escape(ab.get('recommendation', ''))}</b>: "
+                     f"{html.escape(ab.get('reasoning', ''))}</p>")
         parts.append(f"<p>SRM check: p = {_fmt(srm.get('p_value'))} ({'flagged' if srm.get('flagged') else 'ok'}), "
                      f"counts {html.escape(str(srm.get('counts')))}.</p>")
         if ab.get("arms"):

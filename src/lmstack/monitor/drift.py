@@ -10,10 +10,13 @@ signal (:mod:`lmstack.monitor.rows`), with a reference sample:
 - ``reference="all"``: the whole reference with Evidently's default thresholds, uncalibrated (``mode="static"``,
   below: what a drift tool does out of the box).
 
-Thresholds are calibrated on the reference period (and never below Evidently's default for the statistic), not read off a p-value (on thousands of rows every p-value
+Thresholds are calibrated on the reference period, not read off a p-value (on thousands of rows every p-value
 is tiny): each reference window is compared with *its* matched reference (the other windows at its phase, or
 the window before it) exactly as a current window will be, and the threshold of a signal is the ``1 - alpha``
-quantile of those held-out statistics -- a target per-window false-alarm rate of ``alpha``. An alert on a signal
+quantile of those held-out statistics -- a target per-window false-alarm rate of ``alpha``. What is calibrated is a
+size-adjusted score (the statistic times its null rate in the sample sizes, see :meth:`_Stats.compute`), so one
+threshold serves a busy hour and a quiet night; a window is drifted when its score exceeds the threshold and the
+raw statistic is at least Evidently's default (0.1, or |z| 1.96): large enough to matter. An alert on a signal
 needs ``consecutive`` drifted windows in a row and clears after ``clear_after`` clean ones
 (:class:`lmstack.monitor.alerts.AlertEngine`).
 
@@ -43,7 +46,8 @@ from lmstack.monitor import stattests
 from lmstack.monitor.alerts import AlertEngine, Rule, alert_intervals, window_index
 from lmstack.monitor.rows import SIGNALS, Embed, compute_signals, fit_context, hashed_embed, normalize_rows
 
-KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numeric", "sentiment": "numeric", "oov_rate": "numeric",
+KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numeric", "sentiment": "numeric",
+        "oov_rate": "numeric",
         "latency_s": "numeric", "judge_score": "numeric", "refusal": "rate", "safety": "rate", "feedback": "rate",
         "thumbs_up": "rate", "topic": "categorical", "embedding": "embedding"}
 STATIC_THRESHOLD = {"numeric": 0.1, "rate": 1.959963984540054, "categorical": 0.1}
@@ -96,7 +100,8 @@ def config_from_dict(d: Mapping[str, Any] | None) -> DriftConfig:
     names = {f.name for f in fields(DriftConfig)}
     unknown = set(d) - names
     if unknown:
-        raise ConfigError(f"drift config: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"drift config: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(names))}")
     for key in ("window_s", "alpha"):
         if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))):
             raise ConfigError(f"drift config: {key} must be a number, got {d[key]!r}")
@@ -200,8 +205,9 @@ def _period(config: DriftConfig, span: float) -> float:
     return float(config.period)
 
 
-def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], config: DriftConfig | Mapping | None = None,
-                 embed: Embed | None = None, sinks: Sequence[Any] = ()) -> dict[str, Any]:
+def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
+                 config: DriftConfig | Mapping | None = None, embed: Embed | None = None,
+                 sinks: Sequence[Any] = ()) -> dict[str, Any]:
     """Per-window, per-signal drift statistics of ``current_rows`` against ``reference_rows``, their calibrated
     thresholds, and the alerts (see the module docstring); alert events also go to ``sinks``
     (:mod:`lmstack.monitor.alerts`). Returns a JSON-ready dict."""
@@ -247,12 +253,19 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
     by_phase: dict[int, list[int]] = {}
     for w in sorted(ref_groups):
         by_phase.setdefault(phase(w), []).append(w)
+    note = ""
     if cfg.reference == "seasonal":
         mode = "seasonal" if max(len(v) for v in by_phase.values()) >= 2 else "static"
+        if mode == "static":
+            note = (f"the reference covers less than two {period / 3600:g} h periods: no calibration, each window "
+                    "against the whole reference with Evidently's default thresholds")
     elif cfg.reference == "previous":
         mode = "previous" if len(ref_groups) >= 8 else "static"
+        if mode == "static":
+            note = "fewer than 8 reference windows: no calibration, Evidently's default thresholds"
     else:
         mode = "static"
+        note = "reference=all: each window against the whole reference with Evidently's default thresholds"
 
     # calibration: every reference window against its own matched reference
     thresholds: dict[str, float] = {}
@@ -366,7 +379,8 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any], con
             "calibration_windows": len(calib.get(s, [])),
         }
     cfg_out = asdict(cfg)
-    return json_ready({"mode": mode, "period_s": period, "window_s": cfg.window_s, "reference_rows": len(ref_rows),
+    return json_ready({"mode": mode, "mode_note": note, "period_s": period, "window_s": cfg.window_s,
+                       "reference_rows": len(ref_rows),
             "current_rows": len(cur_rows), "signals": summary, "drifted": any(v["drifted"] for v in summary.values()),
             "alerts": alerts, "events": engine.events, "windows": windows, "config": cfg_out})
 

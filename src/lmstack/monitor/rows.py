@@ -46,13 +46,17 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 
 _WORD = re.compile(r"[a-z0-9']+")
 
-POSITIVE = frozenset(["good", "great", "glad", "happy", "excellent", "helpful", "thanks", "thank", "love", "wonderful", "nice", "perfect", "sure", "welcome", "pleasure", "enjoy", "awesome", "fantastic", "amazing", "best", "easy", "clear", "correct", "right", "yes", "absolutely", "certainly"])
-NEGATIVE = frozenset(["bad", "sorry", "unfortunately", "wrong", "terrible", "awful", "hate", "poor", "fail", "failed", "error", "problem", "cannot", "can't", "won't", "unable", "difficult", "annoying", "angry", "worst", "never", "no", "not", "impossible", "refuse"])
+POSITIVE = frozenset(["good", "great", "glad", "happy", "excellent", "helpful", "thanks", "thank", "love",
+                      "wonderful", "nice", "perfect", "sure", "welcome", "pleasure", "enjoy", "awesome", "fantastic",
+                      "amazing", "best", "easy", "clear", "correct", "right", "yes", "absolutely", "certainly"])
+NEGATIVE = frozenset(["bad", "sorry", "unfortunately", "wrong", "terrible", "awful", "hate", "poor", "fail", "failed",
+                      "error", "problem", "cannot", "can't", "won't", "unable", "difficult", "annoying", "angry",
+                      "worst", "never", "no", "not", "impossible", "refuse"])
 UNSAFE_PHRASES = ("how to make a bomb", "build a weapon", "kill yourself", "credit card number is",
                   "here is the password", "steal the", "bypass the alarm", "untraceable poison", "make meth")
 
-SIGNALS = ("input_len", "output_len", "refusal", "sentiment", "safety", "oov_rate", "topic", "topic_novelty", "embedding",
-           "feedback", "thumbs_up", "latency_s", "judge_score")
+SIGNALS = ("input_len", "output_len", "refusal", "sentiment", "safety", "oov_rate", "topic", "topic_novelty",
+           "embedding", "feedback", "thumbs_up", "latency_s", "judge_score")
 
 
 # ------------------------------------------------------------------------------------------ reading

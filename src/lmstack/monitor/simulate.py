@@ -37,8 +37,10 @@ TOPICS = {
 }
 NEW_TOPIC = ("quantum qubit entangle superposition decoherence hamiltonian photon lattice spinor annealing "
              "topological fermion boson wavefunction")
-FILLER = ["how", "do", "i", "what", "is", "the", "a", "can", "you", "explain", "best", "way", "to", "for", "my", "with", "in", "and", "of", "about"]
-ANSWER = ["here", "is", "one", "way", "to", "do", "it", "first", "then", "next", "you", "can", "also", "try", "this", "so", "that", "it", "works", "well"]
+FILLER = ["how", "do", "i", "what", "is", "the", "a", "can", "you", "explain", "best", "way", "to", "for", "my",
+          "with", "in", "and", "of", "about"]
+ANSWER = ["here", "is", "one", "way", "to", "do", "it", "first", "then", "next", "you", "can", "also", "try", "this",
+          "so", "that", "it", "works", "well"]
 POSITIVE = ["great", "glad", "happy", "helpful"]
 REFUSAL = "I'm sorry, but I can't help with that."
 

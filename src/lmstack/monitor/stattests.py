@@ -158,7 +158,8 @@ def chi2(reference: Sequence[Any], current: Sequence[Any], threshold: float = 0.
         return Result(0.0, 1.0, threshold, False)
     expected = r * (c.sum() / r.sum())
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(expected > 0, (c - expected) ** 2 / np.where(expected > 0, expected, 1), np.where(c > 0, np.inf, 0))
+        safe = np.where(expected > 0, expected, 1)
+        terms = np.where(expected > 0, (c - expected) ** 2 / safe, np.where(c > 0, np.inf, 0))
     stat = float(terms.sum())
     p = 0.0 if math.isinf(stat) else chi2_sf(stat, r.size - 1)
     return Result(stat, p, threshold, p < threshold)
