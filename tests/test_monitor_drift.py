@@ -84,6 +84,10 @@ def test_stable_daily_cycle_raises_no_alert(week):
     assert rep["mode"] == "seasonal" and rep["period_s"] == 86400
     assert rep["alerts"] == [] and not rep["drifted"]
     assert all(v["calibration_windows"] >= 60 for v in rep["signals"].values())
+    # calibration: the per-window, per-signal drift rate on held-out stable days is near alpha (0.01)
+    drifted = sum(v["drifted_windows"] for v in rep["signals"].values())
+    tested = sum(v["windows"] for v in rep["signals"].values())
+    assert drifted / tested <= 0.03
 
 
 def test_shift_alerts_after_the_shift_not_before(week):
