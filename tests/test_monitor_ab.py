@@ -111,3 +111,21 @@ def test_bad_inputs():
         ab.decide([{"converted": 1}], "converted")
     with pytest.raises(LmstackError, match="at least two arms"):
         ab.check_shares({"A": 1.0})
+
+
+def test_msprt_class_matches_the_vectorised_simulation():
+    rng = np.random.default_rng(7)
+    a = (rng.random(2000) < 0.1).astype(float)
+    b = (rng.random(2000) < 0.12).astype(float)
+    seq = ab.MSPRT()
+    ps = [seq.update(a[i:i + 200], b[i:i + 200])["p_value"] for i in range(0, 2000, 200)]
+    # the same formula by hand at every look, running minimum of 1 / Lambda
+    want, best = [], 1.0
+    for k in range(1, 11):
+        xa, xb = a[:200 * k], b[:200 * k]
+        var = xa.var() / len(xa) + xb.var() / len(xb)
+        pooled = np.concatenate([xa, xb]).var()
+        best = min(best, 1 / float(ab.msprt_lambda(xb.mean() - xa.mean(), var, 0.1 * math.sqrt(pooled))))
+        want.append(best)
+    assert ps == pytest.approx(want, rel=1e-9)
+    assert all(x >= y for x, y in zip(ps, ps[1:]))  # always-valid p-values never go up

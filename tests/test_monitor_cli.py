@@ -85,12 +85,15 @@ def test_ab_alerts_report(files, tmp_path, capsys):
     assert main(["monitor", "alerts", str(files / "cur.jsonl"), "--rules", str(rules)]) == 2
     assert "op 'above'" in capsys.readouterr().err
 
+    ab_json = tmp_path / "ab.json"
+    assert main(["monitor", "ab", str(p), "--metric", "converted", "--json"]) == 0
+    ab_json.write_text(capsys.readouterr().out)
     html = tmp_path / "dash.html"
     assert main(["monitor", "report", str(files / "cur.jsonl"), "--reference", str(files / "ref.jsonl"),
-                 "--out", str(html)]) == 0
+                 "--ab", str(ab_json), "--out", str(html)]) == 0
     page = html.read_text()
     assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 4
-    assert "Alerts" in page and "refusal" in page
+    assert "Alerts" in page and "refusal" in page and "A/B test" in page and "SRM check" in page
 
 
 def test_help_does_not_import_numpy():

@@ -214,3 +214,13 @@ def test_rag_encoder_embedder():
     emb = R.embedder("rag")(["how do I bake bread", "how do I bake a cake", "train schedule to Paris"])
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+
+def test_hour_of_week_period():
+    rows = simulate_traffic(days=16, rows_per_hour=12, shift_day=None, seed=5)
+    ref, cur = split_at_day(rows, 15)
+    rep = drift_report(ref, cur, {"signals": ["input_len"], "min_rows": 4, "embedding_test": "none"})
+    assert rep["mode"] == "seasonal" and rep["period_s"] == 7 * 86400  # auto: >= 14 days of reference
+    assert rep["signals"]["input_len"]["calibration_windows"] >= 14 * 24 - 30
+    day = drift_report(ref, cur, {"signals": ["input_len"], "min_rows": 4, "period": "day", "embedding_test": "none"})
+    assert day["period_s"] == 86400 and day["windows"][0]["reference_n"] > rep["windows"][0]["reference_n"]
