@@ -56,7 +56,7 @@ def test_row_signals():
     e1, e2 = R.hashed_embed(["hello world", "hello world", "other text"]), R.hashed_embed(["hello world"])
     assert np.array_equal(e1[0], e2[0]) and np.allclose(np.linalg.norm(e1, axis=1), 1.0)
     assert float(e1[0] @ e1[2]) < float(e1[0] @ e1[1])
-    ref = [{"time": 0, "input": "the cat sat", "output": "ok"}] * 2
+    ref = [{"time": 0, "input": "the cat sat", "output": "ok"}] * 4  # each half-vocabulary sees every word twice
     ctx = R.fit_context(ref, n_topics=2)
     sig = R.compute_signals([{"time": 0, "input": "the dog sat down", "output": "I cannot do that"}], ctx)
     assert sig["oov_rate"][0] == 0.5 and sig["refusal"][0] == 1.0 and sig["input_len"][0] == 4
@@ -224,3 +224,31 @@ def test_hour_of_week_period():
     assert rep["signals"]["input_len"]["calibration_windows"] >= 14 * 24 - 30
     day = drift_report(ref, cur, {"signals": ["input_len"], "min_rows": 4, "period": "day", "embedding_test": "none"})
     assert day["period_s"] == 86400 and day["windows"][0]["reference_n"] > rep["windows"][0]["reference_n"]
+
+
+def test_real_text_shift_alpaca_to_gsm8k(shared_data):
+    """Real prompts: general instructions (Alpaca demo) vs grade-school maths questions (GSM8K). Two halves of
+    Alpaca are not told apart; Alpaca against GSM8K is, by the embedding tests and the static drift report."""
+    from lmstack.monitor import stattests
+
+    import random
+
+    alpaca = [r["instruction"] for r in json.loads((shared_data / "sft" / "llamafactory_alpaca_en_demo.json").read_text())]
+    random.Random(0).shuffle(alpaca)
+    gsm = [json.loads(x)["question"] for x in (shared_data / "reasoning" / "gsm8k_test.jsonl").read_text().splitlines()]
+    a1, a2, g = R.hashed_embed(alpaca[:150]), R.hashed_embed(alpaca[150:300]), R.hashed_embed(gsm[:150])
+    assert not stattests.mmd(a1, a2, n_permutations=200, seed=0).drifted
+    assert stattests.mmd(a1, g, n_permutations=200, seed=0).p_value == pytest.approx(1 / 201)
+    assert not stattests.classifier_test(a1, a2, seed=0).drifted
+    assert stattests.classifier_test(a1, g, seed=0).statistic > 0.9
+
+    def rows(texts, t0):
+        return [{"time": t0 + i, "input": t, "output": "ok"} for i, t in enumerate(texts)]
+
+    rep = drift_report(rows(alpaca[:300], START), rows(gsm[:150], START + 86400), {"embedding_test": "mmd"})
+    assert rep["mode"] == "static"
+    assert {"embedding", "topic_novelty", "oov_rate"} <= {a["signal"] for a in rep["alerts"]}
+    same = drift_report(rows(alpaca[:300], START), rows(alpaca[300:450], START + 86400))
+    # the OOV rate and topic novelty are cross-fitted (a reference row never counts its own words as known or
+    # pulls its own cluster centre): fresh text from the same source does not look novel
+    assert same["alerts"] == []

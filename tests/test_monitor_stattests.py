@@ -180,3 +180,14 @@ def test_empty_or_non_binary_samples_are_user_errors():
         stattests.wasserstein_normed([1.0, 2.0], [])
     with pytest.raises(LmstackError, match="needs a binary variable, got 3"):
         stattests.z_test([0, 1, 2], [0, 1])
+
+
+def test_ks_critical_and_chi2_isf_match_scipy():
+    for n, m in ((50, 80), (300, 200), (1000, 900)):
+        d = stattests.ks_critical(n, m)
+        # the asymptotic KS p-value at the critical D is 0.05 (scipy's kstwobign with the same correction)
+        ne = n * m / (n + m)
+        lam = (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d
+        assert scipy_stats.kstwobign.sf(lam) == pytest.approx(0.05, abs=1e-9)
+    for df in (1, 4, 7):
+        assert stattests.chi2_isf(0.05, df) == pytest.approx(scipy_stats.chi2.isf(0.05, df), abs=1e-8)

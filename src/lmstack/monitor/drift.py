@@ -26,8 +26,9 @@ mix the Jensen-Shannon distance of cluster shares; the input embedding the unbia
 (bandwidth: the median heuristic on the reference, fixed) or the classifier two-sample AUC.
 
 Too little reference to calibrate (fewer than two periods for seasonal, fewer than 8 windows for previous):
-``mode="static"`` -- every current window against the whole reference with Evidently's default thresholds
-(Wasserstein 0.1, |z| 1.96 i.e. p < 0.05, Jensen-Shannon 0.1, MMD permutation p < 0.05), and an alert needs
+``mode="static"`` -- every current window against the whole reference with Evidently's default tests: for a
+reference of <= 1000 rows KS (numeric) and chi-square (topic) at p < 0.05, for a larger one Wasserstein 0.1 and
+Jensen-Shannon 0.1; |z| 1.96 (p < 0.05) for rates, MMD permutation p < 0.05 for embeddings. An alert needs
 ``min(consecutive, number of current windows)`` drifted windows.
 """
 
@@ -44,7 +45,8 @@ import numpy as np
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.monitor import stattests
 from lmstack.monitor.alerts import AlertEngine, Rule, alert_intervals, window_index
-from lmstack.monitor.rows import SIGNALS, Embed, compute_signals, fit_context, hashed_embed, normalize_rows
+from lmstack.monitor.rows import (SIGNALS, Embed, compute_signals, embed_rows, fit_context, hashed_embed,
+                                  normalize_rows)
 
 KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numeric", "sentiment": "numeric",
         "oov_rate": "numeric",
@@ -52,6 +54,7 @@ KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numer
         "thumbs_up": "rate", "topic": "categorical", "embedding": "embedding"}
 STATIC_THRESHOLD = {"numeric": 0.1, "rate": 1.959963984540054, "categorical": 0.1}
 PERIODS = {"day": 86400.0, "week": 7 * 86400.0}
+EVIDENTLY_SMALL = 1000  # Evidently tests references up to this size with KS / chi-square, larger ones by distance
 MIN_RATE_ROWS = 5  # a rate window with fewer rows carrying it (thumbs) has no statistic
 
 
@@ -188,6 +191,18 @@ class _Stats:
                 continue
             if len(a) == 0 or len(b) == 0:
                 continue
+            if static and len(a) <= EVIDENTLY_SMALL:
+                # Evidently's choice for a reference of <= 1000 rows: KS (numeric) or chi-square (categories),
+                # p < 0.05, expressed as the statistic's critical value
+                if kind == "numeric":
+                    out[s] = {"statistic": stattests.ks_statistic(a, b), "test": "ks",
+                              "threshold": stattests.ks_critical(len(a), len(b))}
+                else:
+                    df = len(set(a.tolist()) | set(b.tolist())) - 1
+                    out[s] = {"statistic": stattests.chi2(a, b).statistic, "test": "chi2",
+                              "threshold": stattests.chi2_isf(0.05, df) if df >= 1 else math.inf}
+                out[s]["score"] = out[s]["statistic"]
+                continue
             if kind == "numeric":
                 stat = stattests.wasserstein(a, b) / max(float(np.std(a)), 0.001)
             else:
@@ -225,8 +240,11 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
     if not cur_rows:
         raise LmstackError("drift: the current period has no rows")
 
-    ctx = fit_context(ref_rows, embed or hashed_embed, cfg.n_topics, cfg.seed)
-    ref, cur = compute_signals(ref_rows, ctx), compute_signals(cur_rows, ctx)
+    embed = embed or hashed_embed
+    ref_emb = embed_rows(ref_rows, embed)  # once: for the topic model and the signals
+    ctx = fit_context(ref_rows, embed, cfg.n_topics, cfg.seed, embeddings=ref_emb)
+    ref = compute_signals(ref_rows, ctx, reference=True, embeddings=ref_emb)
+    cur = compute_signals(cur_rows, ctx)
     signals = [s for s in (cfg.signals or SIGNALS) if s in ref
                and not (s == "embedding" and cfg.embedding_test == "none")]
     if cfg.signals:
@@ -338,6 +356,8 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
                 continue
             drifted = bool(score > score_thr and floor_ok)
             rec["statistics"][s] = {"statistic": v["statistic"], "score": score, "threshold": thr, "drifted": drifted}
+            if "test" in v:
+                rec["statistics"][s]["test"] = v["test"]
             per_signal_thr[s].append(thr)
             if drifted:
                 rec["drifted"].append(s)
@@ -365,7 +385,7 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
         vals = [w["statistics"][s] for w in windows if s in w["statistics"]]
         summary[s] = {
             "kind": KIND[s],
-            "test": {"numeric": "wasserstein_normed", "rate": "two_proportion_z", "categorical": "jensen_shannon",
+            "test": vals[-1]["test"] if vals and "test" in vals[-1] else {"numeric": "wasserstein_normed", "rate": "two_proportion_z", "categorical": "jensen_shannon",
                      "embedding": "mmd" if cfg.embedding_test == "mmd" else "classifier_auc"}[KIND[s]],
             # calibrated modes: the threshold on the size-adjusted score (plus the floor on the raw statistic);
             # static mode: Evidently's threshold on the raw statistic (the median where it varies per window)

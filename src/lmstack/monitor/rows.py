@@ -12,9 +12,13 @@ Signals (:func:`compute_signals`, per row; a signal absent from the reference is
 - ``sentiment``: (positive - negative) / (positive + negative) words of the reply, a small lexicon (0 when none);
 - ``safety``: 1 when the reply trips a safety flag -- an e-mail address, phone number or IP address (the data
   layer's PII masker) or an unsafe-instruction phrase (:data:`UNSAFE_PHRASES`) -- or ``meta.safety_flags`` is set;
-- ``oov_rate``: share of the input's words outside the reference vocabulary (words seen >= 2 times);
+- ``oov_rate``: share of the input's words outside the reference vocabulary (words seen >= 2 times), cross-fitted:
+  the reference is split in two halves (even / odd rows), each reference row is measured against the other
+  half's vocabulary and each current row against one half's (alternating), so a reference row never counts its
+  own words as known and both sides see vocabularies of the same size;
 - ``topic``: the k-means cluster (fit on the reference inputs' embeddings) of the input; ``topic_novelty``: the
-  distance from the input's embedding to the nearest cluster centre (a topic the reference never saw is far);
+  distance from the input's embedding to the nearest cluster centre of a reference half (cross-fitted as the OOV
+  rate: a topic the reference never saw is far from every centre);
 - ``embedding``: the input embedding (``row["embedding"]`` if present, else :func:`embed_texts`);
 - ``feedback``: 1 when the row carries a thumb; ``thumbs_up``: 1/0 for +1/-1 (NaN without a thumb);
 - ``latency_s``, and ``judge_score`` from ``meta.judge_score`` where present.
@@ -250,37 +254,53 @@ def nearest(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 @dataclass
 class SignalContext:
-    """What the signals learn from the reference: its vocabulary, the topic centroids, the embedder."""
-    vocab: frozenset[str]
+    """What the signals learn from the reference: its two half-vocabularies, the topic centroids (and those of each
+    half, for the cross-fitted novelty), the embedder."""
+    vocabs: tuple[frozenset[str], frozenset[str]]
     centroids: np.ndarray
+    half_centroids: tuple[np.ndarray, np.ndarray]
     embed: Embed = field(default=hashed_embed, repr=False)
     has: dict[str, bool] = field(default_factory=dict)
 
 
-def _embeddings(rows: Sequence[dict[str, Any]], embed: Embed) -> np.ndarray:
+def embed_rows(rows: Sequence[dict[str, Any]], embed: Embed) -> np.ndarray:
     if rows and all(r.get("embedding") for r in rows):
         return np.asarray([r["embedding"] for r in rows], np.float32)
     return np.asarray(embed([r["input"] for r in rows]), np.float32)
 
 
 def fit_context(reference: Sequence[dict[str, Any]], embed: Embed | None = None, n_topics: int = 8,
-                seed: int = 0, max_fit: int = 5000) -> SignalContext:
+                seed: int = 0, max_fit: int = 5000, embeddings: np.ndarray | None = None) -> SignalContext:
+    """Fit on the reference rows (``embeddings``: theirs, if already computed, in the same order)."""
     embed = embed or hashed_embed
-    counts = Counter(w for r in reference for w in words(r["input"]))
-    vocab = frozenset(w for w, c in counts.items() if c >= 2)
+    reference = list(reference)
+    vocabs = []
+    for fold in (0, 1):
+        counts = Counter(w for r in reference[fold::2] for w in words(r["input"]))
+        vocabs.append(frozenset(w for w, c in counts.items() if c >= 2))
     rng = np.random.default_rng(seed)
-    sample = list(reference)
-    if len(sample) > max_fit:
-        sample = [sample[i] for i in sorted(rng.choice(len(sample), max_fit, replace=False))]
-    centroids = kmeans(_embeddings(sample, embed), n_topics, seed=seed)
+    emb = embeddings if embeddings is not None else embed_rows(reference, embed)
+
+    def fit(idx: np.ndarray, limit: int) -> np.ndarray:
+        if len(idx) > limit:
+            idx = np.sort(rng.choice(idx, limit, replace=False))
+        return kmeans(emb[idx], n_topics, seed=seed)
+
+    everything = np.arange(len(reference))
+    centroids = fit(everything, max_fit)
+    halves = (fit(everything[0::2], max_fit // 2), fit(everything[1::2], max_fit // 2)) if len(reference) > 1 \
+        else (centroids, centroids)
     has = {"latency_s": any(r.get("latency_s") for r in reference),
            "feedback": any(thumb(r) is not None for r in reference),
            "judge_score": any(isinstance((r.get("meta") or {}).get("judge_score"), (int, float)) for r in reference)}
-    return SignalContext(vocab, centroids, embed, has)
+    return SignalContext((vocabs[0], vocabs[1]), centroids, halves, embed, has)
 
 
-def compute_signals(rows: Sequence[dict[str, Any]], ctx: SignalContext) -> dict[str, np.ndarray]:
-    """Per-row signal arrays (see the module docstring); ``embedding`` is 2-D, the rest 1-D."""
+def compute_signals(rows: Sequence[dict[str, Any]], ctx: SignalContext, reference: bool = False,
+                    embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-row signal arrays (see the module docstring); ``embedding`` is 2-D, the rest 1-D. ``reference``: these
+    are the rows ``ctx`` was fit on, in the same order (their OOV rate and topic novelty are measured against the
+    other half). ``embeddings``: the rows' embeddings if already computed."""
     n = len(rows)
     sig: dict[str, np.ndarray] = {}
     in_words = [words(r["input"]) for r in rows]
@@ -290,13 +310,27 @@ def compute_signals(rows: Sequence[dict[str, Any]], ctx: SignalContext) -> dict[
     sig["sentiment"] = np.array([sentiment(r["output"]) for r in rows], float)
     sig["safety"] = np.array([bool(safety_flags(r["output"]) or (r.get("meta") or {}).get("safety_flags"))
                               for r in rows], float)
-    sig["oov_rate"] = np.array([sum(w not in ctx.vocab for w in ws) / len(ws) if ws else 0.0 for ws in in_words])
-    emb = _embeddings(rows, ctx.embed) if n else np.zeros((0, ctx.centroids.shape[1]), np.float32)
+    oov = []
+    for i, ws in enumerate(in_words):
+        vocab = ctx.vocabs[(i + reference) % 2]  # reference row i (half i % 2) uses the other half's vocabulary
+        oov.append(sum(w not in vocab for w in ws) / len(ws) if ws else 0.0)
+    sig["oov_rate"] = np.array(oov)
+    if embeddings is not None:
+        emb = np.asarray(embeddings, np.float32)
+    else:
+        emb = embed_rows(rows, ctx.embed) if n else np.zeros((0, ctx.centroids.shape[1]), np.float32)
     sig["embedding"] = emb
     sig["topic"] = nearest(emb, ctx.centroids).astype(float) if n else np.zeros(0)
-    # distance to the nearest reference topic centre: a topic the reference never saw lands far from all
-    d2 = (emb * emb).sum(1)[:, None] + (ctx.centroids**2).sum(1)[None, :] - 2 * emb @ ctx.centroids.T
-    sig["topic_novelty"] = np.sqrt(np.maximum(d2.min(1), 0.0)) if n else np.zeros(0)
+    # distance to the nearest topic centre of a reference half (cross-fitted like the OOV rate): a topic the
+    # reference never saw lands far from all of them
+    novelty = np.zeros(n)
+    for fold in (0, 1):
+        idx = np.arange((fold + reference) % 2, n, 2)  # rows that use half `fold`'s centres
+        if len(idx):
+            c = ctx.half_centroids[fold]
+            d2 = (emb[idx] ** 2).sum(1)[:, None] + (c**2).sum(1)[None, :] - 2 * emb[idx] @ c.T
+            novelty[idx] = np.sqrt(np.maximum(d2.min(1), 0.0))
+    sig["topic_novelty"] = novelty
     if ctx.has.get("latency_s"):
         sig["latency_s"] = np.array([float(r.get("latency_s") or 0.0) for r in rows])
     if ctx.has.get("feedback"):

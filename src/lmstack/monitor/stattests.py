@@ -83,6 +83,35 @@ def chi2_sf(x: float, df: int) -> float:
     return min(1.0, tail + 2 * phi * total)
 
 
+def chi2_isf(p: float, df: int) -> float:
+    """The x with chi2_sf(x, df) = p (bisection)."""
+    lo, hi = 0.0, max(1.0, float(df))
+    while chi2_sf(hi, df) > p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chi2_sf(mid, df) > p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def kolmogorov_sf(lam: float) -> float:
+    """P(K > lam) for the Kolmogorov distribution: 2 sum_k (-1)^(k-1) exp(-2 k^2 lam^2)."""
+    if lam < 0.2:
+        return 1.0
+    return min(1.0, 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101)))
+
+
+def ks_critical(n: int, m: int, alpha: float = 0.05) -> float:
+    """The two-sample KS D above which the asymptotic p-value is < alpha, with Stephens' small-sample correction
+    (lam = (sqrt(ne) + 0.12 + 0.11 / sqrt(ne)) D, ne = n m / (n + m); Numerical Recipes 14.3)."""
+    lo, hi = 0.2, 5.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kolmogorov_sf(mid) > alpha else (lo, mid)
+    ne = n * m / (n + m)
+    return (lo + hi) / 2 / (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne))
+
+
 def normal_two_sided(z: float) -> float:
     return math.erfc(abs(z) / math.sqrt(2))
 
