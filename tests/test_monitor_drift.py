@@ -229,11 +229,12 @@ def test_hour_of_week_period():
 def test_real_text_shift_alpaca_to_gsm8k(shared_data):
     """Real prompts: general instructions (Alpaca demo) vs grade-school maths questions (GSM8K). Two halves of
     Alpaca are not told apart; Alpaca against GSM8K is, by the embedding tests and the static drift report."""
-    from lmstack.monitor import stattests
-
     import random
 
-    alpaca = [r["instruction"] for r in json.loads((shared_data / "sft" / "llamafactory_alpaca_en_demo.json").read_text())]
+    from lmstack.monitor import stattests
+
+    demo = json.loads((shared_data / "sft" / "llamafactory_alpaca_en_demo.json").read_text())
+    alpaca = [r["instruction"] for r in demo]
     random.Random(0).shuffle(alpaca)
     gsm = [json.loads(x)["question"] for x in (shared_data / "reasoning" / "gsm8k_test.jsonl").read_text().splitlines()]
     a1, a2, g = R.hashed_embed(alpaca[:150]), R.hashed_embed(alpaca[150:300]), R.hashed_embed(gsm[:150])

@@ -45,8 +45,7 @@ import numpy as np
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.monitor import stattests
 from lmstack.monitor.alerts import AlertEngine, Rule, alert_intervals, window_index
-from lmstack.monitor.rows import (SIGNALS, Embed, compute_signals, embed_rows, fit_context, hashed_embed,
-                                  normalize_rows)
+from lmstack.monitor.rows import SIGNALS, Embed, compute_signals, embed_rows, fit_context, hashed_embed, normalize_rows
 
 KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numeric", "sentiment": "numeric",
         "oov_rate": "numeric",
@@ -54,6 +53,7 @@ KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numer
         "thumbs_up": "rate", "topic": "categorical", "embedding": "embedding"}
 STATIC_THRESHOLD = {"numeric": 0.1, "rate": 1.959963984540054, "categorical": 0.1}
 PERIODS = {"day": 86400.0, "week": 7 * 86400.0}
+DEFAULT_TEST = {"numeric": "wasserstein_normed", "rate": "two_proportion_z", "categorical": "jensen_shannon"}
 EVIDENTLY_SMALL = 1000  # Evidently tests references up to this size with KS / chi-square, larger ones by distance
 MIN_RATE_ROWS = 5  # a rate window with fewer rows carrying it (thumbs) has no statistic
 
@@ -385,8 +385,8 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
         vals = [w["statistics"][s] for w in windows if s in w["statistics"]]
         summary[s] = {
             "kind": KIND[s],
-            "test": vals[-1]["test"] if vals and "test" in vals[-1] else {"numeric": "wasserstein_normed", "rate": "two_proportion_z", "categorical": "jensen_shannon",
-                     "embedding": "mmd" if cfg.embedding_test == "mmd" else "classifier_auc"}[KIND[s]],
+            "test": vals[-1]["test"] if vals and "test" in vals[-1] else DEFAULT_TEST[KIND[s]]
+            if KIND[s] != "embedding" else ("mmd" if cfg.embedding_test == "mmd" else "classifier_auc"),
             # calibrated modes: the threshold on the size-adjusted score (plus the floor on the raw statistic);
             # static mode: Evidently's threshold on the raw statistic (the median where it varies per window)
             "threshold": thresholds.get(s, float(np.median(per_signal_thr[s])) if per_signal_thr[s] else None),
