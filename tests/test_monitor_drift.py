@@ -253,3 +253,10 @@ def test_real_text_shift_alpaca_to_gsm8k(shared_data):
     # the OOV rate and topic novelty are cross-fitted (a reference row never counts its own words as known or
     # pulls its own cluster centre): fresh text from the same source does not look novel
     assert same["alerts"] == []
+
+
+def test_embedding_dimension_mismatch_is_a_clear_error():
+    ref = [{"time": START + i, "input": "a b", "output": "ok", "embedding": [0.1, 0.2, 0.3]} for i in range(20)]
+    cur = [{"time": START + 86400 + i, "input": "a b", "output": "ok"} for i in range(20)]
+    with pytest.raises(LmstackError, match="input embeddings have 256 dimensions here but 3 in the reference"):
+        drift_report(ref, cur)

@@ -319,6 +319,10 @@ def compute_signals(rows: Sequence[dict[str, Any]], ctx: SignalContext, referenc
         emb = np.asarray(embeddings, np.float32)
     else:
         emb = embed_rows(rows, ctx.embed) if n else np.zeros((0, ctx.centroids.shape[1]), np.float32)
+    if n and emb.shape[1] != ctx.centroids.shape[1]:
+        raise DataError(f"input embeddings have {emb.shape[1]} dimensions here but {ctx.centroids.shape[1]} in the "
+                        "reference: give every row an 'embedding' from the same encoder, or none (then all are "
+                        "embedded alike)")
     sig["embedding"] = emb
     sig["topic"] = nearest(emb, ctx.centroids).astype(float) if n else np.zeros(0)
     # distance to the nearest topic centre of a reference half (cross-fitted like the OOV rate): a topic the
