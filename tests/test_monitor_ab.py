@@ -130,3 +130,14 @@ def test_msprt_class_matches_the_vectorised_simulation():
         want.append(best)
     assert ps == pytest.approx(want, rel=1e-9)
     assert all(x >= y for x, y in itertools.pairwise(ps))  # always-valid p-values never go up
+
+
+def test_srm_counts_users_not_requests():
+    rows = []
+    for i in range(1000):
+        arm = ab.assign(f"u{i}", "exp", {"A": 0.5, "B": 0.5})
+        for k in range(5 if arm == "B" else 1):  # B users send more requests: not a broken split
+            rows.append({"user": f"u{i}", "arm": arm, "time": float(i * 10 + k), "converted": k % 2})
+    values, counts = ab.outcomes_by_arm(rows, "converted")
+    assert sum(counts.values()) == 1000 and len(values["B"]) > 4 * len(values["A"])
+    assert not ab.decide(rows, "converted")["srm"]["flagged"]

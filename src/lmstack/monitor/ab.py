@@ -219,18 +219,21 @@ def _outcome(row: Mapping[str, Any], metric: str) -> float | None:
 
 
 def outcomes_by_arm(rows: Sequence[Mapping[str, Any]], metric: str) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """({arm: outcomes in time order}, {arm: rows}) -- a row without the metric counts for SRM, not for the metric."""
+    """({arm: outcomes in time order}, {arm: assigned units}). The unit is the row's ``user``, else its
+    ``session``, else the row itself: SRM counts what was randomised (a user with ten requests is one unit).
+    A row without the metric counts for SRM, not for the metric."""
     values: dict[str, list[float]] = {}
-    counts: dict[str, int] = {}
+    units: dict[str, set[Any]] = {}
     for i, r in enumerate(sorted(rows, key=lambda r: r.get("time") or 0)):
         arm = r.get("arm")
         if not isinstance(arm, str) or not arm:
             raise DataError(f"A/B row {i}: field 'arm' is missing (each row needs the arm it was served by)")
-        counts[arm] = counts.get(arm, 0) + 1
+        unit = r.get("user") or r.get("session") or ("row", i)
+        units.setdefault(arm, set()).add(unit)
         v = _outcome(r, metric)
         if v is not None:
             values.setdefault(arm, []).append(v)
-    return values, counts
+    return values, {arm: len(u) for arm, u in units.items()}
 
 
 def arm_summary(values: Sequence[float], kind: str, confidence: float = 0.95) -> dict[str, Any]:
