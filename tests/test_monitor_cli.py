@@ -81,6 +81,11 @@ def test_ab_alerts_report(files, tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev[0]["event"] == "open" and ev[0]["metric"] == "refusal_rate"
     assert [json.loads(x) for x in events.read_text().splitlines()] == ev
+    rules.write_text("- {metric: drift.topic_novelty, op: '>', threshold: 1, for_windows: 3, severity: critical}\n")
+    assert main(["monitor", "alerts", str(files / "cur.jsonl"), "--rules", str(rules), "--reference",
+                 str(files / "ref.jsonl"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev[0]["event"] == "open" and ev[0]["metric"] == "drift.topic_novelty" and ev[0]["value"] > 1
     rules.write_text("- {metric: refusal_rate, op: 'above'}\n")
     assert main(["monitor", "alerts", str(files / "cur.jsonl"), "--rules", str(rules)]) == 2
     assert "op 'above'" in capsys.readouterr().err

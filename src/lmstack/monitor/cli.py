@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "  lmstack monitor alerts rows.jsonl --rules rules.yaml --webhook http://host/hook")
     r.add_argument("rows", metavar="ROWS.jsonl")
     r.add_argument("--rules", required=True, metavar="FILE", help="YAML/JSON list of {metric, op, threshold, ...}")
+    r.add_argument("--reference", default=None, metavar="REF.jsonl",
+                   help="also compute drift against these rows, so rules can use drift.<signal> (statistic / "
+                        "threshold, > 1: drifted) and drift.<signal>.statistic")
     r.add_argument("--jsonl", default=None, metavar="FILE", help="append events to this JSONL file")
     r.add_argument("--webhook", default=None, metavar="URL", help="POST each event as JSON to this URL")
     r.add_argument("--json", action="store_true")
@@ -246,7 +249,13 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     rows = read_rows_jsonl(args.rows)
     if not rows:
         raise LmstackError(f"rows file {args.rows} has no rows")
-    events = evaluate_rules(rules, window_metrics(rows, args.window), sinks)
+    series = window_metrics(rows, args.window)
+    if args.reference:
+        from lmstack.monitor.drift import drift_metrics, drift_report
+
+        per_window = drift_metrics(drift_report(read_rows_jsonl(args.reference), rows, {"window_s": args.window}))
+        series = [(t, {**m, **per_window.get(t, {})}) for t, m in series]
+    events = evaluate_rules(rules, series, sinks)
     if args.json:
         print(json.dumps(events, indent=2))
     else:

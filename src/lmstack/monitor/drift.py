@@ -418,3 +418,19 @@ def json_ready(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return obj
+
+
+def drift_metrics(report: Mapping[str, Any]) -> dict[float, dict[str, float]]:
+    """Per window start: ``drift.<signal>`` = score / threshold (> 1: drifted) and ``drift.<signal>.statistic``
+    (the raw statistic), for alert rules on drift tests (:mod:`lmstack.monitor.alerts`)."""
+    out: dict[float, dict[str, float]] = {}
+    for w in report["windows"]:
+        m = out.setdefault(w["start"], {})
+        for s, v in w["statistics"].items():
+            thr = v["threshold"]
+            if v["score"] is None or thr is None:
+                continue
+            ratio = min(v["score"] / thr, 1e9) if thr > 0 else (1e9 if v["score"] > thr else 0.0)
+            m[f"drift.{s}"] = ratio if v["drifted"] else min(ratio, 1.0)  # > 1 exactly when drifted (floor too)
+            m[f"drift.{s}.statistic"] = v["statistic"]
+    return out
