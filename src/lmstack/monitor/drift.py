@@ -317,14 +317,12 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
     last_ref_w = max(ref_groups)
     prev: tuple[str, np.ndarray] = ("ref", ref_groups[last_ref_w])
     per_signal_thr: dict[str, list[float]] = {s: [] for s in signals}
-    engine_rows: list[tuple[float, dict[str, Any]]] = []
     for w in range(first, last + 1):
         idx = cur_groups.get(w, np.zeros(0, int))
         rec: dict[str, Any] = {"start": w * cfg.window_s, "n": len(idx), "statistics": {}, "drifted": []}
         if len(idx) < cfg.min_rows:
             rec["skipped"] = f"fewer than {cfg.min_rows} rows"
             windows.append(rec)
-            engine_rows.append((rec["start"], {}))
             continue
         if mode == "seasonal":
             matched = by_phase.get(phase(w))
@@ -340,7 +338,6 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
         else:
             pool = ("ref", all_ref)
         res = stats.compute(pool, ("cur", idx), salt=10_000_000 + w, static=(mode == "static"))
-        metrics = {}
         for s, v in res.items():
             if mode == "static":  # Evidently's defaults on the raw statistic
                 thr = v.get("threshold", STATIC_THRESHOLD.get(KIND[s]))
@@ -361,20 +358,16 @@ def drift_report(reference_rows: Sequence[Any], current_rows: Sequence[Any],
             per_signal_thr[s].append(thr)
             if drifted:
                 rec["drifted"].append(s)
-            # the engine sees score / threshold (> 1: drifted), so a per-window threshold (static MMD) works too
-            # capped so the events stay finite JSON (a threshold of 0 comes from a constant reference)
-            ratio = min(score / score_thr, 1e9) if score_thr > 0 else (1e9 if score > score_thr else 0.0)
-            metrics[f"drift.{s}"] = ratio if floor_ok else min(ratio, 1.0)
         rec["reference_n"] = len(pool[1])
         windows.append(rec)
-        engine_rows.append((rec["start"], metrics))
         prev = ("cur", idx)
 
     rules = [Rule(metric=f"drift.{s}", op=">", threshold=1.0, severity=cfg.severity, for_windows=need,
                   clear_windows=cfg.clear_after, name=f"drift.{s}") for s in signals]
     engine = AlertEngine(rules, list(sinks))
-    for i, (t, m) in enumerate(engine_rows):
-        engine.observe(t, m, i)
+    per_window = drift_metrics({"windows": windows})  # drift.<signal> > 1 exactly when the window drifted
+    for i, w in enumerate(windows):
+        engine.observe(w["start"], per_window.get(w["start"], {}), i)
     alerts = alert_intervals(engine.events)
     for a in alerts:
         a["signal"] = a["metric"].removeprefix("drift.")
