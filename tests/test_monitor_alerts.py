@@ -117,3 +117,22 @@ def test_window_metrics():
     assert w0["count"] == 2 and w0["refusal_rate"] == 0.5 and w0["input_len_mean"] == 3.0
     assert w0["latency_p50"] == 2.0 and w0["feedback_rate"] == 0.5 and w0["thumbs_up_rate"] == 0.0
     assert m[1][1] == {"count": 0} and m[2][1]["thumbs_up_rate"] == 1.0
+
+
+def test_jsonl_sink_concurrent_appends_keep_lines_whole(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    pad = "x" * 3000  # longer than a pipe buffer's atomic size: a regular file's O_APPEND write still lands whole
+
+    def writer(k):
+        for i in range(100):
+            sink.send({"writer": k, "i": i, "pad": pad})
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 800 and sorted((d["writer"], d["i"]) for d in lines) == [(k, i) for k in range(8)
+                                                                                  for i in range(100)]
