@@ -27,8 +27,9 @@ mix the Jensen-Shannon distance of cluster shares; the input embedding the unbia
 
 Too little reference to calibrate (fewer than two periods for seasonal, fewer than 8 windows for previous):
 ``mode="static"`` -- every current window against the whole reference with Evidently's default tests: for a
-reference of <= 1000 rows KS (numeric) and chi-square (topic) at p < 0.05, for a larger one Wasserstein 0.1 and
-Jensen-Shannon 0.1; |z| 1.96 (p < 0.05) for rates, MMD permutation p < 0.05 for embeddings. An alert needs
+reference of <= 1000 rows KS (numeric) and chi-square (topic), for a larger one Wasserstein 0.1 and
+Jensen-Shannon 0.1; the two-proportion z for rates, the MMD permutation test for embeddings. The p-value tests
+share Evidently's 0.05 over the signals (Bonferroni: 0.05 / number of signals each). An alert needs
 ``min(consecutive, number of current windows)`` drifted windows.
 """
 
@@ -38,6 +39,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,7 @@ KIND = {"topic_novelty": "numeric", "input_len": "numeric", "output_len": "numer
 STATIC_THRESHOLD = {"numeric": 0.1, "rate": 1.959963984540054, "categorical": 0.1}
 PERIODS = {"day": 86400.0, "week": 7 * 86400.0}
 DEFAULT_TEST = {"numeric": "wasserstein_normed", "rate": "two_proportion_z", "categorical": "jensen_shannon"}
+STATIC_P = 0.05  # Evidently's p-value threshold, shared by the signals of a static report
 EVIDENTLY_SMALL = 1000  # Evidently tests references up to this size with KS / chi-square, larger ones by distance
 MIN_RATE_ROWS = 5  # a rate window with fewer rows carrying it (thumbs) has no statistic
 
@@ -163,6 +166,9 @@ class _Stats:
         (ps, pidx), (ws, widx) = pool, window
         P, W = (self.ref if ps == "ref" else self.cur), (self.ref if ws == "ref" else self.cur)
         out: dict[str, dict[str, Any]] = {}
+        # static tests share a 5% false-alarm rate over the signals (Bonferroni), so a report of a dozen signals
+        # on undrifted data is not drifted one time in two
+        level = STATIC_P / max(1, len(self.signals))
         for s in self.signals:
             kind = KIND[s]
             if kind == "embedding":
@@ -173,10 +179,12 @@ class _Stats:
                     sd = math.sqrt((len(a) + len(b) + 1) / (12 * len(a) * len(b)))
                     out[s] = {"statistic": r.statistic, "score": (r.statistic - 0.5) / sd}
                     if static:
-                        out[s]["threshold"] = 0.5 + 1.6449 * sd
+                        out[s]["threshold"] = 0.5 + NormalDist().inv_cdf(1 - level) * sd
                 elif static:
-                    obs, null = stattests.mmd_permutation(a, b, 100, self.cfg.seed + salt, self.bw)
-                    out[s] = {"statistic": obs, "score": obs * n_eff, "threshold": float(np.quantile(null, 0.95))}
+                    n_perm = max(100, math.ceil(2 / level))
+                    obs, null = stattests.mmd_permutation(a, b, n_perm, self.cfg.seed + salt, self.bw)
+                    out[s] = {"statistic": obs, "score": obs * n_eff,
+                              "threshold": float(np.quantile(null, 1 - level, method="higher"))}
                 else:
                     obs = stattests.mmd2(a, b, self.bw)
                     out[s] = {"statistic": obs, "score": obs * n_eff}
@@ -188,19 +196,21 @@ class _Stats:
                     continue
                 stat = abs(stattests.two_proportion_z(int(a.sum()), len(a), int(b.sum()), len(b)))
                 out[s] = {"statistic": stat, "score": stat}
+                if static:
+                    out[s]["threshold"] = NormalDist().inv_cdf(1 - level / 2)
                 continue
             if len(a) == 0 or len(b) == 0:
                 continue
             if static and len(a) <= EVIDENTLY_SMALL:
                 # Evidently's choice for a reference of <= 1000 rows: KS (numeric) or chi-square (categories),
-                # p < 0.05, expressed as the statistic's critical value
+                # at the p-value level, expressed as the statistic's critical value
                 if kind == "numeric":
                     out[s] = {"statistic": stattests.ks_statistic(a, b), "test": "ks",
-                              "threshold": stattests.ks_critical(len(a), len(b))}
+                              "threshold": stattests.ks_critical(len(a), len(b), level)}
                 else:
                     df = len(set(a.tolist()) | set(b.tolist())) - 1
                     out[s] = {"statistic": stattests.chi2(a, b).statistic, "test": "chi2",
-                              "threshold": stattests.chi2_isf(0.05, df) if df >= 1 else math.inf}
+                              "threshold": stattests.chi2_isf(level, df) if df >= 1 else math.inf}
                 out[s]["score"] = out[s]["statistic"]
                 continue
             if kind == "numeric":
