@@ -31,6 +31,7 @@ LAYER_CLIS = [
     "lmstack.eval.cli",
     "lmstack.rag.cli",
     "lmstack.prompts.cli",
+    "lmstack.monitor.cli",
     "lmstack.serve.cli",
     "lmstack.speedrun",
 ]

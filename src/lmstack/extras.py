@@ -9,7 +9,7 @@ dependencies of ``pyproject.toml``. The rest are extras::
     pip install "lmstack[rag]"    # faiss-cpu (HNSW / IVF-PQ indexes), pypdf (PDF documents)
     pip install "lmstack[structured]"   # llguidance (constrained decoding), jsonschema (validation, prompt suites)
     pip install "lmstack[serve]"  # fastapi, uvicorn (the OpenAI-compatible server, lmstack serve)
-    pip install "lmstack[monitor]"   # psycopg (a PostgreSQL interaction log; the SQLite one needs nothing)
+    pip install "lmstack[monitor]"   # psycopg (a PostgreSQL interaction log), scipy (exact KS p-values)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lmstack.errors import LmstackError
 EXTRAS = {"pyarrow": "data", "fastapi": "serve", "uvicorn": "serve", "trafilatura": "data", "langid": "data",
           "sacrebleu": "eval", "nltk": "eval", "rapidfuzz": "eval", "gguf": "compress",
           "faiss": "rag", "pypdf": "rag", "llguidance": "structured", "jsonschema": "structured",
-          "xgrammar": "xgrammar", "psycopg": "monitor"}
+          "xgrammar": "xgrammar", "psycopg": "monitor", "scipy": "monitor"}
 
 
 class MissingExtraError(LmstackError):
