@@ -181,6 +181,23 @@ class ServeStageConfig:
 
 
 @dataclass
+class MonitorStageConfig:
+    """A simulated week through the interaction log and drift detection, then the loop closed on the real models:
+    an A/B test of the SFT and DPO models with simulated feedback, its readout, the feedback exported as
+    preference pairs, one DPO round, and the new model served as the B arm (lmstack.serve.loop.closed_loop)."""
+
+    users: int = 40                # simulated users in the first A/B round (sticky per user)
+    per_user: int = 3              # questions each
+    second_users: int = 16         # users in the round that serves the new model as B
+    dpo_steps: int = 20            # the DPO round on the exported pairs
+    max_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        _at_least("monitor", users=(self.users, 4), per_user=(self.per_user, 1), second_users=(self.second_users, 2),
+                  dpo_steps=(self.dpo_steps, 1), max_tokens=(self.max_tokens, 1))
+
+
+@dataclass
 class SpeedrunConfig:
     run_dir: str = "runs/speedrun"
     seed: int = 1337
@@ -200,6 +217,7 @@ class SpeedrunConfig:
     rag: RAGStageConfig = field(default_factory=RAGStageConfig)
     prompts: PromptsStageConfig = field(default_factory=PromptsStageConfig)
     serve: ServeStageConfig = field(default_factory=ServeStageConfig)
+    monitor: MonitorStageConfig = field(default_factory=MonitorStageConfig)
 
 
 @dataclass
@@ -497,11 +515,8 @@ def stage_prompts(cfg: SpeedrunConfig, run: Path) -> StageResult:
 
 
 def stage_serve(cfg: SpeedrunConfig, run: Path) -> StageResult:
-    import importlib.util
-
-    missing = [m for m in ("fastapi", "uvicorn", "openai", "httpx") if importlib.util.find_spec(m) is None]
-    if missing:   # the serve extra is optional: say what to install rather than fail the job
-        note = f"skipped: {', '.join(missing)} not installed (pip install 'lmstack[serve]' openai)"
+    note = _missing_serve_extras()
+    if note:   # the serve extra is optional: say what to install rather than fail the job
         print(f"[speedrun] serve: {note}", file=sys.stderr)
         return StageResult({"skipped": note}, note + "\n")
     from lmstack.serve.speedrun import speedrun_serve
@@ -510,6 +525,46 @@ def stage_serve(cfg: SpeedrunConfig, run: Path) -> StageResult:
     results, report = speedrun_serve(run, clients=s.clients, seconds=s.seconds, max_tokens=s.max_tokens,
                                      seed=cfg.seed)
     return StageResult(results, report)
+
+
+def _missing_serve_extras() -> str | None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "openai", "httpx") if importlib.util.find_spec(m) is None]
+    return f"skipped: {', '.join(missing)} not installed (pip install 'lmstack[serve]' openai)" if missing else None
+
+
+def stage_monitor(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.monitor.speedrun import speedrun_monitor_drift
+    from lmstack.monitor.store import open_store
+
+    out = run / "monitor"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "week.db").unlink(missing_ok=True)    # the replay starts from an empty log, so a rerun is the same
+    with open_store(out / "week.db") as store:
+        drift, drift_md = speedrun_monitor_drift(out, seed=cfg.seed, store=store)
+    results: dict[str, Any] = {"drift": drift}
+    parts = [drift_md.replace("## Monitoring: drift on a simulated week", "### Drift on a simulated week", 1)
+             .replace("simulated interactions (", "simulated interactions, written to and read back from the "
+                      "interaction log (`monitor/week.db`) (", 1)]
+    note = _missing_serve_extras()
+    if note:
+        print(f"[speedrun] monitor: the A/B loop {note}", file=sys.stderr)
+        results["loop"] = {"skipped": note}
+        parts.append(f"### The loop closed\n\n{note}\n")
+        return StageResult(results, "\n".join(parts))
+    from lmstack.serve.loop import closed_loop
+    from lmstack.sources import iter_rows
+
+    m = cfg.monitor
+    valid = run / "sft" / "sft_data" / "valid.jsonl"
+    questions = [{"prompt": r["instruction"], "reference": r["output"]} for _, r in iter_rows([valid])][:48]
+    loop, loop_md = closed_loop(run / "chat_model", run / "dpo", out / "loop", questions, users=m.users,
+                                per_user=m.per_user, second_users=m.second_users, max_tokens=m.max_tokens,
+                                dpo_steps=m.dpo_steps, seed=cfg.seed)
+    results["loop"] = loop
+    parts.append("### The loop closed: A/B test, feedback, DPO, the new model served\n\n" + loop_md)
+    return StageResult(results, "\n".join(parts))
 
 
 STAGES: list[Stage] = [
@@ -526,6 +581,8 @@ STAGES: list[Stage] = [
     Stage("rag", "Retrieval and grounded answers", stage_rag, ("rag",)),
     Stage("prompts", "Prompts: structured output, prompt tests, red-teaming", stage_prompts, ("prompts",)),
     Stage("serve", "Serving: the OpenAI-compatible server", stage_serve, ("serve",)),
+    Stage("monitor", "Monitoring: drift, alerts, A/B, feedback back into alignment", stage_monitor,
+          ("sft", "dpo", "monitor")),
 ]
 
 

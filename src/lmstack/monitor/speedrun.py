@@ -22,8 +22,22 @@ from typing import Any
 SHIFT_DAY, REFERENCE_DAYS = 5, 4
 
 
-def speedrun_monitor_drift(run_dir: str | os.PathLike, seed: int = 0, rows_per_hour: float = 60.0
-                           ) -> tuple[dict[str, Any], str]:
+def replay_through_store(rows: list[dict[str, Any]], store: Any) -> list[dict[str, Any]]:
+    """Log simulated rows (and their thumbs, as Feedback) into a log store and read them back as drift rows:
+    what monitoring sees is what the logging path kept."""
+    from lmstack.monitor.rows import attach_feedback
+    from lmstack.monitor.store import FIELDS, Feedback, Interaction, interaction_to_dict
+
+    store.log_many([Interaction(**{k: r[k] for k in FIELDS if k in r}) for r in rows])
+    for r in rows:
+        if r.get("thumb") is not None:
+            store.add_feedback(Feedback(r["id"], "thumb", value=float(r["thumb"]), time=r["time"]))
+    back = [interaction_to_dict(r) for r in store.rows()]
+    return attach_feedback(back, store.feedback())
+
+
+def speedrun_monitor_drift(run_dir: str | os.PathLike, seed: int = 0, rows_per_hour: float = 60.0,
+                           store: Any = None) -> tuple[dict[str, Any], str]:
     from lmstack.monitor.alerts import JsonlSink, Rule, evaluate_rules, window_metrics
     from lmstack.monitor.dashboard import render_dashboard
     from lmstack.monitor.drift import drift_report, iso
@@ -36,6 +50,8 @@ def speedrun_monitor_drift(run_dir: str | os.PathLike, seed: int = 0, rows_per_h
     sim = SimConfig(days=7, rows_per_hour=rows_per_hour, shift_day=SHIFT_DAY, topic_shift=0.3, refusal_rate=0.2,
                     seed=seed)
     rows = simulate_traffic(sim)
+    if store is not None:     # through the interaction log, as a live server's rows would arrive
+        rows = replay_through_store(rows, store)
     ref, cur = split_at_day(rows, REFERENCE_DAYS)
     shift = START + SHIFT_DAY * 86400
     alerts_path = run_dir / "alerts.jsonl"

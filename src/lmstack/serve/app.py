@@ -85,6 +85,7 @@ class Server:
         self.created = int(time.time())
         self.embedder, self.embedder_name = embedder, embedder_name
         self.log = log_store                 # a lmstack.monitor LogStore
+        self.label, self.arm = model_name, None   # what the log records as the model, and the A/B arm
         self.hf_template = getattr(tokenizer, "chat_template", None) is not None
 
     def parse(self, body: Mapping[str, Any], chat: bool) -> Parsed:
@@ -216,7 +217,7 @@ class Server:
         ttft = (r0.first_token_at - r0.submitted) if r0.first_token_at is not None else None
         try:
             row = interaction_from_request(
-                dict(body), texts[0] if texts else "", model=self.model_name, id=rid,
+                dict(body), texts[0] if texts else "", model=self.label, arm=self.arm, id=rid,
                 route="chat" if chat else "completions", finish_reason=r0.finish_reason or "",
                 prompt_tokens=len(parsed.ids), completion_tokens=sum(len(r.token_ids) for r in reqs),
                 latency_s=time.monotonic() - started, ttft_s=ttft,
@@ -245,7 +246,9 @@ def _page() -> str:
 def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
                api_key: str | None = None, scheduling: str = "continuous", request_timeout: float | None = None,
                embedder: Any = None, embedder_name: str | None = None, log_store: Any = None,
-               prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096) -> Any:
+               prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096, label: str | None = None,
+               candidate: tuple[nn.Module, Any, str] | None = None, candidate_share: float = 0.5,
+               experiment: str = "ab") -> Any:
     """The FastAPI app serving ``model`` under ``model_name``; its engine thread runs while the app runs.
 
     With ``api_key``, every ``/v1/`` route needs ``Authorization: Bearer <api_key>`` (else 401).
@@ -254,7 +257,12 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     ``embedder``: a :class:`lmstack.rag.embed.Embedder` served at ``/v1/embeddings`` as ``embedder_name``.
     ``log_store``: where interactions and feedback go (an object with ``log(row)`` and ``add_feedback(fb)``).
     ``prefill_chunk``: prompt ids prefilled per decode step (None: whole prompts at admission);
-    ``prefix_cache_tokens``: positions of finished prefills kept for prompts sharing a prefix (0: off)."""
+    ``prefix_cache_tokens``: positions of finished prefills kept for prompts sharing a prefix (0: off).
+    ``label``: the model's name in the interaction log (default ``model_name``).
+    ``candidate``: ``(model, tokenizer, label)`` of a B arm: an A/B test under ``experiment``, where each request
+    goes to B with probability ``candidate_share``, sticky per ``user`` (or ``X-Session-Id`` header; a request
+    with neither is assigned at random); both arms answer under ``model_name`` and the log records each row's
+    arm (``A``/``B``) and model label, which is what :func:`lmstack.monitor.ab.decide` reads."""
     from lmstack.monitor.store import open_store
     from lmstack.monitor.web import feedback_router
 
@@ -265,20 +273,45 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     srv = Server(model, tokenizer, model_name, max_batch, max_queue, scheduling, request_timeout, embedder,
                  embedder_name or ("embeddings" if embedder is not None else None), log_store, prefill_chunk,
                  prefix_cache_tokens)
+    srv.label = label or model_name
+    arms = [srv]
+    shares: dict[str, float] = {}
+    if candidate is not None:
+        from lmstack.monitor.ab import assign, check_shares
+
+        if not 0 < candidate_share < 1:
+            raise LmstackError(f"candidate_share: must be in (0, 1), got {candidate_share}")
+        shares = check_shares({"A": 1 - candidate_share, "B": candidate_share})
+        cand_model, cand_tok, cand_label = candidate
+        b = Server(cand_model, cand_tok, model_name, max_batch, max_queue, scheduling, request_timeout, None, None,
+                   log_store, prefill_chunk, prefix_cache_tokens)
+        srv.arm, b.arm, b.label = "A", "B", cand_label
+        arms.append(b)
+
+    def route(body: Mapping[str, Any], request: Any) -> Server:
+        """The arm that answers this request (sticky per user or session)."""
+        if len(arms) == 1:
+            return srv
+        unit = body.get("user") if isinstance(body.get("user"), str) else request.headers.get("x-session-id")
+        arm = assign(unit if unit else uuid.uuid4().hex, experiment, shares)
+        return arms[0] if arm == "A" else arms[1]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        srv.engine.start()
+        for arm in arms:
+            arm.engine.start()
         try:
             yield
         finally:
-            srv.engine.stop()
+            for arm in arms:
+                arm.engine.stop()
             if scratch is not None:
                 log_store.close()
                 shutil.rmtree(scratch, ignore_errors=True)
 
     app = FastAPI(title="lmstack", lifespan=lifespan)
     app.state.server = srv
+    app.state.arms = arms
 
     def check_key(request: Any) -> None:
         # a check in each /v1/ route, not an HTTP middleware: Starlette's middleware hides the client's
@@ -320,7 +353,11 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        m = srv.engine.metrics
+        text = "".join(_metrics_text(a.engine, "" if a is srv else f'{{arm="{a.arm}"}}') for a in arms)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    def _metrics_text(engine: Engine, labels: str) -> str:
+        m = engine.metrics
         rows = [("lmstack_queue_length", "gauge", "requests waiting for a slot", m.queue_length),
                 ("lmstack_running_requests", "gauge", "requests in the running batch", m.running),
                 ("lmstack_requests_total", "counter", "requests accepted", m.requests_total),
@@ -331,7 +368,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                  m.cancelled_total),
                 ("lmstack_timed_out_requests_total", "counter", "requests stopped at the request timeout",
                  m.timeouts_total)]
-        batch = srv.engine.batch
+        batch = engine.batch
         if batch is not None:
             rows += [("lmstack_prefill_tokens_total", "counter", "prompt tokens run through the model",
                       batch.stats["prefill_tokens"]),
@@ -340,23 +377,27 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                      ("lmstack_prefix_cache_tokens_reused_total", "counter", "prompt tokens taken from the cache",
                       batch.stats["prefix_tokens_reused"])]
         lines = []
+        head = not labels    # HELP/TYPE once, with the first (unlabelled) arm
         for name, kind, help_, value in rows:
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"] if head else []
+            lines.append(f"{name}{labels} {value}")
         for name, help_, hist in (
                 ("lmstack_time_to_first_token_seconds", "time from submission to the first token", m.ttft),
                 ("lmstack_inter_token_latency_seconds", "time between a request's consecutive tokens", m.itl)):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-            lines += [f'{name}_bucket{{le="{le}"}} {c}' for le, c in hist.cumulative()]
-            lines += [f"{name}_sum {hist.total}", f"{name}_count {hist.count}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] if head else []
+            extra = labels[1:-1] + "," if labels else ""
+            lines += [f'{name}_bucket{{{extra}le="{le}"}} {c}' for le, c in hist.cumulative()]
+            lines += [f"{name}_sum{labels} {hist.total}", f"{name}_count{labels} {hist.count}"]
+        return "\n".join(lines) + "\n"
 
     async def handle(request: Any, chat: bool) -> Any:
         check_key(request)
         body = await read_body(request)
-        parsed = srv.parse(body, chat)
+        arm = route(body, request)   # the server of this request's A/B arm (arm A without a test)
+        parsed = arm.parse(body, chat)
         ids, cfg = parsed.ids, parsed.config
         started = time.monotonic()
-        reqs = srv.submit(ids, cfg, parsed.n)
+        reqs = arm.submit(ids, cfg, parsed.n)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -369,8 +410,8 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             if not parsed.logprobs:
                 return None
             if chat:
-                return p.chat_logprobs(srv.tokenizer, shown_ids, lps, tops)
-            return p.completion_logprobs(srv.tokenizer, shown_ids, lps, tops)
+                return p.chat_logprobs(arm.tokenizer, shown_ids, lps, tops)
+            return p.completion_logprobs(arm.tokenizer, shown_ids, lps, tops)
 
         def choice(i: int, text: str, finish: str | None, logprobs: Any = None, delta: bool = False) -> dict[str, Any]:
             if not chat:
@@ -398,10 +439,10 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                 watcher.cancel()
             choices, texts = [], []
             for i, (r, toks) in enumerate(zip(reqs, outs)):
-                ts = srv.text_stream(cfg)
+                ts = arm.text_stream(cfg)
                 texts.append(ts.push(toks) + ts.finish())
-                choices.append(choice(i, texts[-1], r.finish_reason, logprobs_of(*srv.shown(r, cfg))))
-            await srv.record(rid, body, parsed, reqs, texts, chat, started)
+                choices.append(choice(i, texts[-1], r.finish_reason, logprobs_of(*arm.shown(r, cfg))))
+            await arm.record(rid, body, parsed, reqs, texts, chat, started)
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                     "usage": usage(sum(map(len, outs)))}
 
@@ -414,16 +455,16 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             return f"data: {json.dumps({**data, **extra})}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            ts = srv.text_stream(cfg)
+            ts = arm.text_stream(cfg)
             text, pending, sent = "", "", 0      # pending: text held back; sent: shown ids already reported
-            skip = skip_ids(srv.tokenizer, cfg)
+            skip = skip_ids(arm.tokenizer, cfg)
             n_shown = 0
 
             def lp_chunk() -> Any:
                 nonlocal sent
                 if not parsed.logprobs:
                     return None
-                shown_ids, lps, tops = srv.shown(req, cfg)
+                shown_ids, lps, tops = arm.shown(req, cfg)
                 out = logprobs_of(shown_ids[sent:n_shown], lps[sent:n_shown], tops[sent:n_shown])
                 sent = n_shown
                 return out
@@ -453,7 +494,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
             text += tail
             last = choice(0, (text if hold else pending + tail), req.finish_reason, lp_chunk(), delta=True)
             yield sse([last])
-            await srv.record(rid, body, parsed, reqs, [text], chat, started)
+            await arm.record(rid, body, parsed, reqs, [text], chat, started)
             if parsed.include_usage:
                 yield sse([], usage=usage(len(req.token_ids)))
             yield "data: [DONE]\n\n"

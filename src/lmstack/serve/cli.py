@@ -50,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-store", default=None, metavar="URL",
                    help="where interactions and feedback go: a SQLite path or sqlite:///PATH, or postgresql://... "
                         "(default: kept in memory)")
+    p.add_argument("--candidate", default=None, metavar="RUN2",
+                   help="A/B test: a second model (B) that answers --candidate-share of the traffic under the same "
+                        "name, sticky per 'user' (or X-Session-Id); the log records each row's arm")
+    p.add_argument("--candidate-share", type=float, default=0.5, help="share of traffic for the candidate")
+    p.add_argument("--experiment", default="ab", help="the A/B experiment's name (salts the sticky assignment)")
     p.set_defaults(func=_serve)
 
     bench = subparsers.add_parser("bench", help="benchmarks against a running server",
@@ -142,10 +147,18 @@ def _serve(args: argparse.Namespace) -> int:
         _ = embedder.dim   # loads it now: a broken folder fails at start-up, not on the first request
         embedder_name = args.embedder_name or (folder.parent.name if folder.name == "model" else folder.name)
     name = args.model_name or Path(args.run_dir).resolve().name
+    candidate = None
+    if args.candidate is not None:
+        if not 0 < args.candidate_share < 1:
+            raise LmstackError(f"--candidate-share: must be in (0, 1), got {args.candidate_share}")
+        cand_model, cand_tok = load_run(args.candidate, device=args.device, prefer=("chat_model", "pretrain"))
+        check_chat_template(cand_tok)
+        candidate = (cand_model, cand_tok, Path(args.candidate).resolve().name)
     app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                      scheduling=args.scheduling, request_timeout=args.request_timeout, embedder=embedder,
                      embedder_name=embedder_name, log_store=log_store, prefill_chunk=args.prefill_chunk or None,
-                     prefix_cache_tokens=args.prefix_cache)
+                     prefix_cache_tokens=args.prefix_cache, label=Path(args.run_dir).resolve().name,
+                     candidate=candidate, candidate_share=args.candidate_share, experiment=args.experiment)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"queue {args.max_queue}, {args.scheduling} batching); chat page: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
