@@ -1,0 +1,1 @@
+"""lmstack.embed: static word embeddings (word2vec, GloVe)."""

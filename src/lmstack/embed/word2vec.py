@@ -1,0 +1,263 @@
+"""word2vec: skip-gram and CBOW with negative sampling, trained the way word2vec.c and gensim train them, vectorised.
+
+What is the same as word2vec.c: the input vectors start uniform in ±0.5/dim and the output vectors at zero; each
+epoch drops frequent words with Mikolov's subsampling (keep a word of count c with probability
+``(sqrt(c / (sample*N)) + 1) * sample*N / c``) before the windows are formed; each centre word draws its window
+uniformly from 1..window; noise words come from the unigram distribution to the 0.75 (a noise word equal to the
+positive word is skipped); the learning rate falls linearly from ``alpha`` to ``min_alpha`` over every word of
+every epoch; skip-gram predicts the centre word from each context word's vector, CBOW from the mean of them;
+plain SGD.
+
+What differs: word2vec.c updates after every pair; here ``batch_size`` pairs (skip-gram) or centre words (CBOW)
+are computed at once from the same weights and their row updates summed into the two matrices
+(``index_add_``), which is what makes it fast in torch. Rows that repeat within a batch get the sum of their
+updates, as they would (approximately) in sequence; with batches of a few thousand pairs the vectors match
+gensim's quality (``bench/embed.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from lmstack.embed.config import VocabConfig, Word2VecConfig
+from lmstack.embed.vectors import WordVectors
+from lmstack.embed.vocab import Corpus, Vocab, build_corpus, check_window
+
+CHUNK_WORDS = 1 << 16  # centre words whose pairs are formed at once (bounds the memory of the pair arrays)
+
+
+def keep_probabilities(counts: np.ndarray, sample: float) -> np.ndarray:
+    """Mikolov's subsampling as in word2vec.c and gensim: the chance each word is kept (1 where ``sample`` is 0)."""
+    if sample <= 0:
+        return np.ones(len(counts))
+    threshold = sample * float(counts.sum())
+    c = counts.astype(np.float64)
+    return np.minimum(1.0, (np.sqrt(c / threshold) + 1.0) * threshold / c)
+
+
+def noise_table(counts: np.ndarray, exponent: float = 0.75, size: int = 0) -> np.ndarray:
+    """word2vec.c's unigram table: word w fills a share count_w^exponent / sum of its entries, so a noise word is
+    one uniform draw of an entry. ``size`` 0: 100 entries per word, between 1e6 and 1e7 (word2vec.c: 1e8)."""
+    size = size or int(min(10**7, max(10**6, 100 * len(counts))))
+    p = counts.astype(np.float64) ** exponent
+    cdf = np.cumsum(p / p.sum())
+    cdf[-1] = 1.0
+    return np.searchsorted(cdf, (np.arange(size) + 0.5) / size).astype(np.int64)
+
+
+def context_positions(sentence: np.ndarray, start: int, stop: int, window: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """For centre positions ``start..stop-1``: an (n, 2*window) array of context positions and its validity mask.
+    Each centre draws its window b in 1..window (word2vec.c's ``b = rand % window``); contexts stay in its sentence."""
+    n_all = sentence.size
+    centre = np.arange(start, stop)
+    reach = rng.integers(1, window + 1, size=centre.size)
+    offsets = np.concatenate([-np.arange(window, 0, -1), np.arange(1, window + 1)])
+    pos = centre[:, None] + offsets[None, :]
+    valid = (np.abs(offsets)[None, :] <= reach[:, None]) & (pos >= 0) & (pos < n_all)
+    pos = np.clip(pos, 0, n_all - 1)
+    valid &= sentence[pos] == sentence[centre][:, None]
+    return pos, valid
+
+
+def train_word2vec(inputs: Iterable | str | os.PathLike, cfg: Word2VecConfig | None = None,
+                   vocab_cfg: VocabConfig | None = None, log_path: str | os.PathLike | None = None,
+                   progress: bool = True) -> tuple[WordVectors, list[dict]]:
+    """Build the vocabulary of ``inputs`` (paths or split sentences) and train word2vec on it.
+    Returns the input vectors and one record per epoch (loss, learning rate, words/s), also appended to the JSONL
+    file ``log_path`` when given."""
+    cfg = cfg or Word2VecConfig()
+    vocab, corpus = build_corpus(inputs, vocab_cfg or VocabConfig())
+    return train_word2vec_corpus(vocab, corpus, cfg, log_path, progress)
+
+
+def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
+                          log_path: str | os.PathLike | None = None,
+                          progress: bool = True) -> tuple[WordVectors, list[dict]]:
+    import torch
+
+    from lmstack.runs import JsonlLogger, Progress
+
+    check_window(vocab, cfg.window, "word2vec.window")
+    V, d = len(vocab), cfg.dim
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    w_in = (torch.rand(V, d, generator=gen) - 0.5) / d
+    w_out = torch.zeros(V, d)
+    table = torch.from_numpy(noise_table(vocab.counts, cfg.ns_exponent))
+    keep = keep_probabilities(vocab.counts, cfg.sample)
+    total = corpus.words * cfg.epochs
+    history: list[dict] = []
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    logger = JsonlLogger(log_path) if log_path else None
+    bar = Progress(total, desc=f"word2vec {'skip-gram' if cfg.sg else 'CBOW'}", unit="words", disable=not progress)
+    done = 0
+    try:
+        with torch.no_grad():
+            for epoch in range(cfg.epochs):
+                t0 = time.perf_counter()
+                kept = rng.random(corpus.words) < keep[corpus.ids]
+                ids = torch.from_numpy(corpus.ids[kept].astype(np.int64))
+                sentence = corpus.sentence[kept]
+                n = int(ids.numel())
+                loss_sum, loss_n = 0.0, 0
+                for start in range(0, n, CHUNK_WORDS):
+                    stop = min(n, start + CHUNK_WORDS)
+                    # the rate at this chunk, by raw words seen (word2vec.c counts words before subsampling)
+                    frac = (done + corpus.words * (start / max(n, 1))) / total
+                    lr = cfg.alpha - (cfg.alpha - cfg.min_alpha) * frac
+                    pos, valid = context_positions(sentence, start, stop, cfg.window, rng)
+                    if cfg.sg and cfg.shared_negatives:
+                        s, k = _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen)
+                    elif cfg.sg:
+                        s, k = _skipgram_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen)
+                    else:
+                        s, k = _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen)
+                    loss_sum, loss_n = loss_sum + s, loss_n + k
+                    chunk_raw = corpus.words * (stop - start) / max(n, 1)
+                    bar.update(chunk_raw, loss=loss_sum / max(loss_n, 1), lr=lr)
+                done += corpus.words
+                seconds = time.perf_counter() - t0
+                record = {"epoch": epoch + 1, "loss": loss_sum / max(loss_n, 1), "lr": lr,
+                          "words": corpus.words, "kept_words": n, "seconds": round(seconds, 3),
+                          "words_per_s": corpus.words / max(seconds, 1e-9)}
+                history.append(record)
+                if logger:
+                    logger.log({"method": "word2vec", **record})
+    finally:
+        torch.set_num_threads(threads_before)
+        bar.close()
+        if logger:
+            logger.close()
+    if progress:
+        print(f"word2vec: {cfg.epochs} epochs over {corpus.words:,} words, vocab {V:,}, loss "
+              f"{history[-1]['loss']:.4f}, {total / max(sum(r['seconds'] for r in history), 1e-9):,.0f} words/s",
+              file=sys.stderr)
+    return WordVectors(vocab.words, w_in.numpy(), vocab.counts), history
+
+
+def _negatives(table, shape: tuple[int, ...], gen):
+    import torch
+
+    return table[torch.randint(0, table.numel(), shape, generator=gen)]
+
+
+LOSS_EVERY = 8  # the loss (for the log only) is measured on every 8th batch: it costs as much as a gather
+
+
+def _skipgram_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tuple[float, int]:
+    """Every (centre, context) pair of the chunk in position order, ``batch_size`` at a time. As in word2vec.c the
+    context word's input vector predicts the centre word (and noise words) through the output vectors."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = np.nonzero(valid)
+    centre = ids[torch.from_numpy(rows + start)]
+    context = ids[torch.from_numpy(pos[rows, cols])]
+    loss, count = 0.0, 0
+    k = cfg.negative
+    step = cfg.batch_size
+    for b in range(0, centre.numel(), step):
+        cen, ctx = centre[b:b + cfg.batch_size], context[b:b + cfg.batch_size]
+        m = cen.numel()
+        targets = torch.cat([cen[:, None], _negatives(table, (m, k), gen)], dim=1)    # (m, k+1)
+        h = w_in.index_select(0, ctx)                                             # (m, d)
+        out = w_out.index_select(0, targets.view(-1)).view(m, k + 1, -1)          # (m, k+1, d)
+        score = torch.bmm(out, h.unsqueeze(2)).squeeze(2)                         # (m, k+1)
+        label = torch.zeros_like(score)
+        label[:, 0] = 1.0
+        g = (label - torch.sigmoid(score)) * lr
+        g[:, 1:] *= targets[:, 1:] != cen[:, None]                               # a noise word equal to the word
+        if (b // step) % LOSS_EVERY == 0:
+            loss += float(F.softplus(-score[:, 0]).sum() + F.softplus(score[:, 1:]).sum())
+            count += m
+        dh = torch.bmm(g.unsqueeze(1), out).squeeze(1)
+        w_out.index_add_(0, targets.view(-1), (g.unsqueeze(2) * h.unsqueeze(1)).view(m * (k + 1), -1))
+        w_in.index_add_(0, ctx, dh)
+    return loss, count
+
+
+def _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tuple[float, int]:
+    """Skip-gram with the noise words shared by the context words of one centre (Ji et al. 2016, pWord2Vec): the
+    (contexts x targets) scores of a window are one small matrix product, and each output row is gathered once per
+    window instead of once per pair."""
+    import torch
+    import torch.nn.functional as F
+
+    has = valid.any(axis=1)
+    rows = np.nonzero(has)[0]
+    centre_all = ids[torch.from_numpy(rows + start)]
+    ctx_all = ids[torch.from_numpy(pos[rows])]
+    mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
+    loss, count = 0.0, 0
+    k = cfg.negative
+    step = max(1, cfg.batch_size // 4)
+    for b in range(0, centre_all.numel(), step):
+        cen, ctx, mask = centre_all[b:b + step], ctx_all[b:b + step], mask_all[b:b + step]
+        m, c = ctx.shape
+        targets = torch.cat([cen[:, None], _negatives(table, (m, k), gen)], dim=1)       # (m, k+1)
+        h = w_in.index_select(0, ctx.reshape(-1)).view(m, c, -1)                        # (m, c, d)
+        out = w_out.index_select(0, targets.view(-1)).view(m, k + 1, -1)               # (m, k+1, d)
+        score = torch.bmm(h, out.transpose(1, 2))                                      # (m, c, k+1)
+        label = torch.zeros(m, 1, k + 1)
+        label[:, :, 0] = 1.0
+        g = (label - torch.sigmoid(score)) * lr
+        g *= mask.unsqueeze(2)
+        g[:, :, 1:] *= (targets[:, 1:] != cen[:, None]).unsqueeze(1)
+        if (b // step) % LOSS_EVERY == 0:
+            lm = F.softplus(-score[:, :, 0]) + F.softplus(score[:, :, 1:]).sum(2)
+            loss += float((lm * mask).sum())
+            count += int(mask.sum())
+        w_in.index_add_(0, ctx.reshape(-1), torch.bmm(g, out).view(m * c, -1))
+        w_out.index_add_(0, targets.view(-1), torch.bmm(g.transpose(1, 2), h).view(m * (k + 1), -1))
+    return loss, count
+
+
+def _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tuple[float, int]:
+    """CBOW: the mean of a centre's context vectors predicts it; each context word gets the whole error (as
+    word2vec.c and gensim's cbow_mean=1 do)."""
+    import torch
+    import torch.nn.functional as F
+
+    has = valid.any(axis=1)
+    rows = np.nonzero(has)[0]
+    centre_all = ids[torch.from_numpy(rows + start)]
+    ctx_all = ids[torch.from_numpy(pos[rows])]                 # (n, 2w)
+    mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
+    loss, count = 0.0, 0
+    k = cfg.negative
+    bs = max(1, cfg.batch_size // 4)   # ~4 context words per centre: about the same rows per batch as skip-gram
+    step = bs
+    for b in range(0, centre_all.numel(), step):
+        cen, ctx, mask = centre_all[b:b + bs], ctx_all[b:b + bs], mask_all[b:b + bs]
+        m, c = ctx.shape
+        vec = w_in.index_select(0, ctx.reshape(-1)).view(m, c, -1) * mask.unsqueeze(2)
+        h = vec.sum(1) / mask.sum(1, keepdim=True)
+        targets = torch.cat([cen[:, None], _negatives(table, (m, k), gen)], dim=1)
+        out = w_out.index_select(0, targets.view(-1)).view(m, k + 1, -1)
+        score = torch.bmm(out, h.unsqueeze(2)).squeeze(2)
+        label = torch.zeros_like(score)
+        label[:, 0] = 1.0
+        g = (label - torch.sigmoid(score)) * lr
+        g[:, 1:] *= targets[:, 1:] != cen[:, None]
+        if (b // step) % LOSS_EVERY == 0:
+            loss += float(F.softplus(-score[:, 0]).sum() + F.softplus(score[:, 1:]).sum())
+            count += m
+        dh = torch.bmm(g.unsqueeze(1), out).squeeze(1)                       # (m, d)
+        w_out.index_add_(0, targets.view(-1), (g.unsqueeze(2) * h.unsqueeze(1)).view(m * (k + 1), -1))
+        w_in.index_add_(0, ctx.reshape(-1), (mask.unsqueeze(2) * dh.unsqueeze(1)).view(m * c, -1))
+    return loss, count
+
+
+def default_log_path(out: str | os.PathLike) -> Path:
+    return Path(out) / "train_log.jsonl"
+
+
+__all__ = ["context_positions", "keep_probabilities", "noise_table", "train_word2vec", "train_word2vec_corpus"]
