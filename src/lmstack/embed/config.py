@@ -74,7 +74,7 @@ class Word2VecConfig:
     epochs: int = 5
     batch_size: int = 2048
     seed: int = 1
-    threads: int = 0
+    threads: int = 1                 # torch threads (0 = all cores); 2 threads were slower on a shared 2-core box
     shared_negatives: bool = False   # skip-gram: one set of noise words per window (pWord2Vec), faster
 
     def __post_init__(self) -> None:
@@ -104,7 +104,7 @@ class GloVeConfig:
     epochs: int = 25
     batch_size: int = 4096
     seed: int = 1
-    threads: int = 0
+    threads: int = 1                 # torch threads (0 = all cores); 2 threads were slower on a shared 2-core box
 
     def __post_init__(self) -> None:
         s = "glove"
