@@ -120,7 +120,7 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
             "--prompts.redteam_per_category", "1"]
     assert main(args) == 0
     report = (run / "report.md").read_text()
-    for heading in ("## Corpus", "## Tokenizer", "## Pre-training", "## Generation", "## Supervised fine-tuning",
+    for heading in ("## Corpus", "## Tokenizer", "## Static word embeddings", "## Pre-training", "## Generation", "## Supervised fine-tuning",
                     "## Evaluation", "## Compression", "## Distillation", "## Prompts", "### Structured output",
                     "### Red-team report"):
         assert heading in report
