@@ -143,6 +143,13 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
     return WordVectors(vocab.words, w_in.numpy(), vocab.counts), history
 
 
+def batch_pairs(batch_size: int, vocab_size: int) -> int:
+    """The pairs updated at once: ``batch_size``, but at most half the vocabulary (at least 32), so a row repeats
+    in a batch about once on average. A small vocabulary with a large batch sums hundreds of updates into each
+    row per step and collapses every vector onto one direction (seen with 20 words and 2048 pairs)."""
+    return max(1, min(batch_size, max(32, vocab_size // 2)))
+
+
 def _negatives(table, shape: tuple[int, ...], gen):
     import torch
 
@@ -163,9 +170,9 @@ def _skipgram_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) ->
     context = ids[torch.from_numpy(pos[rows, cols])]
     loss, count = 0.0, 0
     k = cfg.negative
-    step = cfg.batch_size
+    step = batch_pairs(cfg.batch_size, w_in.shape[0])
     for b in range(0, centre.numel(), step):
-        cen, ctx = centre[b:b + cfg.batch_size], context[b:b + cfg.batch_size]
+        cen, ctx = centre[b:b + step], context[b:b + step]
         m = cen.numel()
         targets = torch.cat([cen[:, None], _negatives(table, (m, k), gen)], dim=1)    # (m, k+1)
         h = w_in.index_select(0, ctx)                                             # (m, d)
@@ -198,7 +205,7 @@ def _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, 
     mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
     loss, count = 0.0, 0
     k = cfg.negative
-    step = max(1, cfg.batch_size // 4)
+    step = max(1, batch_pairs(cfg.batch_size, w_in.shape[0]) // 4)   # ~4 context words per centre: as many pairs
     for b in range(0, centre_all.numel(), step):
         cen, ctx, mask = centre_all[b:b + step], ctx_all[b:b + step], mask_all[b:b + step]
         m, c = ctx.shape
@@ -233,10 +240,9 @@ def _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tup
     mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
     loss, count = 0.0, 0
     k = cfg.negative
-    bs = max(1, cfg.batch_size // 4)   # ~4 context words per centre: about the same rows per batch as skip-gram
-    step = bs
+    step = max(1, batch_pairs(cfg.batch_size, w_in.shape[0]) // 4)   # ~4 context words per centre: as many pairs
     for b in range(0, centre_all.numel(), step):
-        cen, ctx, mask = centre_all[b:b + bs], ctx_all[b:b + bs], mask_all[b:b + bs]
+        cen, ctx, mask = centre_all[b:b + step], ctx_all[b:b + step], mask_all[b:b + step]
         m, c = ctx.shape
         vec = w_in.index_select(0, ctx.reshape(-1)).view(m, c, -1) * mask.unsqueeze(2)
         h = vec.sum(1) / mask.sum(1, keepdim=True)
