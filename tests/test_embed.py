@@ -114,13 +114,14 @@ def test_dynamic_window_stays_in_the_sentence_and_covers_every_width():
 # word2vec
 
 
-@pytest.mark.parametrize("sg,shared", [(True, False), (True, True), (False, False)], ids=["sg", "sg-shared", "cbow"])
-def test_word2vec_neighbours_come_from_the_planted_group(sg, shared, tmp_path):
+@pytest.mark.parametrize("sg,shared,workers", [(True, False, 1), (True, True, 1), (False, False, 1), (True, False, 2)],
+                         ids=["sg", "sg-shared", "cbow", "sg-hogwild-2"])
+def test_word2vec_neighbours_come_from_the_planted_group(sg, shared, workers, tmp_path):
     from lmstack.embed import train_word2vec
     from lmstack.runs import read_jsonl
 
     cfg = Word2VecConfig(dim=16, window=3, epochs=3, sg=sg, shared_negatives=shared, sample=0, batch_size=256,
-                         alpha=0.05 if not sg else 0.025)
+                         alpha=0.05 if not sg else 0.025, workers=workers)
     wv, history = train_word2vec(planted_sentences(), cfg, VocabConfig(min_count=1), log_path=tmp_path / "log.jsonl",
                                  progress=False)
     # chance is 9/19 (a word's 19 others, 9 in its group); planted structure gives all of them

@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--alpha", type=float, default=None, help="word2vec start learning rate (0.025) / glove lr (0.05)")
     tr.add_argument("--shared-negatives", action="store_true",
                     help="word2vec skip-gram: one set of noise words per window (faster, pWord2Vec)")
-    tr.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
+    tr.add_argument("--workers", type=int, default=1, help="word2vec: processes sharing the vectors (Hogwild)")
+    tr.add_argument("--threads", type=int, default=1, help="torch threads per process (0: all cores)")
     tr.add_argument("--seed", type=int, default=1)
     tr.add_argument("--formats", default="bin", help="word2vec files to write besides safetensors: bin,txt")
     tr.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -84,7 +85,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         w2v = Word2VecConfig(dim=args.dim, sg=not args.cbow, window=args.window or 5, epochs=args.epochs or 5,
                              negative=args.negative, sample=args.sample, alpha=args.alpha or 0.025,
-                             shared_negatives=args.shared_negatives, seed=args.seed, threads=args.threads)
+                             shared_negatives=args.shared_negatives, seed=args.seed, threads=args.threads,
+                             workers=args.workers)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     wv, s = train_run(args.inputs, args.out, args.method, vocab, w2v, glove, formats, progress=not args.quiet)
     line = (f"{s['method']}: {s['vocab_size']:,} words x {s['dim']} from {s['words']:,} words of text in "

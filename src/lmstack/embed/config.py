@@ -76,6 +76,7 @@ class Word2VecConfig:
     seed: int = 1
     threads: int = 1                 # torch threads (0 = all cores); 2 threads were slower on a shared 2-core box
     shared_negatives: bool = False   # skip-gram: one set of noise words per window (pWord2Vec), faster
+    workers: int = 1                 # processes updating the same matrices without locks (Hogwild), fork only
 
     def __post_init__(self) -> None:
         s = "word2vec"
@@ -88,6 +89,7 @@ class Word2VecConfig:
         _check(s, 0 <= self.sample < 1, "sample", "in [0, 1) (0 = no subsampling, e.g. 1e-3)", self.sample)
         _check(s, self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         _check(s, self.threads >= 0, "threads", ">= 0 (0 = all cores)", self.threads)
+        _check(s, self.workers >= 1, "workers", ">= 1", self.workers)
 
 
 @dataclass

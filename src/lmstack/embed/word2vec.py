@@ -80,6 +80,7 @@ def train_word2vec(inputs: Iterable | str | os.PathLike, cfg: Word2VecConfig | N
 def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
                           log_path: str | os.PathLike | None = None,
                           progress: bool = True) -> tuple[WordVectors, list[dict]]:
+    """Train on an already built corpus (see :func:`train_word2vec`)."""
     import torch
 
     from lmstack.runs import JsonlLogger, Progress
@@ -87,9 +88,11 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
     check_window(vocab, cfg.window, "word2vec.window")
     V, d = len(vocab), cfg.dim
     gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     w_in = (torch.rand(V, d, generator=gen) - 0.5) / d
     w_out = torch.zeros(V, d)
+    if cfg.workers > 1:  # Hogwild: the forked workers write into the same two matrices
+        w_in.share_memory_()
+        w_out.share_memory_()
     table = torch.from_numpy(noise_table(vocab.counts, cfg.ns_exponent))
     keep = keep_probabilities(vocab.counts, cfg.sample)
     total = corpus.words * cfg.epochs
@@ -98,32 +101,15 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     logger = JsonlLogger(log_path) if log_path else None
     bar = Progress(total, desc=f"word2vec {'skip-gram' if cfg.sg else 'CBOW'}", unit="words", disable=not progress)
-    done = 0
+    state = _State(corpus, keep, table, w_in, w_out, cfg, bar)
     try:
         with torch.no_grad():
             for epoch in range(cfg.epochs):
                 t0 = time.perf_counter()
-                kept = rng.random(corpus.words) < keep[corpus.ids]
-                ids = torch.from_numpy(corpus.ids[kept].astype(np.int64))
-                sentence = corpus.sentence[kept]
-                n = int(ids.numel())
-                loss_sum, loss_n = 0.0, 0
-                for start in range(0, n, CHUNK_WORDS):
-                    stop = min(n, start + CHUNK_WORDS)
-                    # the rate at this chunk, by raw words seen (word2vec.c counts words before subsampling)
-                    frac = (done + corpus.words * (start / max(n, 1))) / total
-                    lr = cfg.alpha - (cfg.alpha - cfg.min_alpha) * frac
-                    pos, valid = context_positions(sentence, start, stop, cfg.window, rng)
-                    if cfg.sg and cfg.shared_negatives:
-                        s, k = _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen)
-                    elif cfg.sg:
-                        s, k = _skipgram_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen)
-                    else:
-                        s, k = _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen)
-                    loss_sum, loss_n = loss_sum + s, loss_n + k
-                    chunk_raw = corpus.words * (stop - start) / max(n, 1)
-                    bar.update(chunk_raw, loss=loss_sum / max(loss_n, 1), lr=lr)
-                done += corpus.words
+                if cfg.workers > 1:
+                    loss_sum, loss_n, n, lr = _hogwild_epoch(state, epoch)
+                else:
+                    loss_sum, loss_n, n, lr = _epoch(state, epoch, 0)
                 seconds = time.perf_counter() - t0
                 record = {"epoch": epoch + 1, "loss": loss_sum / max(loss_n, 1), "lr": lr,
                           "words": corpus.words, "kept_words": n, "seconds": round(seconds, 3),
@@ -140,7 +126,85 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
         print(f"word2vec: {cfg.epochs} epochs over {corpus.words:,} words, vocab {V:,}, loss "
               f"{history[-1]['loss']:.4f}, {total / max(sum(r['seconds'] for r in history), 1e-9):,.0f} words/s",
               file=sys.stderr)
-    return WordVectors(vocab.words, w_in.numpy(), vocab.counts), history
+    return WordVectors(vocab.words, w_in.numpy().copy(), vocab.counts), history
+
+
+class _State:
+    """What every epoch of every worker reads (and the two matrices it writes)."""
+
+    def __init__(self, corpus, keep, table, w_in, w_out, cfg, bar):
+        self.corpus, self.keep, self.table, self.w_in, self.w_out = corpus, keep, table, w_in, w_out
+        self.cfg, self.bar = cfg, bar
+
+
+def _epoch(st: _State, epoch: int, rank: int) -> tuple[float, int, int, float]:
+    """One epoch's share of worker ``rank``: the chunks ``rank, rank + workers, ...`` of the subsampled text (the
+    subsampling is drawn from the epoch's seed, so every worker sees the same text). Returns the loss sum and
+    count, the words kept and the last learning rate."""
+    import torch
+
+    cfg, corpus = st.cfg, st.corpus
+    workers = max(1, cfg.workers)
+    kept = np.random.default_rng([cfg.seed, epoch]).random(corpus.words) < st.keep[corpus.ids]
+    rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+    ids = torch.from_numpy(corpus.ids[kept].astype(np.int64))
+    sentence = corpus.sentence[kept]
+    n = int(ids.numel())
+    total = corpus.words * cfg.epochs
+    loss_sum, loss_n, lr = 0.0, 0, cfg.alpha
+    step = _skipgram_window_chunk if cfg.sg and cfg.shared_negatives else _skipgram_chunk if cfg.sg else _cbow_chunk
+    for chunk, start in enumerate(range(0, n, CHUNK_WORDS)):
+        if chunk % workers != rank:
+            continue
+        stop = min(n, start + CHUNK_WORDS)
+        # the rate at this chunk, by raw words seen (word2vec.c counts words before subsampling)
+        frac = (epoch * corpus.words + corpus.words * (start / max(n, 1))) / total
+        lr = cfg.alpha - (cfg.alpha - cfg.min_alpha) * frac
+        pos, valid = context_positions(sentence, start, stop, cfg.window, rng)
+        s, k = step(ids, start, pos, valid, st.w_in, st.w_out, st.table, cfg, lr, gen)
+        loss_sum, loss_n = loss_sum + s, loss_n + k
+        if rank == 0:  # the main process shows the progress of all (the workers move at about the same rate)
+            st.bar.update(workers * corpus.words * (stop - start) / max(n, 1), loss=loss_sum / max(loss_n, 1), lr=lr)
+    return loss_sum, loss_n, n, lr
+
+
+def _hogwild_epoch(st: _State, epoch: int) -> tuple[float, int, int, float]:
+    """One epoch on ``workers`` processes (fork) updating the shared matrices without locks (Hogwild, as
+    word2vec.c's threads do); the main process is worker 0."""
+    import multiprocessing as mp
+    import traceback
+
+    import torch
+
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+
+    def work(rank: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            queue.put(("ok", _epoch(st, epoch, rank)))
+        except BaseException:
+            queue.put(("error", traceback.format_exc()))
+        finally:
+            os._exit(0)  # skip the parent's atexit handlers and buffered output
+
+    procs = [ctx.Process(target=work, args=(r,), daemon=True) for r in range(1, st.cfg.workers)]
+    for p in procs:
+        p.start()
+    try:
+        results = [_epoch(st, epoch, 0)]
+    finally:
+        for p in procs:
+            p.join()
+    while not queue.empty():
+        status, value = queue.get()
+        if status == "error":
+            raise RuntimeError(f"a word2vec worker failed:\n{value}")
+        results.append(value)
+    if len(results) != st.cfg.workers:
+        raise RuntimeError(f"{st.cfg.workers - len(results)} word2vec worker(s) died (out of memory?)")
+    return (sum(r[0] for r in results), sum(r[1] for r in results), results[0][2], min(r[3] for r in results))
 
 
 def batch_pairs(batch_size: int, vocab_size: int) -> int:
