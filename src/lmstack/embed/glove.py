@@ -125,16 +125,21 @@ def fit_glove(x: Cooccurrence, cfg: GloVeConfig, log_path: str | os.PathLike | N
         raise DataError("glove: no co-occurrences (every sentence has a single word); give longer sentences")
     V, d = x.size, cfg.dim
     gen = torch.Generator().manual_seed(cfg.seed)
-    # glove.c: uniform in [-0.5, 0.5] / dim for vectors and biases; squared-gradient sums start at 1
-    w = (torch.rand(V, d, generator=gen, dtype=torch.float64) - 0.5) / d
-    c = (torch.rand(V, d, generator=gen, dtype=torch.float64) - 0.5) / d
-    bw = (torch.rand(V, generator=gen, dtype=torch.float64) - 0.5) / d
-    bc = (torch.rand(V, generator=gen, dtype=torch.float64) - 0.5) / d
-    gw, gc, gbw, gbc = torch.ones(V, d, dtype=torch.float64), torch.ones(V, d, dtype=torch.float64), \
-        torch.ones(V, dtype=torch.float64), torch.ones(V, dtype=torch.float64)
+    # One matrix per side holding the bias as a column, and a constant 1 column facing the other side's bias:
+    # [w_i, b_i, 1] . [c_j, 1, b'_j] = w_i . c_j + b_i + b'_j, so one gather and one dot per side serve both.
+    # glove.c: vectors and biases uniform in [-0.5, 0.5] / dim; squared-gradient sums start at 1.
+    w = (torch.rand(V, d + 2, generator=gen) - 0.5) / d
+    c = (torch.rand(V, d + 2, generator=gen) - 0.5) / d
+    w[:, d + 1] = 1.0
+    c[:, d] = 1.0
+    free_w = torch.ones(d + 2)
+    free_w[d + 1] = 0.0      # the constant columns never move
+    free_c = torch.ones(d + 2)
+    free_c[d] = 0.0
+    gw, gc = torch.ones(V, d + 2), torch.ones(V, d + 2)
     rows, cols = torch.from_numpy(x.rows), torch.from_numpy(x.cols)
-    logx = torch.from_numpy(np.log(x.values))
-    weight = torch.from_numpy(np.minimum(1.0, (x.values / cfg.x_max) ** cfg.alpha))
+    logx = torch.from_numpy(np.log(x.values).astype(np.float32))
+    weight = torch.from_numpy(np.minimum(1.0, (x.values / cfg.x_max) ** cfg.alpha).astype(np.float32))
     history: list[dict] = []
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -150,19 +155,15 @@ def fit_glove(x: Cooccurrence, cfg: GloVeConfig, log_path: str | os.PathLike | N
                 idx = order[s:s + cfg.batch_size]
                 i, j = rows[idx], cols[idx]
                 wi, cj = w.index_select(0, i), c.index_select(0, j)
-                diff = (wi * cj).sum(1) + bw[i] + bc[j] - logx[idx]
+                diff = (wi * cj).sum(1) - logx[idx]
                 fdiff = weight[idx] * diff
                 cost += 0.5 * float((fdiff * diff).sum())
-                grad_w, grad_c = fdiff[:, None] * cj, fdiff[:, None] * wi
+                grad_w, grad_c = fdiff[:, None] * cj * free_w, fdiff[:, None] * wi * free_c
                 # AdaGrad per entry with its row's squared-gradient sum (glove.c), rows of one batch at once
                 w.index_add_(0, i, -lr * grad_w / gw.index_select(0, i).sqrt())
                 c.index_add_(0, j, -lr * grad_c / gc.index_select(0, j).sqrt())
-                bw.index_add_(0, i, -lr * fdiff / gbw[i].sqrt())
-                bc.index_add_(0, j, -lr * fdiff / gbc[j].sqrt())
                 gw.index_add_(0, i, grad_w * grad_w)
                 gc.index_add_(0, j, grad_c * grad_c)
-                gbw.index_add_(0, i, fdiff * fdiff)
-                gbc.index_add_(0, j, fdiff * fdiff)
                 bar.update(idx.numel(), loss=cost / max(s + idx.numel(), 1))
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "loss": cost / x.nnz, "entries": x.nnz, "seconds": round(seconds, 3)}
@@ -177,4 +178,5 @@ def fit_glove(x: Cooccurrence, cfg: GloVeConfig, log_path: str | os.PathLike | N
     if progress:
         print(f"glove: {cfg.epochs} epochs, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}",
               file=sys.stderr)
-    return GloVeParams(w.numpy(), c.numpy(), bw.numpy(), bc.numpy()), history
+    wn, cn = w.double().numpy(), c.double().numpy()
+    return GloVeParams(wn[:, :d].copy(), cn[:, :d].copy(), wn[:, d].copy(), cn[:, d + 1].copy()), history
