@@ -14,37 +14,22 @@ Heavy modules (torch) are imported only when training starts.
 
 from __future__ import annotations
 
-from lmstack.embed.config import GloVeConfig, VocabConfig, Word2VecConfig
-from lmstack.embed.vectors import WordVectors, load_vectors
-from lmstack.embed.vocab import Corpus, Vocab, build_corpus
+import importlib
 
-__all__ = ["Corpus", "GloVeConfig", "Vocab", "VocabConfig", "Word2VecConfig", "WordVectors", "build_corpus",
-           "evaluate", "load_vectors", "train_glove", "train_run", "train_word2vec"]
+# name -> module; imported on first use, so `lmstack --help` (which imports lmstack.embed.cli) loads none of it
+_LAZY = {
+    "GloVeConfig": "config", "VocabConfig": "config", "Word2VecConfig": "config",
+    "WordVectors": "vectors", "load_vectors": "vectors",
+    "Corpus": "vocab", "Vocab": "vocab", "build_corpus": "vocab",
+    "train_word2vec": "word2vec", "train_glove": "glove", "train_run": "run", "evaluate": "evaluate",
+}
 
-
-def train_word2vec(*args, **kwargs):
-    """See :func:`lmstack.embed.word2vec.train_word2vec`."""
-    from lmstack.embed.word2vec import train_word2vec as f
-
-    return f(*args, **kwargs)
+__all__ = sorted(_LAZY)
 
 
-def train_glove(*args, **kwargs):
-    """See :func:`lmstack.embed.glove.train_glove`."""
-    from lmstack.embed.glove import train_glove as f
-
-    return f(*args, **kwargs)
-
-
-def train_run(*args, **kwargs):
-    """See :func:`lmstack.embed.run.train_run`."""
-    from lmstack.embed.run import train_run as f
-
-    return f(*args, **kwargs)
-
-
-def evaluate(*args, **kwargs):
-    """See :func:`lmstack.embed.evaluate.evaluate`."""
-    from lmstack.embed.evaluate import evaluate as f
-
-    return f(*args, **kwargs)
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lmstack.embed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lmstack.embed.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
