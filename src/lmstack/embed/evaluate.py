@@ -43,7 +43,7 @@ def _ok_vocab(wv: WordVectors, restrict_vocab: int, case_insensitive: bool) -> d
 
 
 def analogy_accuracy(wv: WordVectors, path: str | os.PathLike | None = None, restrict_vocab: int = 300_000,
-                     case_insensitive: bool = True, method: str = "add", batch: int = 512) -> dict:
+                     case_insensitive: bool = True, method: str = "add", batch: int = 0) -> dict:
     """Accuracy on an analogy file (``: section`` lines, then ``a b c d`` per question: a is to b as c is to d).
     Returns ``accuracy`` (None when no question is in the vocabulary), ``correct``, ``total``, ``questions``,
     ``oov_ratio`` (percent, as gensim) and per-section ``[correct, total]``."""
@@ -67,6 +67,8 @@ def analogy_accuracy(wv: WordVectors, path: str | os.PathLike | None = None, res
     unit = wv.unit[:restrict_vocab]
     words = [w.upper() if case_insensitive else w for w in wv.words[:restrict_vocab]]
     correct = 0
+    # questions scored at once: at most 2^25 scores (128 MB of float32) whatever the vocabulary
+    batch = batch or max(1, min(1024, (1 << 25) // max(len(words), 1)))
     for s in range(0, len(questions), batch):
         qs = questions[s:s + batch]
         a, b, c = ([ok[q[i]] for q in qs] for i in (1, 2, 3))
@@ -74,7 +76,9 @@ def analogy_accuracy(wv: WordVectors, path: str | os.PathLike | None = None, res
         rows = np.arange(len(qs))
         for col in (a, b, c):
             scores[rows, col] = -np.inf
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        k = min(5, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
         for q, cand in zip(qs, top):
             ignore = set(q[1:4])
             # gensim takes the first of the top 5 that is not a case variant of a question word

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lmstack.embed.config import VocabConfig
-from lmstack.errors import DataError, LmstackError
+from lmstack.errors import DataError
 
 
 @dataclass
@@ -40,14 +40,6 @@ class Vocab:
 
     def __contains__(self, word: str) -> bool:
         return word in self.index
-
-    def id(self, word: str) -> int:
-        """The id of ``word``; a word not in the vocabulary is an :class:`LmstackError` naming it."""
-        try:
-            return self.index[word]
-        except KeyError:
-            raise LmstackError(f"word {word!r} is not in the vocabulary ({len(self.words):,} words); "
-                               f"check its spelling and case, or train with a lower min_count") from None
 
 
 @dataclass
