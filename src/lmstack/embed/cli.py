@@ -47,12 +47,16 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--quiet", action="store_true", help="no progress lines")
     tr.set_defaults(func=_train)
     nb = sub.add_parser("neighbors", help="nearest words by cosine", formatter_class=HelpFormatter,
+                        epilog="examples:\n  lmstack embed neighbors runs/w2v king\n"
+                               "  lmstack embed neighbors vectors.bin module --topn 20",
                         description="The words closest to WORD by cosine similarity.")
     nb.add_argument("vectors", metavar="DIR", help="a folder from `embed train`, or a .bin/.txt/.vec file")
     nb.add_argument("word", metavar="WORD")
     nb.add_argument("--topn", type=int, default=10)
     nb.set_defaults(func=_neighbors)
     an = sub.add_parser("analogy", help="a is to b as c is to ?", formatter_class=HelpFormatter,
+                        epilog="examples:\n  lmstack embed analogy runs/w2v man king woman      # man : king :: woman : ?\n"
+                               "  lmstack embed analogy runs/w2v athens greece paris --method mul",
                         description="Answers to 'A is to B as C is to ?' (3CosAdd, or 3CosMul with --method mul).")
     an.add_argument("vectors", metavar="DIR")
     an.add_argument("a")
@@ -62,6 +66,8 @@ def register(subparsers: Any) -> None:
     an.add_argument("--method", default="add", help="add (3CosAdd) or mul (3CosMul)")
     an.set_defaults(func=_analogy)
     ev = sub.add_parser("eval", help="Google analogy accuracy and WordSim-353 Spearman", formatter_class=HelpFormatter,
+                        epilog="examples:\n  lmstack embed eval runs/w2v\n"
+                               "  lmstack embed eval vectors.txt --analogies my_questions.txt --restrict-vocab 30000",
                         description="Analogy accuracy and WordSim-353 Spearman, in-vocabulary items only (gensim's "
                                     "rules and test data).")
     ev.add_argument("vectors", metavar="DIR")
