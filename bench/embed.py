@@ -6,7 +6,7 @@ folder). Both read the same sentences (lines, words by lmstack's default regex, 
 the same (min count 5). Settings: skip-gram, dim 100, window 5 (dynamic), 5 noise words, subsampling 1e-3,
 5 epochs, alpha 0.025 -> 0.0001.
 
-Rows: gensim with 1 and 2 worker threads; ours with negatives per pair (word2vec.c's algorithm) and with
+Rows: gensim skip-gram with 1 and 2 worker threads and CBOW with 2; ours with negatives per pair (word2vec.c's algorithm) and with
 noise words shared by a window (``--shared-negatives``), on 1 and 2 processes (Hogwild, ``workers``); ours
 CBOW; GloVe (window 10, 25 epochs, x_max 10) for its scores. words/s = words of text x epochs / training
 seconds (vocabulary building timed apart). Scores: the Google analogy set (3CosAdd and 3CosMul) and
@@ -61,12 +61,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--inputs", nargs="*", help="other text (files, folders, globs) instead of the default")
+    ap.add_argument("--glove-epochs", type=int, default=25)
     args = ap.parse_args()
     epochs = 2 if args.quick else args.epochs
     logging.getLogger("gensim").setLevel(logging.WARNING)
     from gensim.models import Word2Vec
 
-    paths, where = corpus_paths()
+    paths, where = (args.inputs, " ".join(args.inputs)) if args.inputs else corpus_paths()
     vcfg = VocabConfig(min_count=5)
     t0 = time.perf_counter()
     vocab, corpus = build_corpus(paths, vcfg)
@@ -80,20 +82,25 @@ def main() -> None:
     common = dict(dim=100, window=5, negative=5, sample=1e-3, alpha=0.025, min_alpha=0.0001, epochs=epochs, seed=1)
     rows = []
 
-    for workers in (1, 2):
+    for sg, workers in ((1, 1), (1, 2), (0, 2)):
         model = Word2Vec(vector_size=100, window=5, negative=5, hs=0, sample=1e-3, alpha=0.025, min_alpha=0.0001,
-                         sg=1, min_count=5, workers=workers, seed=1)
+                         sg=sg, min_count=5, workers=workers, seed=1)
         model.build_vocab(sentences)
         t = time.perf_counter()
         model.train(sentences, total_examples=len(sentences), epochs=epochs)
         sec = time.perf_counter() - t
         wv = WordVectors(model.wv.index_to_key, model.wv.vectors)
-        rows.append({"name": f"gensim skip-gram, {workers} thread{'s' * (workers > 1)}", "workers": workers,
-                     "seconds": sec, "wps": text_words * epochs / sec, **scores(wv), "gensim": True})
+        rows.append({"name": f"gensim {'skip-gram' if sg else 'CBOW'}, {workers} thread{'s' * (workers > 1)}",
+                     "workers": workers, "seconds": sec, "wps": text_words * epochs / sec, **scores(wv),
+                     "gensim": bool(sg)})
         print(rows[-1], flush=True)
 
+    from lmstack.embed.vocab import Corpus
     from lmstack.embed.word2vec import train_word2vec_corpus
 
+    # warm-up (torch's first calls), not timed
+    head = Corpus(corpus.ids[:20000], corpus.sentence[:20000])
+    train_word2vec_corpus(vocab, head, Word2VecConfig(**{**common, "epochs": 1}), progress=False)
     variants = [("ours skip-gram", dict(sg=True)), ("ours skip-gram, shared negatives", dict(sg=True, shared_negatives=True))]
     for name, extra in variants:
         for workers in (1, 2):
@@ -117,10 +124,10 @@ def main() -> None:
         t = time.perf_counter()
         # x_max 10 as GloVe's own demo.sh sets it for a small corpus (text8): with the default 100 nearly every
         # count of a 0.8 M-word text gets a tiny weight (measured here: 1.7% analogies at 10 epochs vs 5.5% at 15)
-        gcfg = GloVeConfig(dim=100, window=10, epochs=25, x_max=10)
+        gcfg = GloVeConfig(dim=100, window=10, epochs=args.glove_epochs, x_max=10)
         wv, hist = train_glove_corpus(vocab, corpus, gcfg, progress=False)
         sec = time.perf_counter() - t
-        rows.append({"name": f"ours GloVe (window 10, x_max 10, 25 epochs, loss {hist[0]['loss']:.4f} -> "
+        rows.append({"name": f"ours GloVe (window 10, x_max 10, {gcfg.epochs} epochs, loss {hist[0]['loss']:.4f} -> "
                              f"{hist[-1]['loss']:.4f})",
                      "workers": 1, "seconds": sec, "wps": None, **scores(wv)})
         print(rows[-1], flush=True)
@@ -133,7 +140,7 @@ def main() -> None:
 
     print(f"\n{epochs} epochs; analogies: {g1['questions']:,} in-vocabulary questions of 19,544; WordSim-353: "
           f"{g1['pairs']} pairs of 353\n")
-    print("| run | train s | words/s | vs gensim 1 thread | vs gensim same workers | analogy 3CosAdd % | "
+    print("| run | train s | words/s | vs gensim sg 1 thread | vs gensim sg same workers | analogy 3CosAdd % | "
           "3CosMul % | WS-353 Spearman |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
