@@ -6,7 +6,8 @@ folder). Both read the same sentences (lines, words by lmstack's default regex, 
 the same (min count 5). Settings: skip-gram, dim 100, window 5 (dynamic), 5 noise words, subsampling 1e-3,
 5 epochs, alpha 0.025 -> 0.0001.
 
-Rows: gensim skip-gram with 1 and 2 worker threads and CBOW with 2; ours with negatives per pair (word2vec.c's algorithm) and with
+Rows: gensim skip-gram with 1 and 2 worker threads and CBOW with 2; ours with negatives per pair (word2vec.c's
+algorithm), eager and through ``torch.compile`` (``--compile``; compiled once in a warm-up, not timed), and with
 noise words shared by a window (``--shared-negatives``), on 1 and 2 processes (Hogwild, ``workers``); ours
 CBOW; GloVe (window 10, 25 epochs, x_max 10) for its scores. words/s = words of text x epochs / training
 seconds (vocabulary building timed apart). Scores: the Google analogy set (3CosAdd and 3CosMul) and
@@ -101,7 +102,11 @@ def main() -> None:
     # warm-up (torch's first calls), not timed
     head = Corpus(corpus.ids[:20000], corpus.sentence[:20000])
     train_word2vec_corpus(vocab, head, Word2VecConfig(**{**common, "epochs": 1}), progress=False)
-    variants = [("ours skip-gram", dict(sg=True)), ("ours skip-gram, shared negatives", dict(sg=True, shared_negatives=True))]
+    t = time.perf_counter()
+    train_word2vec_corpus(vocab, head, Word2VecConfig(**{**common, "epochs": 1}, compile=True), progress=False)
+    print(f"torch.compile of the pair update (warm-up, not timed below): {time.perf_counter() - t:.1f} s", flush=True)
+    variants = [("ours skip-gram", dict(sg=True)), ("ours skip-gram, compiled", dict(sg=True, compile=True)),
+                ("ours skip-gram, shared negatives", dict(sg=True, shared_negatives=True))]
     for name, extra in variants:
         for workers in (1, 2):
             cfg = Word2VecConfig(**common, **extra, workers=workers, threads=1)

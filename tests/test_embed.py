@@ -342,6 +342,8 @@ def test_bad_configs_name_the_field():
         GloVeConfig(dim=-1)
     with pytest.raises(ConfigError, match=r"^vocab.min_count: must be >= 1"):
         VocabConfig(min_count=0)
+    with pytest.raises(ConfigError, match="^word2vec.compile: only the per-pair skip-gram update is compiled"):
+        Word2VecConfig(sg=False, compile=True)
     with pytest.raises(ConfigError, match="vocab.tokenizer: split='tokenizer' needs"):
         VocabConfig(split="tokenizer")
 
@@ -412,3 +414,36 @@ def test_speedrun_stage_on_a_small_corpus(tmp_path):
     assert "| red1 |" in report and (tmp_path / "embed" / "vectors.safetensors").is_file()
     assert results["loss_last"] < results["loss_first"]
     assert ("Google analogies" in report) or ("skipped" in report)
+
+
+def test_the_compiled_pair_update_computes_the_eager_update(monkeypatch):
+    """The elementwise update that torch.compile fuses, run eagerly through the padded batching, moves the
+    matrices exactly as the bmm path does (same pairs, same noise words)."""
+    import torch
+
+    from lmstack.embed import word2vec as w2v
+
+    rng = np.random.default_rng(0)
+    V, d = 200, 8
+    ids = torch.from_numpy(rng.integers(0, V, 90))
+    sentence = np.repeat(np.arange(3), 30)
+    pos, valid = w2v.context_positions(sentence, 0, 90, 2, np.random.default_rng(1))
+    cfg = Word2VecConfig(dim=d, negative=3, batch_size=64)   # 64 pairs a batch: the last batch is padded
+    table = torch.from_numpy(w2v.noise_table(np.arange(V, 0, -1), 0.75, size=10_000))
+    w_in0, w_out0 = torch.randn(V, d, dtype=torch.float32), torch.randn(V, d) * 0.1
+    a_in, a_out, b_in, b_out = w_in0.clone(), w_out0.clone(), w_in0.clone(), w_out0.clone()
+    w2v._skipgram_chunk(ids, 0, pos, valid, a_in, a_out, table, cfg, 0.05, torch.Generator().manual_seed(3))
+    monkeypatch.setitem(w2v._COMPILED, "pair", w2v._pair_update)            # eager, to keep the test fast
+    w2v._skipgram_compiled_chunk(ids, 0, pos, valid, b_in, b_out, table, cfg, 0.05, torch.Generator().manual_seed(3))
+    assert valid.sum() % 64 != 0 and not torch.equal(a_in, w_in0)
+    torch.testing.assert_close(b_in, a_in, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b_out, a_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_skipgram_learns_the_planted_groups():
+    from lmstack.embed import train_word2vec
+
+    cfg = Word2VecConfig(dim=16, window=3, epochs=3, sample=0, batch_size=256, compile=True)
+    wv, _ = train_word2vec(planted_sentences(), cfg, VocabConfig(min_count=1), progress=False)
+    assert same_group_rate(wv) > 0.95

@@ -102,6 +102,8 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
     logger = JsonlLogger(log_path) if log_path else None
     bar = Progress(total, desc=f"word2vec {'skip-gram' if cfg.sg else 'CBOW'}", unit="words", disable=not progress)
     state = _State(corpus, keep, table, w_in, w_out, cfg, bar)
+    if cfg.compile and cfg.sg and not cfg.shared_negatives:
+        _warm_compiled(state)  # compile once here (~10 s), before any worker is forked
     try:
         with torch.no_grad():
             for epoch in range(cfg.epochs):
@@ -129,6 +131,16 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
     return WordVectors(vocab.words, w_in.numpy().copy(), vocab.counts), history
 
 
+def _warm_compiled(st: "_State") -> None:
+    import torch
+
+    step = batch_pairs(st.cfg.batch_size, st.w_in.shape[0])
+    zeros = torch.zeros(step, dtype=torch.int64)
+    with torch.no_grad():
+        compiled_pair_update()(st.w_in, st.w_out, zeros, zeros, torch.zeros(step, st.cfg.negative, dtype=torch.int64),
+                               torch.zeros(step), torch.tensor(0.0))
+
+
 class _State:
     """What every epoch of every worker reads (and the two matrices it writes)."""
 
@@ -153,7 +165,8 @@ def _epoch(st: _State, epoch: int, rank: int) -> tuple[float, int, int, float]:
     n = int(ids.numel())
     total = corpus.words * cfg.epochs
     loss_sum, loss_n, lr = 0.0, 0, cfg.alpha
-    step = _skipgram_window_chunk if cfg.sg and cfg.shared_negatives else _skipgram_chunk if cfg.sg else _cbow_chunk
+    step = (_skipgram_window_chunk if cfg.sg and cfg.shared_negatives else
+            _skipgram_compiled_chunk if cfg.sg and cfg.compile else _skipgram_chunk if cfg.sg else _cbow_chunk)
     for chunk, start in enumerate(range(0, n, CHUNK_WORDS)):
         if chunk % workers != rank:
             continue
@@ -221,6 +234,66 @@ def _negatives(table, shape: tuple[int, ...], gen):
 
 
 LOSS_EVERY = 8  # the loss (for the log only) is measured on every 8th batch: it costs as much as a gather
+
+
+def _pair_update(w_in, w_out, cen, ctx, negs, valid, lr):
+    """One batch of skip-gram pairs written elementwise (gather, dot, sigmoid, scatter), for ``torch.compile``:
+    inductor fuses each gather into its use and each scatter with the values it adds, so the (pairs x 6 x dim)
+    intermediates of the eager path are never written out. ``valid`` (0/1 per pair) pads the last batch to the
+    compiled shape; ``lr`` is a 0-d tensor, so a new rate does not recompile. Returns the batch's loss sum."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = torch.cat([cen[:, None], negs], dim=1)
+    h = w_in[ctx]
+    out = w_out[targets]
+    score = (out * h[:, None, :]).sum(-1)
+    label = torch.zeros_like(score)
+    label[:, 0] = 1.0
+    keep = torch.cat([torch.ones_like(cen[:, None], dtype=torch.bool), negs != cen[:, None]], dim=1)
+    g = (label - torch.sigmoid(score)) * lr * keep * valid[:, None]
+    w_in.index_add_(0, ctx, (g[:, :, None] * out).sum(1))
+    w_out.index_add_(0, targets.reshape(-1), (g[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
+    loss = F.softplus(-score[:, 0]) + F.softplus(score[:, 1:]).sum(1)
+    return (loss * valid).sum()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_pair_update():
+    """``torch.compile`` of :func:`_pair_update` (static shapes), built once per process."""
+    import torch
+
+    if "pair" not in _COMPILED:
+        _COMPILED["pair"] = torch.compile(_pair_update, dynamic=False)
+    return _COMPILED["pair"]
+
+
+def _skipgram_compiled_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tuple[float, int]:
+    """The pairs of a chunk through the compiled update, in batches of one fixed size (the last one padded)."""
+    import torch
+
+    rows, cols = np.nonzero(valid)
+    centre = ids[torch.from_numpy(rows + start)]
+    context = ids[torch.from_numpy(pos[rows, cols])]
+    step = batch_pairs(cfg.batch_size, w_in.shape[0])
+    update = compiled_pair_update()
+    rate = torch.tensor(lr, dtype=torch.float32)
+    loss, count = 0.0, 0
+    for b in range(0, centre.numel(), step):
+        cen, ctx = centre[b:b + step], context[b:b + step]
+        m = cen.numel()
+        ok = torch.ones(step)
+        if m < step:  # pad with pairs of word 0 that update nothing
+            pad = torch.zeros(step - m, dtype=cen.dtype)
+            cen, ctx = torch.cat([cen, pad]), torch.cat([ctx, pad])
+            ok[m:] = 0.0
+        s = update(w_in, w_out, cen, ctx, _negatives(table, (step, cfg.negative), gen), ok, rate)
+        if (b // step) % LOSS_EVERY == 0:
+            loss += float(s)
+            count += m
+    return loss, count
 
 
 def _skipgram_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tuple[float, int]:
