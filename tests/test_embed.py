@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -179,7 +180,7 @@ def test_glove_loss_falls_and_neighbours_come_from_the_planted_group(tmp_path):
     wv, history = train_glove(planted_sentences(600, mix=0.1), GloVeConfig(dim=16, window=4, epochs=15),
                               VocabConfig(min_count=1), log_path=tmp_path / "g.jsonl", progress=False)
     losses = [h["loss"] for h in history]
-    assert losses[-1] < 0.5 * losses[0] and all(b <= a * 1.01 for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < 0.5 * losses[0] and all(b <= a * 1.01 for a, b in itertools.pairwise(losses))
     assert same_group_rate(wv) > 0.95
 
 
@@ -297,7 +298,8 @@ def test_analogy_accuracy_equals_gensims_evaluate_word_analogies():
         score, sections = kv.evaluate_word_analogies(str(gensim_data(ANALOGIES)), restrict_vocab=restrict)
         ours = analogy_accuracy(wv, restrict_vocab=restrict)
         total = sections[-1]
-        assert ours["correct"] == len(total["correct"]) and ours["total"] == len(total["correct"]) + len(total["incorrect"])
+        assert ours["correct"] == len(total["correct"])
+        assert ours["total"] == len(total["correct"]) + len(total["incorrect"])
         assert ours["accuracy"] == pytest.approx(score) and 0.1 < score < 0.9   # neither trivial nor perfect
 
 

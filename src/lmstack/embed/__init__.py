@@ -24,7 +24,8 @@ _LAZY = {
     "train_word2vec": "word2vec", "train_glove": "glove", "train_run": "run", "evaluate": "evaluate",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["Corpus", "GloVeConfig", "Vocab", "VocabConfig", "Word2VecConfig", "WordVectors", "build_corpus",
+           "evaluate", "load_vectors", "train_glove", "train_run", "train_word2vec"]
 
 
 def __getattr__(name: str):

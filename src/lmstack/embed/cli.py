@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
     nb.add_argument("--topn", type=int, default=10)
     nb.set_defaults(func=_neighbors)
     an = sub.add_parser("analogy", help="a is to b as c is to ?", formatter_class=HelpFormatter,
-                        epilog="examples:\n  lmstack embed analogy runs/w2v man king woman      # man : king :: woman : ?\n"
+                        epilog="examples:\n  lmstack embed analogy runs/w2v man king woman  # man : king :: woman : ?\n"
                                "  lmstack embed analogy runs/w2v athens greece paris --method mul",
                         description="Answers to 'A is to B as C is to ?' (3CosAdd, or 3CosMul with --method mul).")
     an.add_argument("vectors", metavar="DIR")
@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
                              shared_negatives=args.shared_negatives, seed=args.seed, threads=args.threads,
                              workers=args.workers, compile=args.compile)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    wv, s = train_run(args.inputs, args.out, args.method, vocab, w2v, glove, formats, progress=not args.quiet)
+    _, s = train_run(args.inputs, args.out, args.method, vocab, w2v, glove, formats, progress=not args.quiet)
     line = (f"{s['method']}: {s['vocab_size']:,} words x {s['dim']} from {s['words']:,} words of text in "
             f"{s['seconds']:.1f} s ({s['words_per_s']:,.0f} words/s), loss {s['loss_first']:.4f} -> "
             f"{s['loss_last']:.4f}; wrote {args.out}")

@@ -32,7 +32,7 @@ def gensim_data(name: str) -> Path | None:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / name
     return path if path.is_file() else None
 
 
@@ -107,7 +107,7 @@ def _ranks(v: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(v))
     ranks[order] = np.arange(1, len(v) + 1, dtype=np.float64)
     # mean rank over each run of equal values
-    uniq, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
+    _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
     mean_rank = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(mean_rank, counts)
     return ranks

@@ -15,7 +15,6 @@ Files (``save``/``load_vectors`` pick the format by name):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -113,8 +112,8 @@ class WordVectors:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(f"{len(self)} {self.dim}\n".encode())
             if kind == "text":
-                for w, v in zip(self.words, self.vectors):
-                    f.write((w + " " + " ".join(f"{x:.6g}" for x in v) + "\n").encode("utf-8"))
+                f.writelines((w + " " + " ".join(f"{x:.6g}" for x in v) + "\n").encode("utf-8")
+                             for w, v in zip(self.words, self.vectors))
             else:
                 le = self.vectors.astype("<f4")
                 for w, v in zip(self.words, le):

@@ -11,8 +11,10 @@ plain SGD.
 What differs: word2vec.c updates after every pair; here ``batch_size`` pairs (skip-gram) or centre words (CBOW)
 are computed at once from the same weights and their row updates summed into the two matrices
 (``index_add_``), which is what makes it fast in torch. Rows that repeat within a batch get the sum of their
-updates, as they would (approximately) in sequence; with batches of a few thousand pairs the vectors match
-gensim's quality (``bench/embed.py``).
+updates, as they would (approximately) in sequence; with batches of a few thousand pairs (at most half the
+vocabulary, :func:`batch_pairs`) the vectors match gensim's quality (``bench/embed.py``). ``compile=True`` runs
+the same per-pair update through ``torch.compile``; ``shared_negatives`` and ``workers`` are faster variants
+(see docs/embed.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
@@ -131,7 +132,7 @@ def train_word2vec_corpus(vocab: Vocab, corpus: Corpus, cfg: Word2VecConfig,
     return WordVectors(vocab.words, w_in.numpy().copy(), vocab.counts), history
 
 
-def _warm_compiled(st: "_State") -> None:
+def _warm_compiled(st: _State) -> None:
     import torch
 
     step = batch_pairs(st.cfg.batch_size, st.w_in.shape[0])
@@ -197,7 +198,7 @@ def _hogwild_epoch(st: _State, epoch: int) -> tuple[float, int, int, float]:
         try:
             torch.set_num_threads(1)
             queue.put(("ok", _epoch(st, epoch, rank)))
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - any failure of the worker goes back to the parent
             queue.put(("error", traceback.format_exc()))
         finally:
             os._exit(0)  # skip the parent's atexit handlers and buffered output
@@ -397,10 +398,6 @@ def _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tup
         w_out.index_add_(0, targets.view(-1), (g.unsqueeze(2) * h.unsqueeze(1)).view(m * (k + 1), -1))
         w_in.index_add_(0, ctx.reshape(-1), (mask.unsqueeze(2) * dh.unsqueeze(1)).view(m * c, -1))
     return loss, count
-
-
-def default_log_path(out: str | os.PathLike) -> Path:
-    return Path(out) / "train_log.jsonl"
 
 
 __all__ = ["context_positions", "keep_probabilities", "noise_table", "train_word2vec", "train_word2vec_corpus"]
