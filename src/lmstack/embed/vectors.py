@@ -116,8 +116,7 @@ class WordVectors:
                              for w, v in zip(self.words, self.vectors))
             else:
                 le = self.vectors.astype("<f4")
-                for w, v in zip(self.words, le):
-                    f.write(w.encode("utf-8") + b" " + v.tobytes() + b"\n")
+                f.writelines(w.encode("utf-8") + b" " + v.tobytes() + b"\n" for w, v in zip(self.words, le))
         return path
 
 
