@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmstack"
 
 # Rank of each top-level package/module; a module may import ranks <= its own.
 FOUNDATION = ("errors", "extras", "clihelp", "config", "runs", "runtime", "sources")
-ORDER = [FOUNDATION, ("tokenizer",), ("data",), ("model",), ("compress",), ("infer",), ("eval",), ("train",),
+ORDER = [FOUNDATION, ("tokenizer",), ("data",), ("embed",), ("model",), ("compress",), ("infer",), ("eval",), ("train",),
          ("finetune",), ("align",), ("rag",), ("prompts",), ("monitor",), ("serve",), ("speedrun",), ("cli",)]
 RANK = {name: i for i, group in enumerate(ORDER) for name in group}
 

@@ -110,6 +110,7 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
     """Every stage on the real default corpus, shrunk to seconds; then a resume that redoes nothing."""
     run = tmp_path / "run"
     args = ["speedrun", "--run-dir", str(run), "--corpus.sources", "[topics]", "--tokenizer.vocab_size", "512",
+            "--embed.epochs", "2", "--embed.dim", "16",
             "--pretrain.steps", "30", "--pretrain.batch_size", "4", "--pretrain.seq_len", "64",
             "--pretrain.eval_every", "6", "--pretrain.ckpt_every", "6",
             "--pretrain.model", "{preset: tiny, n_layer: 1, d_model: 32, n_head: 2, n_kv_head: 2}",
@@ -120,7 +121,7 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
             "--prompts.redteam_per_category", "1"]
     assert main(args) == 0
     report = (run / "report.md").read_text()
-    for heading in ("## Corpus", "## Tokenizer", "## Pre-training", "## Generation", "## Supervised fine-tuning",
+    for heading in ("## Corpus", "## Tokenizer", "## Static word embeddings", "## Pre-training", "## Generation", "## Supervised fine-tuning",
                     "## Evaluation", "## Compression", "## Distillation", "## Prompts", "### Structured output",
                     "### Red-team report"):
         assert heading in report

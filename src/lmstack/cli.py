@@ -22,6 +22,7 @@ from lmstack.errors import LmstackError
 LAYER_CLIS = [
     "lmstack.tokenizer.cli",
     "lmstack.data.cli",
+    "lmstack.embed.cli",
     "lmstack.model.cli",
     "lmstack.compress.cli",
     "lmstack.infer.cli",

@@ -33,6 +33,21 @@ class TokenizerStageConfig:
 
 
 @dataclass
+class EmbedStageConfig:
+    """Static word vectors: skip-gram word2vec on the corpus (lmstack.embed.speedrun.speedrun_embed)."""
+
+    dim: int = 50
+    epochs: int = 5
+    window: int = 5
+    min_count: int = 5
+    words: list[str] = field(default_factory=list)   # query words for neighbours; empty = frequent content words
+
+    def __post_init__(self) -> None:
+        _at_least("embed", dim=(self.dim, 1), epochs=(self.epochs, 1), window=(self.window, 1),
+                  min_count=(self.min_count, 1))
+
+
+@dataclass
 class PretrainStageConfig:
     """The pre-training stage: a tiny decoder on the corpus, with the speedrun's tokenizer."""
 
@@ -206,6 +221,7 @@ class SpeedrunConfig:
     text_field: str = "text"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerStageConfig = field(default_factory=TokenizerStageConfig)
+    embed: EmbedStageConfig = field(default_factory=EmbedStageConfig)
     pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
     generate: GenerateStageConfig = field(default_factory=GenerateStageConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
@@ -263,6 +279,15 @@ def stage_tokenizer(cfg: SpeedrunConfig, run: Path) -> StageResult:
     report = (f"Byte-level BPE, vocab {tok.vocab_size:,}, pattern `{cfg.tokenizer.pattern}`, trained on the "
               f"training split in {seconds:.1f} s; measured on the held-out split:\n\n" + format_stats(stats))
     return StageResult(stats, report)
+
+
+def stage_embed(cfg: SpeedrunConfig, run: Path) -> StageResult:
+    from lmstack.embed.speedrun import speedrun_embed
+
+    e = cfg.embed
+    results, report = speedrun_embed(run, dim=e.dim, epochs=e.epochs, window=e.window, min_count=e.min_count,
+                                     words=list(e.words) or None, seed=cfg.seed)
+    return StageResult(results, report)
 
 
 def pretrain_config(cfg: SpeedrunConfig, run: Path):
@@ -570,6 +595,7 @@ def stage_monitor(cfg: SpeedrunConfig, run: Path) -> StageResult:
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
+    Stage("embed", "Static word embeddings (word2vec)", stage_embed, ("embed",)),
     Stage("pretrain", "Pre-training", stage_pretrain, ("device", "pretrain")),
     Stage("generate", "Generation", stage_generate, ("generate",)),
     Stage("sft", "Supervised fine-tuning", stage_sft, ("sft",)),
