@@ -186,3 +186,31 @@ def test_alignment_and_rag_stage_settings_are_checked_when_the_config_loads(sect
 
     with pytest.raises(ConfigError, match=message):
         from_dict(SpeedrunConfig, {section: {field: value}})
+
+
+def test_a_leaf_stage_rerun_does_not_make_later_stages_stale(tmp_path, monkeypatch):
+    """embed (a leaf) reruns when its setting changes; the stage after it keeps its result."""
+    import lmstack.speedrun as sr
+
+    calls = []
+
+    def fake(name):
+        def run(cfg, run_dir):
+            calls.append(name)
+            return sr.StageResult({"name": name}, f"{name}\n")
+        return run
+
+    monkeypatch.setattr(sr, "STAGES", [sr.Stage("corpus", "Corpus", fake("corpus"), ("corpus",)),
+                                       sr.Stage("embed", "Embed", fake("embed"), ("embed",), leaf=True),
+                                       sr.Stage("pretrain", "Pretrain", fake("pretrain"), ("pretrain",))])
+    cfg = sr.SpeedrunConfig(run_dir=str(tmp_path))
+    sr._run_stages(cfg, tmp_path, None, False)
+    assert calls == ["corpus", "embed", "pretrain"]
+    cfg.embed.dim = cfg.embed.dim + 8
+    calls.clear()
+    assert sr._run_stages(cfg, tmp_path, None, False) == []
+    assert calls == ["embed"]                              # pretrain still current
+    calls.clear()
+    sr._run_stages(cfg, tmp_path, ["corpus"], True)        # a non-leaf upstream rerun: everything after is stale
+    assert calls == ["corpus"]
+    assert sr._run_stages(cfg, tmp_path, ["corpus"], False) == ["embed", "pretrain"]

@@ -248,6 +248,9 @@ class Stage:
     title: str
     run: Callable[[SpeedrunConfig, Path], StageResult]
     config_keys: tuple[str, ...]  # the config sections this stage depends on (for resume)
+    # a leaf stage reads what came before it but nothing after it reads its output: rerunning it (a changed
+    # setting) does not make the later stages stale
+    leaf: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,7 +598,7 @@ def stage_monitor(cfg: SpeedrunConfig, run: Path) -> StageResult:
 STAGES: list[Stage] = [
     Stage("corpus", "Corpus", stage_corpus, ("inputs", "text_field", "corpus")),
     Stage("tokenizer", "Tokenizer", stage_tokenizer, ("tokenizer",)),
-    Stage("embed", "Static word embeddings (word2vec)", stage_embed, ("embed",)),
+    Stage("embed", "Static word embeddings (word2vec)", stage_embed, ("embed",), leaf=True),
     Stage("pretrain", "Pre-training", stage_pretrain, ("device", "pretrain")),
     Stage("generate", "Generation", stage_generate, ("generate",)),
     Stage("sft", "Supervised fine-tuning", stage_sft, ("sft",)),
@@ -606,7 +609,7 @@ STAGES: list[Stage] = [
     Stage("grpo", "Reinforcement learning with verifiable rewards (GRPO)", stage_grpo, ("grpo",)),
     Stage("rag", "Retrieval and grounded answers", stage_rag, ("rag",)),
     Stage("prompts", "Prompts: structured output, prompt tests, red-teaming", stage_prompts, ("prompts",)),
-    Stage("serve", "Serving: the OpenAI-compatible server", stage_serve, ("serve",)),
+    Stage("serve", "Serving: the OpenAI-compatible server", stage_serve, ("serve",), leaf=True),
     Stage("monitor", "Monitoring: drift, alerts, A/B, feedback back into alignment", stage_monitor,
           ("sft", "dpo", "monitor")),
 ]
@@ -655,6 +658,7 @@ def _run_stages(cfg: SpeedrunConfig, run: Path, only: list[str] | None, fresh: b
     for stage in STAGES:
         marker = run / "stages" / f"{stage.name}.json"
         h = _stage_hash(cfg, stage, upstream)
+        chain = (upstream, upstream_id)      # what the stage after a leaf stage chains to
         upstream = h
         info = read_json(marker) if marker.is_file() else None
         current = (info is not None and info.get("config_hash") == h
@@ -665,6 +669,8 @@ def _run_stages(cfg: SpeedrunConfig, run: Path, only: list[str] | None, fresh: b
             elif current:
                 print(f"[speedrun] {stage.name}: done, skipping (resume)", file=sys.stderr)
             upstream_id = info.get("id", "") if info else ""
+            if stage.leaf:
+                upstream, upstream_id = chain
             continue
         print(f"[speedrun] {stage.name}: running", file=sys.stderr)
         from lmstack.runtime import seed_everything
@@ -678,6 +684,8 @@ def _run_stages(cfg: SpeedrunConfig, run: Path, only: list[str] | None, fresh: b
         atomic_write_json(marker, {"stage": stage.name, "config_hash": h, "id": stage_id, "upstream_id": upstream_id,
                                    "seconds": round(seconds, 2), "results": result.results})
         upstream_id = stage_id
+        if stage.leaf:
+            upstream, upstream_id = chain
         print(f"[speedrun] {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
     return stale
 
