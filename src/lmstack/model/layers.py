@@ -191,18 +191,24 @@ def alibi_bias(n_head: int, q_len: int, k_len: int, causal: bool, device: torch.
 
 
 def build_mask(key_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
-               device: torch.device) -> torch.Tensor | None:
+               device: torch.device, window: int | None = None) -> torch.Tensor | None:
     """Boolean attention mask (B or 1, 1, T, S), True = may attend; None when nothing is masked.
 
     ``key_mask`` (B, S) marks real tokens (1) and padding (0). Queries are the last T of the S slots
     (a KV cache holds the first S - T). A query may always see itself, so that padding queries have
     a finite softmax; their outputs are never used.
+
+    ``window`` makes attention local, by slot distance: causal, a query sees the ``window`` newest slots
+    up to itself (0 <= q - k < window, as Mistral's sliding window); bidirectional, the band
+    |q - k| <= window (as transformers' bidirectional sliding window).
     """
-    if key_mask is None and not causal:
+    if key_mask is None and not causal and window is None:
         return None
     q_slot = torch.arange(k_len - q_len, k_len, device=device)[:, None]     # (T, 1)
     k_slot = torch.arange(k_len, device=device)[None, :]                     # (1, S)
     mask = (k_slot <= q_slot) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if window is not None:
+        mask = mask & ((q_slot - k_slot < window) if causal else ((q_slot - k_slot).abs() <= window))
     mask = mask[None, None]                                                   # (1, 1, T, S)
     if key_mask is not None:
         mask = mask & key_mask.bool()[:, None, None, :]                       # (B, 1, T, S)
@@ -277,6 +283,10 @@ class AttnInputs:
     kv_cache: "KVCache | None" = None
     memory: torch.Tensor | None = None                        # cross-attention: encoder output (B, S, C)
     memory_mask: torch.Tensor | None = None                   # (B, 1, 1, S) bool or None
+    # sliding-window layers (ModelConfig.sliding_window), when the window hides something in this forward:
+    windowed: bool = False                                    # False: they use ``mask``/``is_causal`` too
+    window_mask: torch.Tensor | None = None                   # (B|1, 1|H, T, window_keys) bool or float, or None
+    window_keys: int | None = None                            # they attend over the last this many key slots
 
 
 class Attention(nn.Module):
@@ -301,6 +311,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_qkv_bias)
         self.o = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
         self.impl = cfg.attn_impl
+        self.local = not cross and cfg.uses_window(layer_idx)     # sliding-window layer (AttnInputs.window_*)
         self.prefix_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -331,6 +342,11 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)                   # (B, G, S, D), S = cached + T
             mask, is_causal = inp.mask, inp.is_causal
+            if self.local and inp.windowed:
+                if inp.window_keys is not None and inp.window_keys < k.shape[2]:
+                    # keys older than the window are invisible to every new query: attend over fewer
+                    k, v = k[:, :, -inp.window_keys:], v[:, :, -inp.window_keys:]
+                mask, is_causal = inp.window_mask, False
             if self.prefix_kv is not None:
                 k, v, mask = prepend_kv(self.prefix_kv(), k, v, mask, is_causal, t)
                 is_causal = False
