@@ -237,3 +237,32 @@ def test_hf_window_configs_load_as_transformers_applies_them():
     assert config_from_hf(dict(m, sliding_window=8)).sliding_window == 8
     assert config_from_hf(dict(m, sliding_window=4096)).sliding_window is None   # >= the context: full
     assert config_from_hf(dict(m, model_type="llama", sliding_window=8)).sliding_window is None
+
+
+def test_cli_sets_the_window_and_a_too_large_one_exits_2(capsys):
+    from lmstack.cli import main
+
+    assert main(["model", "info", "tiny", "--sliding_window", "64", "--max_window_layers", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sliding_window"] == "64 (layers >= 2)"
+    assert main(["model", "info", "tiny", "--sliding_window", "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: model config field 'sliding_window': is larger than the context max_seq_len=256, so it "
+                   "would never apply: lower it or set it to null for full attention (got 1000)"]
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.no_grad()
+def test_cached_decode_equals_full_forward_and_the_reference_path(pos):
+    cfg = preset("tiny", vocab_size=VOCAB, n_layer=2, n_kv_head=2, pos=pos, sliding_window=5, max_window_layers=1)
+    model = _perturb(build_model(cfg)).eval()
+    ids = _ids(2, 18)
+    want = model(ids)
+    ref = build_model(cfg.replace(attn_impl="reference")).eval()
+    ref.load_state_dict(model.state_dict())
+    assert (ref(ids) - want).abs().max().item() <= ATOL
+    unwindowed = build_model(cfg.replace(sliding_window=None)).eval()
+    unwindowed.load_state_dict(model.state_dict())
+    assert (unwindowed(ids) - want).abs().max().item() > 1e-3
+    cache = KVCache.for_model(model, 2, 18)
+    steps = [model(ids[:, :3], kv_cache=cache)] + [model(ids[:, i:i + 1], kv_cache=cache) for i in range(3, 18)]
+    assert (torch.cat(steps, 1) - want).abs().max().item() <= ATOL
