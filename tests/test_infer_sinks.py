@@ -127,3 +127,14 @@ def test_sink_validation_names_the_field():
         GenerationConfig(attention_sinks=4, sliding_window=4)
     with pytest.raises(ConfigError, match="'sliding_window': 16 exceeds the model's own sliding_window=8"):
         generate(tiny(sliding_window=8), [[5, 6]], GenerationConfig(sliding_window=16, attention_sinks=2))
+
+
+def test_windowed_model_decodes_like_recomputation_in_every_loop():
+    """Greedy, beam search and prompt-lookup speculative decoding (many-token verify forwards over the
+    cache) of a windowed model give the ids of full recomputation, far past the window."""
+    model = tiny(sliding_window=6)
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [12, 13]]
+    for cfg in (GenerationConfig(max_new_tokens=30), GenerationConfig(max_new_tokens=20, num_beams=3),
+                GenerationConfig(max_new_tokens=30, prompt_lookup_num_tokens=3)):
+        want = generate(model, prompts, cfg.replace(use_cache=False, prompt_lookup_num_tokens=None))
+        assert torch.equal(generate(model, prompts, cfg), want), cfg
