@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.model import layers
 from lmstack.model.cache import KVCache
 from lmstack.model.config import ModelConfig
 from lmstack.model.layers import (AttnInputs, Block, Embeddings, SizesMixin, add_aux_losses, alibi_bias, build_mask,
@@ -67,8 +68,15 @@ class Decoder(SizesMixin, nn.Module):
             # the T queries see at most the last window + T - 1 slots: the windowed layers slice their keys
             # to those, and one mask over them serves every such layer
             n = inp.window_keys = min(s, window + t - 1)
-            keys = key_mask[:, s - n:] if key_mask is not None else None
-            inp.window_mask, _ = self._causal_mask(keys, t, n, window, device)
+            block = max(window, layers.WINDOW_BLOCK)
+            if key_mask is None and t >= 2 * block:
+                # many queries: attend in query blocks, skipping the keys outside the window; the block
+                # mask is the same for every block and every windowed layer
+                inp.window_block = block
+                inp.window_mask, _ = self._causal_mask(None, block, block + window - 1, window, device)
+            else:
+                keys = key_mask[:, s - n:] if key_mask is not None else None
+                inp.window_mask, _ = self._causal_mask(keys, t, n, window, device)
         if cfg.pos == "rope":
             inp.rope = rope_cos_sin(cfg, position_ids)
         return inp, position_ids
