@@ -277,6 +277,9 @@ def test_blocked_window_attention_equals_the_dense_mask(pos, monkeypatch):
     cfg = preset("tiny", vocab_size=VOCAB, n_layer=2, n_kv_head=2, pos=pos, sliding_window=5, max_window_layers=1)
     model = _perturb(build_model(cfg))
     ids = _ids(2, 43)                                            # blocks of 5: the last one partial
+    gen = torch.Generator().manual_seed(2)
+    pk, pv = (torch.randn(2, 3, cfg.head_dim, generator=gen) for _ in range(2))
+    model.blocks[1].attn.prefix_kv = lambda: (pk, pv)            # 3 prefix-tuning slots on a windowed layer
 
     def run(block):
         monkeypatch.setattr(layers, "WINDOW_BLOCK", block)
