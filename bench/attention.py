@@ -11,9 +11,10 @@ and the ratio reference/SDPA (> 1: SDPA is faster / smaller).
 ``--section window``: sliding-window attention (``ModelConfig.sliding_window``) in a small decoder (4 layers,
 d_model 256, 8 heads, 2 KV heads, RoPE, fp32, CPU, 2 threads), each cell in a fresh subprocess:
 
-- full forward over T = 4096 and 8192 tokens, window none vs 512: median time, peak RSS growth, and the bytes
-  of the window mask the forward builds once (a long input attends in query blocks of max(W, 128), whose
-  block mask is (block, block + W - 1): SDPA does not skip the masked part of a dense mask, the blocks do);
+- full forward over T = 4096 and 8192 tokens: no window (SDPA's causal kernel), window 512 in query blocks
+  of max(W, 128) (the model's path for long inputs), and window 512 through one dense (T, T) mask (the
+  padded-batch path; SDPA computes the masked scores too): median time of interleaved rounds, and of one
+  layer's attention alone, peak RSS growth (a fresh process per cell) and the bytes of the mask built once;
 - cached decode far past the window (a 64-token prompt, 4032 new tokens, greedy, through ``stream``):
   tokens/s (from the median step time of the second half, and the mean over all steps) and KV-cache bytes for full attention, the windowed model over a full cache (its layers read
   only the last W keys), the windowed model with a rolling W-slot cache (``GenerationConfig.sliding_window``,
@@ -86,21 +87,64 @@ def _window_model(window: int | None):
     return build_model(preset("tiny", **WINDOW_MODEL, sliding_window=window)).eval()
 
 
-def one_forward(t: int, window: int | None, repeats: int) -> dict:
+FORWARD_MODES = ("none", "blocked", "dense")   # no window (causal kernel); window in query blocks; one dense mask
+
+
+def _set_mode(mode: str) -> None:
+    from lmstack.model import layers
+
+    layers.WINDOW_BLOCK = 10 ** 9 if mode == "dense" else 128     # "dense": never block, one (T, T) mask
+
+
+def one_forward_memory(t: int, window: int, mode: str) -> dict:
+    """Peak RSS growth of one forward (a fresh process per cell) and the bytes of the mask it builds once."""
     torch.set_num_threads(2)
-    model = _window_model(window)
+    _set_mode(mode)
+    model = _window_model(None if mode == "none" else window)
     ids = torch.randint(0, WINDOW_MODEL["vocab_size"], (1, t), generator=torch.Generator().manual_seed(0))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
     with torch.no_grad():
-        for _ in range(repeats + 1):                         # the first is the warm-up and the peak-memory run
-            t0 = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - t0)
+        model(ids)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    inp, _ = model.attn_inputs(t, None, None, None, ids.device)   # the mask the forward builds, once
+    inp, _ = model.attn_inputs(t, None, None, None, ids.device)
     mask = inp.window_mask.numel() * inp.window_mask.element_size() if inp.window_mask is not None else 0
-    return {"ms": 1e3 * statistics.median(times[1:]), "peak_mb": peak / 2**20, "mask_mb": mask / 2**20}
+    return {"peak_mb": peak / 2**20, "mask_mb": mask / 2**20}
+
+
+def one_forward_times(t: int, window: int, repeats: int) -> dict:
+    """Median forward time of the three modes, and of one layer's attention alone, interleaved in one
+    process (round-robin repeats), so that other jobs on the machine slow every mode alike."""
+    from lmstack.model.layers import attention, build_mask, window_attention_blocks
+
+    torch.set_num_threads(2)
+    models = {"none": _window_model(None), "blocked": _window_model(window), "dense": _window_model(window)}
+    ids = torch.randint(0, WINDOW_MODEL["vocab_size"], (1, t), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    hd = WINDOW_MODEL["d_model"] // WINDOW_MODEL["n_head"]
+    q = torch.randn(1, WINDOW_MODEL["n_head"], t, hd, generator=gen)
+    k = torch.randn(1, WINDOW_MODEL["n_kv_head"], t, hd, generator=gen)
+    block = max(window, 128)
+    block_mask = build_mask(None, block, block + window - 1, True, q.device, window)
+    dense_mask = build_mask(None, t, t, True, q.device, window)
+    attn = {"none": lambda: attention(q, k, k, is_causal=True),
+            "blocked": lambda: window_attention_blocks(q, k, k, block_mask, window, block),
+            "dense": lambda: attention(q, k, k, dense_mask)}
+    fwd: dict[str, list[float]] = {m: [] for m in FORWARD_MODES}
+    att: dict[str, list[float]] = {m: [] for m in FORWARD_MODES}
+    with torch.no_grad():
+        for r in range(repeats + 1):                               # round 0 is the warm-up
+            for mode in FORWARD_MODES:
+                _set_mode(mode)
+                t0 = time.perf_counter()
+                models[mode](ids)
+                t1 = time.perf_counter()
+                attn[mode]()
+                t2 = time.perf_counter()
+                if r:
+                    fwd[mode].append(t1 - t0)
+                    att[mode].append(t2 - t1)
+    return {m: {"fwd_ms": 1e3 * statistics.median(fwd[m]), "attn_ms": 1e3 * statistics.median(att[m])}
+            for m in FORWARD_MODES}
 
 
 def one_decode(mode: str, window: int, prompt: int, new: int) -> dict:
@@ -135,13 +179,19 @@ def _sub(*argv: str) -> dict:
 def window_section(args: argparse.Namespace) -> None:
     w = args.window
     print(f"torch {torch.__version__}; decoder {WINDOW_MODEL}, fp32, CPU, 2 threads; window {w}")
-    print(f"\nfull forward (no grad), median of {args.repeats}:\n")
-    print("| T | window | forward ms | peak RSS growth MB | window mask MB (built once) |")
-    print("|" + " --- |" * 5)
+    print(f"\nfull forward (no grad), median of {args.repeats} interleaved rounds; attention alone = one layer's "
+          f"SDPA on (1, 8, T, 32) queries, (1, 2, T, 32) keys:\n")
+    print("| T | attention | forward ms | attention alone ms | peak RSS growth MB | window mask MB (built once) |")
+    print("|" + " --- |" * 6)
+    names = {"none": "full (causal kernel)", "blocked": f"window {w}, query blocks", "dense": f"window {w}, dense mask"}
     for t in args.window_lengths:
-        for win in (None, w):
-            r = _sub("--one-forward", str(t), str(win or 0), "--repeats", str(args.repeats))
-            print(f"| {t} | {win or 'none'} | {r['ms']:.0f} | {r['peak_mb']:.0f} | {r['mask_mb']:.2f} |", flush=True)
+        times = _sub("--one-forward-times", str(t), str(w), "--repeats", str(args.repeats))
+        for mode in FORWARD_MODES:
+            mem = _sub("--one-forward-memory", str(t), str(w), mode)
+            print(f"| {t} | {names[mode]} | {times[mode]['fwd_ms']:.0f} | {times[mode]['attn_ms']:.1f} | "
+                  f"{mem['peak_mb']:.0f} | {mem['mask_mb']:.2f} |", flush=True)
+    if args.skip_decode:
+        return
     print(f"\ncached greedy decode, prompt {args.prompt}, {args.new} new tokens (positions up to "
           f"{args.prompt + args.new}):\n")
     print("| attention | cache | tok/s (median step, 2nd half) | tok/s (mean, all steps) | KV cache MB |")
@@ -166,12 +216,18 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=4032)
     ap.add_argument("--one", nargs=3, metavar=("IMPL", "T", "DEVICE"), help=argparse.SUPPRESS)
-    ap.add_argument("--one-forward", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--one-forward-times", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--one-forward-memory", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--skip-decode", action="store_true", help="window section: the forward table only")
     ap.add_argument("--one-decode", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one_forward:
-        t, win = args.one_forward
-        print(json.dumps(one_forward(t, win or None, args.repeats)))
+    if args.one_forward_times:
+        t, win = args.one_forward_times
+        print(json.dumps(one_forward_times(t, win, args.repeats)))
+        return
+    if args.one_forward_memory:
+        t, win, mode = args.one_forward_memory
+        print(json.dumps(one_forward_memory(int(t), int(win), mode)))
         return
     if args.one_decode:
         mode, win, prompt, new = args.one_decode
