@@ -9,7 +9,8 @@ and the ratio reference/SDPA (> 1: SDPA is faster / smaller).
     .venv/bin/python bench/attention.py --lengths 512 1024 --repeats 3
 
 ``--section window``: sliding-window attention (``ModelConfig.sliding_window``) in a small decoder (4 layers,
-d_model 256, 8 heads, 2 KV heads, RoPE, fp32, CPU, 2 threads), each cell in a fresh subprocess:
+d_model 256, 8 heads, 2 KV heads, RoPE, fp32, CPU, one thread; times are CPU time, ``time.process_time``,
+robust to other jobs on a shared machine), each cell in a fresh subprocess:
 
 - full forward over T = 4096 and 8192 tokens: no window (SDPA's causal kernel), window 512 in query blocks
   of max(W, 128) (the model's path for long inputs), and window 512 through one dense (T, T) mask (the
@@ -77,6 +78,10 @@ def one(impl: str, t: int, device: str, repeats: int) -> dict:
     return {"fwd_ms": 1e3 * statistics.median(fwd), "fwd_bwd_ms": 1e3 * statistics.median(both), "peak_mb": peak / 2**20}
 
 
+# The window section runs one thread and counts CPU time (time.process_time: this process's user + sys), not
+# wall-clock time: on a shared machine other jobs stretch wall-clock time at random, CPU time much less.
+THREADS = 1
+CLOCK = time.process_time
 WINDOW_MODEL = dict(vocab_size=4096, d_model=256, n_layer=4, n_head=8, n_kv_head=2, max_seq_len=8192)
 
 
@@ -98,7 +103,7 @@ def _set_mode(mode: str) -> None:
 
 def one_forward_memory(t: int, window: int, mode: str) -> dict:
     """Peak RSS growth of one forward (a fresh process per cell) and the bytes of the mask it builds once."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     _set_mode(mode)
     model = _window_model(None if mode == "none" else window)
     ids = torch.randint(0, WINDOW_MODEL["vocab_size"], (1, t), generator=torch.Generator().manual_seed(0))
@@ -116,7 +121,7 @@ def one_forward_times(t: int, window: int, repeats: int) -> dict:
     process (round-robin repeats), so that other jobs on the machine slow every mode alike."""
     from lmstack.model.layers import attention, build_mask, window_attention_blocks
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     models = {"none": _window_model(None), "blocked": _window_model(window), "dense": _window_model(window)}
     ids = torch.randint(0, WINDOW_MODEL["vocab_size"], (1, t), generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
@@ -135,11 +140,11 @@ def one_forward_times(t: int, window: int, repeats: int) -> dict:
         for r in range(repeats + 1):                               # round 0 is the warm-up
             for mode in FORWARD_MODES:
                 _set_mode(mode)
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 models[mode](ids)
-                t1 = time.perf_counter()
+                t1 = CLOCK()
                 attn[mode]()
-                t2 = time.perf_counter()
+                t2 = CLOCK()
                 if r:
                     fwd[mode].append(t1 - t0)
                     att[mode].append(t2 - t1)
@@ -150,7 +155,7 @@ def one_forward_times(t: int, window: int, repeats: int) -> dict:
 def one_decode(mode: str, window: int, prompt: int, new: int) -> dict:
     from lmstack.infer import GenerationConfig, generate_result, stream
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     model = _window_model(None if mode in ("full", "sinks") else window)
     ids = torch.randint(0, WINDOW_MODEL["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0))
     cfg = GenerationConfig(max_new_tokens=new, eos_token_id=None)
@@ -159,9 +164,9 @@ def one_decode(mode: str, window: int, prompt: int, new: int) -> dict:
     elif mode == "sinks":
         cfg = cfg.replace(sliding_window=window, attention_sinks=4)
     generate_result(model, ids, cfg.replace(max_new_tokens=16))         # warm-up (first-call allocations)
-    steps, t0 = [], time.perf_counter()
+    steps, t0 = [], CLOCK()
     for _ in stream(model, ids, cfg):                                   # one yield per decode step
-        now = time.perf_counter()
+        now = CLOCK()
         steps.append(now - t0)
         t0 = now
     # the median step of the second half (positions far past the window): robust to other jobs' bursts
@@ -178,10 +183,11 @@ def _sub(*argv: str) -> dict:
 
 def window_section(args: argparse.Namespace) -> None:
     w = args.window
-    print(f"torch {torch.__version__}; decoder {WINDOW_MODEL}, fp32, CPU, 2 threads; window {w}")
+    print(f"torch {torch.__version__}; decoder {WINDOW_MODEL}, fp32, CPU, {THREADS} thread(s), CPU-time "
+          f"(process_time) figures; window {w}")
     print(f"\nfull forward (no grad), median of {args.repeats} interleaved rounds; attention alone = one layer's "
           f"SDPA on (1, 8, T, 32) queries, (1, 2, T, 32) keys:\n")
-    print("| T | attention | forward ms | attention alone ms | peak RSS growth MB | window mask MB (built once) |")
+    print("| T | attention | forward CPU ms | attention alone CPU ms | peak RSS growth MB | window mask MB (built once) |")
     print("|" + " --- |" * 6)
     names = {"none": "full (causal kernel)", "blocked": f"window {w}, query blocks", "dense": f"window {w}, dense mask"}
     for t in args.window_lengths:
@@ -194,7 +200,7 @@ def window_section(args: argparse.Namespace) -> None:
         return
     print(f"\ncached greedy decode, prompt {args.prompt}, {args.new} new tokens (positions up to "
           f"{args.prompt + args.new}):\n")
-    print("| attention | cache | tok/s (median step, 2nd half) | tok/s (mean, all steps) | KV cache MB |")
+    print("| attention | cache | tok per CPU-s (median step, 2nd half) | tok per CPU-s (mean, all steps) | KV cache MB |")
     print("|" + " --- |" * 5)
     labels = {"full": ("full", "full"), "windowed": (f"window {w}", "full (keys sliced to W)"),
               "rolling": (f"window {w}", f"rolling, {w} slots"), "sinks": ("full", f"{w} slots, 4 sinks")}
