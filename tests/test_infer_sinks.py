@@ -138,3 +138,25 @@ def test_windowed_model_decodes_like_recomputation_in_every_loop():
                 GenerationConfig(max_new_tokens=30, prompt_lookup_num_tokens=3)):
         want = generate(model, prompts, cfg.replace(use_cache=False, prompt_lookup_num_tokens=None))
         assert torch.equal(generate(model, prompts, cfg), want), cfg
+
+
+def test_windowed_model_static_decode_step_gives_the_same_ids(monkeypatch):
+    """compile=True runs static-shape steps (here eagerly): the window comes from tensors, same ids."""
+    monkeypatch.setattr(runner, "EAGER_ONLY", True)
+    model = tiny(sliding_window=6)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    cfg = GenerationConfig(max_new_tokens=30)
+    assert torch.equal(generate(model, prompts, cfg.replace(compile=True)), generate(model, prompts, cfg))
+
+
+@pytest.mark.slow
+def test_windowed_model_compiled_decode_gives_the_same_ids():
+    import warnings
+
+    model = tiny(sliding_window=6)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    cfg = GenerationConfig(max_new_tokens=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)             # a fallback would hide a compile failure
+        got = generate(model, prompts, cfg.replace(compile=True))
+    assert torch.equal(got, generate(model, prompts, cfg))
