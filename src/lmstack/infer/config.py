@@ -46,6 +46,7 @@ class GenerationConfig:
     output_logprobs: bool = False       # log-probs of chosen tokens (raw model distribution)
     top_logprobs: int = 0               # and of the n most likely alternatives per step
     sliding_window: int | None = None   # cap the KV cache at this many positions (RoPE/ALiBi models)
+    attention_sinks: int = 0            # with sliding_window: the first N tokens never leave the cache (StreamingLLM)
     num_assistant_tokens: int = 4       # speculative decoding: tokens the draft proposes per round
     prompt_lookup_num_tokens: int | None = None   # speculative decoding with n-gram lookup, no draft model
     max_matching_ngram_size: int = 3    # prompt lookup: longest n-gram searched for
@@ -95,6 +96,13 @@ class GenerationConfig:
             raise bad("stop_strings", "must be non-empty strings")
         if self.sliding_window is not None and self.sliding_window < 2:
             raise bad("sliding_window", "must be >= 2")
+        if self.attention_sinks < 0:
+            raise bad("attention_sinks", "must be >= 0 (0 = off)")
+        if self.attention_sinks and self.sliding_window is None:
+            raise bad("attention_sinks", "needs sliding_window (the sinks are the slots a full cache keeps)")
+        if self.attention_sinks and self.attention_sinks >= self.sliding_window:
+            raise bad("attention_sinks", f"must be < sliding_window={self.sliding_window}, which holds the sinks "
+                                         "and at least one recent token")
         if self.num_assistant_tokens < 1:
             raise bad("num_assistant_tokens", "must be >= 1")
         if self.prompt_lookup_num_tokens is not None and self.prompt_lookup_num_tokens < 1:

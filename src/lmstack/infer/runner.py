@@ -116,11 +116,13 @@ class Runner:
     """Holds the model, its KV cache (or the mask for full recomputation) and the encoder memory."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, use_cache: bool = True,
-                 window: int | None = None, kv_cache_dtype: str = "auto", compile: bool = False):
+                 window: int | None = None, kv_cache_dtype: str = "auto", compile: bool = False,
+                 sinks: int = 0):
         self.model = model
         self.seq2seq = model.config.arch == "encoder-decoder"
         self.use_cache = use_cache
         self.window = window
+        self.sinks = sinks                           # attention sinks the full window cache keeps (StreamingLLM)
         length = min(max_len, window) if window else max_len
         self.compiled = False          # one-token steps go through the compiled static step
         if compile:
@@ -172,7 +174,7 @@ class Runner:
         if self.window:
             overflow = self.cache.pos + t - self.cache.max_len
             if overflow > 0:
-                self.cache.shift(overflow)
+                self.cache.shift(overflow, self.sinks)
             pos = self.next_pos[:, None] + torch.arange(t, device=seq.device)    # (B, t)
             self.next_pos = self.next_pos + t
         return self._model(seq[:, cur - t:cur], None, pos)

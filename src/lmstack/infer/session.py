@@ -197,6 +197,11 @@ class Session:
         if cfg.sliding_window and (cfg.is_beam or self.speculative or not cfg.use_cache):
             raise ConfigError("sliding_window works with greedy and sampled decoding with the KV cache, "
                               "not with beam search, speculative decoding or use_cache=false")
+        model_window = getattr(mcfg, "sliding_window", None)
+        if cfg.attention_sinks and model_window is not None and cfg.sliding_window > model_window:
+            raise ConfigError(f"generation config field 'sliding_window': {cfg.sliding_window} exceeds the model's "
+                              f"own sliding_window={model_window}, which would hide the attention sinks; set "
+                              f"sliding_window <= {model_window}")
         if draft_model is not None:
             if getattr(draft_model, "config", None) is None or draft_model.config.arch != "decoder":
                 raise LmstackError("draft_model must be an lmstack decoder model")
@@ -256,7 +261,7 @@ class Session:
         # and rewind cache slots with many-token forwards)
         compile = cfg.compile and not cfg.is_beam and not self.speculative
         self.runner = Runner(model, self.batch, width, cfg.use_cache, cfg.sliding_window, cfg.kv_cache_dtype,
-                             compile=compile)
+                             compile=compile, sinks=cfg.attention_sinks)
         # nothing can stop a row before max_new_tokens: the per-step stop bookkeeping is skipped
         self.can_stop = self.eos_t is not None or bool(self.stop_bytes)
 

@@ -179,19 +179,42 @@ class KVCache:
         self.mask[:, :end] = self.mask[:, :end].index_select(0, index)
         self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
-    def shift(self, n: int) -> None:
+    def shift(self, n: int, sinks: int = 0) -> None:
         """Drop the ``n`` oldest slots, moving the rest to the front (a sliding window over the sequence).
 
         Keys keep the positions they were computed at (RoPE is applied before caching), so the caller
         must pass explicit ``position_ids`` from then on.
+
+        ``sinks`` > 0 (attention sinks, StreamingLLM): the first ``sinks`` real tokens of every row stay;
+        each row drops its padding slots first, then its oldest real tokens after the sinks, so rows
+        keep their order: padding, sinks, the most recent tokens.
         """
         if not 0 <= n <= self.pos:
             raise ValueError(f"cannot drop {n} of {self.pos} cached positions")
+        if sinks > 0:
+            return self._evict_after_sinks(n, sinks)
         keep = self.pos - n
         for buf in self.tensors():
             buf[:, :, :keep] = buf[:, :, n:self.pos].clone()
         self.mask[:, :keep] = self.mask[:, n:self.pos].clone()
         self.pos = keep
+
+    def _evict_after_sinks(self, n: int, sinks: int) -> None:
+        """:meth:`shift` keeping each row's first ``sinks`` real tokens: one gather per buffer, per row."""
+        p = self.pos
+        real = self.mask[:, :p]                                                  # (B, P)
+        slot = self.slot_ids[:p]
+        is_sink = real & (real.long().cumsum(-1) <= sinks)
+        if n > p - int(is_sink.sum(-1).max()):
+            raise ValueError(f"cannot drop {n} of {self.pos} cached positions keeping {sinks} sink tokens")
+        # drop order: padding, then real tokens oldest first; sinks last (never reached, checked above)
+        order = torch.where(is_sink, 2 * p + slot, torch.where(real, p + slot, slot))
+        kept = order.argsort(dim=-1)[:, n:].sort(dim=-1).values                 # (B, P - n) slots, in order
+        for buf in self.tensors():
+            idx = kept[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+            buf[:, :, :p - n] = buf[:, :, :p].gather(2, idx)
+        self.mask[:, :p - n] = real.gather(1, kept)
+        self.pos = p - n
 
     def pad_left(self, n: int) -> None:
         """Move every filled slot ``n`` to the right and mark the ``n`` freed front slots as padding.

@@ -111,6 +111,8 @@ def describe(cfg, seq_len: int | None = None) -> dict[str, Any]:
         "ffn": f"{cfg.ffn} ({cfg.activation}) x{cfg.d_ff}", "norm": f"{cfg.norm} ({cfg.norm_position})",
         "positions": cfg.pos, "vocab": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
         "experts": f"{cfg.n_experts} (top-{cfg.moe_top_k})" if cfg.n_experts else None,
+        "sliding_window": None if cfg.sliding_window is None else
+        f"{cfg.sliding_window}" + (f" (layers >= {cfg.max_window_layers})" if cfg.max_window_layers else ""),
         "parameters": n, "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
         "active_matmul_parameters": cfg.active_matmul_params(), "seq_len": seq_len,
         "train_flops_per_token": cfg.flops_per_token(seq_len),

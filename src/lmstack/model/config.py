@@ -43,6 +43,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     lm_head_bias: bool = False          # bias on the output projection (BERT MLM, BART final_logits_bias)
     max_seq_len: int = 1024
+    # local attention: decoder: a query sees the `sliding_window` newest positions up to itself (q - k < w,
+    # Mistral/Qwen2); encoder: a band |q - k| <= w. None = full attention.
+    sliding_window: int | None = None
+    max_window_layers: int = 0          # layers with index >= this use the window (HF Qwen2); 0 = all (Mistral)
     pos: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     pos_offset: int = 0                 # learned position table index offset (BART uses 2)
     rope_theta: float = 10000.0
@@ -122,6 +126,20 @@ class ModelConfig:
             raise bad("n_labels", "must be >= 0")
         if self.type_vocab_size < 0:
             raise bad("type_vocab_size", "must be >= 0")
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                raise bad("sliding_window", "must be a positive integer (or null for full attention)")
+            if self.sliding_window > self.max_seq_len:
+                raise bad("sliding_window", f"is larger than the context max_seq_len={self.max_seq_len}, so it "
+                                            "would never apply: lower it or set it to null for full attention")
+            if self.arch == "encoder-decoder":
+                raise bad("sliding_window", "is implemented for decoder and encoder models, not encoder-decoder")
+        if self.max_window_layers < 0:
+            raise bad("max_window_layers", "must be >= 0 (0 = every layer uses sliding_window)")
+
+    def uses_window(self, layer_idx: int) -> bool:
+        """Whether self-attention of layer ``layer_idx`` is local (``sliding_window``, ``max_window_layers``)."""
+        return self.sliding_window is not None and layer_idx >= self.max_window_layers
 
     # ----- derived sizes -------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.model import layers
 from lmstack.model.cache import KVCache
 from lmstack.model.config import ModelConfig
 from lmstack.model.layers import (AttnInputs, Block, Embeddings, SizesMixin, add_aux_losses, alibi_bias, build_mask,
@@ -58,19 +59,40 @@ class Decoder(SizesMixin, nn.Module):
             position_ids = positions_from_mask(key_mask, past, t, device)       # (B|1, T)
         s = past + t
         inp = AttnInputs(kv_cache=kv_cache)
-        if cfg.pos == "alibi":
-            bias = alibi_bias(cfg.n_head, t, s, True, device)                   # (1, H, T, S)
-            mask = build_mask(key_mask, t, s, True, device)
-            inp.mask = bias.masked_fill(~mask, float("-inf"))
-        elif key_mask is None and t == s:
-            inp.is_causal = True                                                # the fast causal kernel
-        elif key_mask is None and t == 1:
-            inp.mask = None                                                     # one new token sees everything
-        else:
-            inp.mask = build_mask(key_mask, t, s, True, device)                 # (B|1, 1, T, S)
+        window = cfg.sliding_window
+        # the window hides a key from some query only when the oldest query-visible key is farther than it
+        inp.windowed = window is not None and window < s
+        if not inp.windowed or cfg.max_window_layers > 0:                       # some layer attends fully
+            inp.mask, inp.is_causal = self._causal_mask(key_mask, t, s, None, device)
+        if inp.windowed:
+            # the T queries see at most the last window + T - 1 slots: the windowed layers slice their keys
+            # to those, and one mask over them serves every such layer
+            n = inp.window_keys = min(s, window + t - 1)
+            block = max(window, layers.WINDOW_BLOCK)
+            if key_mask is None and t >= 2 * block:
+                # many queries: attend in query blocks, skipping the keys outside the window; the block
+                # mask is the same for every block and every windowed layer
+                inp.window_block = block
+                inp.window_mask, _ = self._causal_mask(None, block, block + window - 1, window, device)
+            else:
+                keys = key_mask[:, s - n:] if key_mask is not None else None
+                inp.window_mask, _ = self._causal_mask(keys, t, n, window, device)
         if cfg.pos == "rope":
             inp.rope = rope_cos_sin(cfg, position_ids)
         return inp, position_ids
+
+    def _causal_mask(self, key_mask: torch.Tensor | None, t: int, s: int, window: int | None,
+                     device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for T queries over S key slots (the queries being the last T), optionally local."""
+        if self.config.pos == "alibi":
+            bias = alibi_bias(self.config.n_head, t, s, True, device)           # (1, H, T, S)
+            mask = build_mask(key_mask, t, s, True, device, window)
+            return bias.masked_fill(~mask, float("-inf")), False
+        if key_mask is None and t == s and (window is None or window >= s):
+            return None, True                                                   # the fast causal kernel
+        if key_mask is None and t == 1 and (window is None or window >= s):
+            return None, False                                                  # one new token sees everything
+        return build_mask(key_mask, t, s, True, device, window), False          # (B|1, 1, T, S)
 
     def _static_attn_inputs(self, t: int, position_ids: torch.Tensor | None,
                             kv_cache: KVCache) -> tuple[AttnInputs, torch.Tensor]:
@@ -84,6 +106,9 @@ class Decoder(SizesMixin, nn.Module):
         if position_ids is None:
             position_ids = key_mask.sum(-1, keepdim=True) - 1                   # (B, 1)
         inp = AttnInputs(kv_cache=kv_cache, mask=key_mask[:, None, None, :])    # (B, 1, 1, L)
+        if cfg.sliding_window is not None:                                      # tensors only: no Python position
+            near = kv_cache.slot_ids > kv_cache.step_slot - cfg.sliding_window  # (L,)
+            inp.windowed, inp.window_mask = True, (key_mask & near)[:, None, None, :]
         if cfg.pos == "rope":
             inp.rope = rope_cos_sin(cfg, position_ids)
         return inp, position_ids

@@ -24,11 +24,20 @@ from lmstack.model.layers import (ACT, AttnInputs, Block, Embeddings, SizesMixin
 
 def encoder_inputs(cfg: ModelConfig, key_mask: torch.Tensor | None, t: int,
                    position_ids: torch.Tensor, device: torch.device) -> AttnInputs:
-    """Bidirectional attention inputs: padding mask (and ALiBi / RoPE) for a (B, T) batch."""
+    """Bidirectional attention inputs: padding mask (and ALiBi / RoPE) for a (B, T) batch.
+
+    With ``cfg.sliding_window`` = w the windowed layers see the band |q - k| <= w (one mask, built here
+    only when the band is narrower than the sequence, shared by those layers)."""
     inp = AttnInputs(mask=build_mask(key_mask, t, t, False, device))
+    w = cfg.sliding_window
+    inp.windowed = w is not None and w < t - 1
+    if inp.windowed:
+        inp.window_mask = build_mask(key_mask, t, t, False, device, w)          # (B|1, 1, T, T)
     if cfg.pos == "alibi":
         bias = alibi_bias(cfg.n_head, t, t, False, device)                     # (1, H, T, T)
         inp.mask = bias if inp.mask is None else bias.masked_fill(~inp.mask, float("-inf"))
+        if inp.windowed:
+            inp.window_mask = bias.masked_fill(~inp.window_mask, float("-inf"))
     if cfg.pos == "rope":
         inp.rope = rope_cos_sin(cfg, position_ids)
     return inp

@@ -3,8 +3,11 @@
 Families (``model_type`` in config.json):
 
 - ``gpt2``: learned positions, pre-LayerNorm, GELU-tanh MLP, Conv1D weights (transposed here), tied head;
-- ``llama``, ``mistral``, ``qwen2``: RoPE, RMSNorm, SwiGLU, GQA; Qwen2 has QKV biases; a Mistral/Qwen2
-  sliding window is not implemented, so ``max_seq_len`` is capped to the window (identical below it);
+- ``llama``, ``mistral``, ``qwen2``: RoPE, RMSNorm, SwiGLU, GQA; Qwen2 has QKV biases; Mistral's
+  ``sliding_window`` (every layer) and Qwen2's (``use_sliding_window``, layers from ``max_window_layers``
+  on, or the equivalent ``layer_types``) load into ``sliding_window`` / ``max_window_layers`` and export
+  back (a windowed Llama-style model exports as Mistral); a window at least the context long is full
+  attention and loads as none;
 - ``bert``: post-LayerNorm encoder with token types, MLM head, pooler and classifier when present;
   sentence-transformers folders (``modules.json``) load their Transformer module;
 - ``bart``: post-LayerNorm encoder-decoder with learned positions (offset 2) and ``final_logits_bias``.
@@ -103,6 +106,32 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return rope
 
 
+def _window(hf: dict[str, Any], family: str, max_len: int) -> tuple[int | None, int]:
+    """(sliding_window, max_window_layers) of a Llama-family config, as transformers applies them:
+    Mistral windows every layer; Qwen2 only with ``use_sliding_window``, the layers from
+    ``max_window_layers`` on (or those ``layer_types`` names ``sliding_attention``, which must be a suffix)."""
+    window = hf.get("sliding_window") if family in ("mistral", "qwen2") else None
+    first = 0
+    if family == "qwen2" and window:
+        n_layer = hf["num_hidden_layers"]
+        types = hf.get("layer_types")
+        if not hf.get("use_sliding_window"):
+            window = None
+        elif types:
+            local = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+            first = local[0] if local else n_layer
+            if local != list(range(first, n_layer)):
+                raise _unsupported("layer_types", types, "sliding-window layers must be the last ones "
+                                   "(layers >= max_window_layers)")
+        else:
+            first = int(hf.get("max_window_layers", 28))
+        if first >= n_layer:                # no layer uses it
+            window = None
+    if not window or window >= max_len:     # a window as long as the context hides nothing
+        return None, 0
+    return int(window), first
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Our config for a Hugging Face ``config.json`` dict."""
     family = hf.get("model_type")
@@ -132,9 +161,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if hf.get("pretraining_tp", 1) != 1:
             raise _unsupported("pretraining_tp", hf["pretraining_tp"])
         max_len = hf.get("max_position_embeddings", 2048)
-        window = hf.get("sliding_window")
-        if window and (family == "mistral" or hf.get("use_sliding_window")):
-            max_len = min(max_len, window)  # full attention equals sliding-window attention up to the window
+        window, first = _window(hf, family, max_len)
         n_head = hf["num_attention_heads"]
         qkv_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))
         o_bias = bool(hf.get("attention_bias", False)) if family == "llama" else False
@@ -144,7 +171,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, d_ff=hf["intermediate_size"],
                            ffn="swiglu", activation="silu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
                            bias=o_bias, qkv_bias=qkv_bias, tie_embeddings=hf.get("tie_word_embeddings", False),
-                           max_seq_len=max_len, pos="rope", pad_token_id=hf.get("pad_token_id"), **_rope(hf))
+                           max_seq_len=max_len, pos="rope", pad_token_id=hf.get("pad_token_id"),
+                           sliding_window=window, max_window_layers=first, **_rope(hf))
     if family == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise _unsupported("position_embedding_type", hf["position_embedding_type"])
@@ -193,9 +221,17 @@ def family_of(cfg: ModelConfig) -> str:
         want = dict(pos="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu", activation="silu",
                     embed_norm=False, lm_head_bias=False)
         family = "qwen2" if cfg.attn_qkv_bias and not cfg.bias else "llama"
+        if cfg.sliding_window is not None and family == "llama":
+            family = "mistral"      # Mistral: a Llama without biases, every layer windowed
+            want.update(bias=False, max_window_layers=0)
+            if cfg.attn_qkv_bias:
+                raise _unsupported_export("qkv_bias", cfg.qkv_bias, "a windowed model exports as Mistral "
+                                          "(no biases) or Qwen2 (qkv_bias=true, bias=false)")
     for field, value in want.items():
         if getattr(cfg, field) != value:
             raise _unsupported_export(field, getattr(cfg, field), f"{family} needs {value!r}")
+    if cfg.sliding_window is not None and family not in ("mistral", "qwen2"):
+        raise _unsupported_export("sliding_window", cfg.sliding_window, f"{family} has no sliding window")
     if family in ("gpt2", "bert", "bart") and cfg.n_head * cfg.head_dim != cfg.d_model:
         # these configs have no head_dim field: HF derives it as d_model / n_head (head-pruned models differ)
         raise _unsupported_export("head_dim", cfg.head_dim, f"{family} needs d_model / n_head = "
@@ -219,9 +255,10 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
                     n_positions=cfg.max_seq_len, activation_function=act, layer_norm_epsilon=cfg.norm_eps,
                     resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                     tie_word_embeddings=True, pad_token_id=cfg.pad_token_id)
-    if family in ("llama", "qwen2"):
+    if family in ("llama", "mistral", "qwen2"):
         rope = _rope_to_hf(cfg)
-        out = dict(model_type=family, architectures=["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+        out = dict(model_type=family, architectures=[arch],
                    vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                    num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                    head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
@@ -233,9 +270,15 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
         if family == "llama":
             if cfg.attn_qkv_bias != cfg.bias:
                 raise _unsupported_export("qkv_bias", cfg.qkv_bias, "Llama has one attention_bias for q, k, v and o")
+            if cfg.sliding_window is not None:
+                raise _unsupported_export("sliding_window", cfg.sliding_window, "Llama has none (Mistral and "
+                                          "Qwen2 do)")
             out.update(attention_bias=cfg.bias, mlp_bias=False)
+        elif family == "mistral":
+            out["sliding_window"] = cfg.sliding_window
         else:
-            out.update(use_sliding_window=False, sliding_window=None)
+            out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                       max_window_layers=cfg.max_window_layers)
         return out
     if family == "bert":
         arch = "BertForSequenceClassification" if cfg.n_labels else "BertForMaskedLM" if cfg.mlm_head else "BertModel"

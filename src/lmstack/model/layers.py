@@ -191,18 +191,24 @@ def alibi_bias(n_head: int, q_len: int, k_len: int, causal: bool, device: torch.
 
 
 def build_mask(key_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
-               device: torch.device) -> torch.Tensor | None:
+               device: torch.device, window: int | None = None) -> torch.Tensor | None:
     """Boolean attention mask (B or 1, 1, T, S), True = may attend; None when nothing is masked.
 
     ``key_mask`` (B, S) marks real tokens (1) and padding (0). Queries are the last T of the S slots
     (a KV cache holds the first S - T). A query may always see itself, so that padding queries have
     a finite softmax; their outputs are never used.
+
+    ``window`` makes attention local, by slot distance: causal, a query sees the ``window`` newest slots
+    up to itself (0 <= q - k < window, as Mistral's sliding window); bidirectional, the band
+    |q - k| <= window (as transformers' bidirectional sliding window).
     """
-    if key_mask is None and not causal:
+    if key_mask is None and not causal and window is None:
         return None
     q_slot = torch.arange(k_len - q_len, k_len, device=device)[:, None]     # (T, 1)
     k_slot = torch.arange(k_len, device=device)[None, :]                     # (1, S)
     mask = (k_slot <= q_slot) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if window is not None:
+        mask = mask & ((q_slot - k_slot < window) if causal else ((q_slot - k_slot).abs() <= window))
     mask = mask[None, None]                                                   # (1, 1, T, S)
     if key_mask is not None:
         mask = mask & key_mask.bool()[:, None, None, :]                       # (B, 1, T, S)
@@ -267,6 +273,34 @@ def prepend_kv(prefix: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: to
     return k, v, mask
 
 
+WINDOW_BLOCK = 128   # smallest query block of blocked sliding-window attention (tests lower it)
+
+
+def window_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, window: int,
+                            block: int, dropout_p: float = 0.0, impl: str = "sdpa",
+                            prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal sliding-window attention in query blocks, so the masked-out keys are never computed.
+
+    q (B, H, T, D) are the last T of the S slots of k, v (B, G, S, D). A block of ``block`` queries
+    attends to its own slots and the ``window - 1`` before them; the visibility pattern is the same for
+    every block, so one ``mask`` (1, 1|H, block, block + window - 1) (bool, or ALiBi bias with -inf)
+    serves them all, cut on the left where a block starts less than ``window - 1`` slots in. Cost:
+    T * (block + window - 1) scores instead of T * S; the result equals the dense windowed mask's.
+    """
+    t, off = q.shape[2], k.shape[2] - q.shape[2]
+    outs = []
+    for b0 in range(0, t, block):
+        n = min(block, t - b0)
+        start = off + b0 - (window - 1)                  # first key slot the block's first query may see
+        cut = max(0, -start)
+        kb, vb = k[:, :, start + cut:off + b0 + n], v[:, :, start + cut:off + b0 + n]
+        mb = mask[..., :n, cut:n + window - 1]
+        if prefix is not None:
+            kb, vb, mb = prepend_kv(prefix, kb, vb, mb, False, n)
+        outs.append(attention(q[:, :, b0:b0 + n], kb, vb, mb, False, dropout_p, impl))
+    return torch.cat(outs, dim=2)                                           # (B, H, T, D)
+
+
 @dataclass
 class AttnInputs:
     """What every layer's attention needs from one forward: computed once by the model, shared by the layers."""
@@ -277,6 +311,13 @@ class AttnInputs:
     kv_cache: "KVCache | None" = None
     memory: torch.Tensor | None = None                        # cross-attention: encoder output (B, S, C)
     memory_mask: torch.Tensor | None = None                   # (B, 1, 1, S) bool or None
+    # sliding-window layers (ModelConfig.sliding_window), when the window hides something in this forward:
+    windowed: bool = False                                    # False: they use ``mask``/``is_causal`` too
+    window_mask: torch.Tensor | None = None                   # (B|1, 1|H, T, window_keys) bool or float, or None
+    window_keys: int | None = None                            # they attend over the last this many key slots
+    window_block: int | None = None                           # set: they attend in query blocks of this size
+                                                              # (window_attention_blocks); window_mask is the
+                                                              # block mask (1, 1|H, block, block + window - 1)
 
 
 class Attention(nn.Module):
@@ -301,6 +342,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_qkv_bias)
         self.o = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
         self.impl = cfg.attn_impl
+        self.local = not cross and cfg.uses_window(layer_idx)     # sliding-window layer (AttnInputs.window_*)
         self.prefix_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -331,6 +373,17 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)                   # (B, G, S, D), S = cached + T
             mask, is_causal = inp.mask, inp.is_causal
+            if self.local and inp.windowed:
+                if inp.window_keys is not None and inp.window_keys < k.shape[2]:
+                    # keys older than the window are invisible to every new query: attend over fewer
+                    k, v = k[:, :, -inp.window_keys:], v[:, :, -inp.window_keys:]
+                mask, is_causal = inp.window_mask, False
+                if inp.window_block is not None:
+                    dropout_p = self.cfg.dropout if self.training else 0.0
+                    prefix = self.prefix_kv() if self.prefix_kv is not None else None
+                    y = window_attention_blocks(q, k, v, mask, self.cfg.sliding_window, inp.window_block,
+                                                dropout_p, self.impl, prefix)
+                    return self.o(y.transpose(1, 2).reshape(b, t, self.cfg.q_dim))
             if self.prefix_kv is not None:
                 k, v, mask = prepend_kv(self.prefix_kv(), k, v, mask, is_causal, t)
                 is_causal = False
