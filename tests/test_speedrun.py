@@ -118,12 +118,15 @@ def test_whole_speedrun_end_to_end_tiny(tmp_path):
             "--sft.steps", "3", "--evaluate.heldout_documents", "5", "--evaluate.generation_items", "2",
             "--evaluate.choice_items", "4", "--distill.steps", "6",
             "--prompts.json_requests", "2", "--prompts.cases", "1", "--prompts.repeats", "1",
-            "--prompts.redteam_per_category", "1"]
+            "--prompts.redteam_per_category", "1", "--serve.seconds", "0.3", "--serve.clients", "2",
+            "--serve.max_tokens", "4", "--monitor.users", "4", "--monitor.per_user", "1",
+            "--monitor.second_users", "2", "--monitor.dpo_steps", "1", "--monitor.max_tokens", "4"]
     assert main(args) == 0
     report = (run / "report.md").read_text()
     for heading in ("## Corpus", "## Tokenizer", "## Static word embeddings", "## Pre-training", "## Generation", "## Supervised fine-tuning",
                     "## Evaluation", "## Compression", "## Distillation", "## Prompts", "### Structured output",
-                    "### Red-team report"):
+                    "### Red-team report", "## Serving", "## Monitoring", "### Drift on a simulated week",
+                    "### The loop closed"):
         assert heading in report
     assert "| exact_dedup |" in report                          # the corpus went through the data pipeline
     rows = {r["name"]: r for r in read_json(run / "stages" / "compress.json")["results"]["rows"]}

@@ -129,9 +129,13 @@ def closed_loop(a_dir: str | Path, b_dir: str | Path, out: str | Path, questions
             _feedback(server.url, answers, threshold, flip, seed, judge_fn)
         first = _readout(store)
         counts = write_alignment_data(store, dpo=out / "pairs.jsonl", kto=out / "kto.jsonl")
-        if counts["dpo"] < 2:
-            raise LmstackError(f"closed loop: the feedback gave {counts['dpo']} preference pairs, too few for a DPO "
-                               f"round (more users or questions)")
+        if counts["dpo"] < 2:   # nothing to learn from: say so, and serve nothing new
+            note = (f"the feedback gave {counts['dpo']} preference pairs (thumbs up and down on the same question), "
+                    f"too few for a DPO round: more users or questions, or answers that differ")
+            results = {"threshold": threshold, "first": _strip(first), "pairs": counts["dpo"],
+                       "kto_rows": counts["kto"], "dpo_round": {"skipped": note}}
+            atomic_write_json(out / "loop.json", results)
+            return results, _report_first(results, users, per_user) + f"\nNo DPO round: {note}.\n"
         tok = str(b_dir) if (Path(b_dir) / "tokenizer.json").is_file() else str(Path(b_dir).parent)
         cfg = from_dict(DPOConfig, {"run_dir": str(out / "dpo_round"), "base": str(b_dir), "tokenizer": tok,
                                     "method": "full", "steps": dpo_steps, "batch_size": min(8, counts["dpo"]),
@@ -168,24 +172,31 @@ def _strip(readout: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: readout[k] for k in keep if k in readout}, default=str))
 
 
-def _report(r: dict[str, Any], users: int, per_user: int, second_users: int) -> str:
-    def arms(readout: dict[str, Any]) -> str:
-        a = readout.get("arms", {})
-        parts = [f"{name} {v['rate']:.2f} (n={v['n']})" for name, v in a.items() if v.get("rate") is not None]
-        return ", ".join(parts) or "-"
+def _arms(readout: dict[str, Any]) -> str:
+    a = readout.get("arms", {})
+    parts = [f"{name} {v['rate']:.2f} (n={v['n']})" for name, v in a.items() if v.get("rate") is not None]
+    return ", ".join(parts) or "-"
 
-    f, s = r["first"], r["second"]
-    before, after = r["dpo_round"].get("before", {}), r["dpo_round"].get("after", {})
+
+def _row(name: str, ro: dict[str, Any]) -> str:
+    fixed, seq = ro.get("fixed_horizon", {}), ro.get("sequential", {})
+    return (f"| {name} | {_arms(ro)} | {ro.get('srm', {}).get('p_value', float('nan')):.3g} | "
+            f"{fixed.get('p_value', float('nan')):.3g} | {seq.get('p_value', float('nan')):.3g} | "
+            f"{ro.get('recommendation', '-')} |")
+
+
+def _report_first(r: dict[str, Any], users: int, per_user: int) -> str:
     lines = [f"Arm A is the SFT model, arm B the aligned one, behind one served name, sticky per user. {users} "
              f"simulated users x {per_user} questions; each answer judged by ROUGE-L F1 against the reference "
              f"answer, thumbs up above {r['threshold']:.3f} (10% of thumbs flipped), posted to `/v1/feedback`.", "",
              "| round | thumbs-up rate per arm | SRM p | fixed-horizon p | mSPRT p | recommendation |",
-             "|---|---|---:|---:|---:|---|"]
-    for name, ro in (("1: SFT vs aligned", f), ("2: SFT vs the new model", s)):
-        fixed, seq = ro.get("fixed_horizon", {}), ro.get("sequential", {})
-        lines.append(f"| {name} | {arms(ro)} | {ro.get('srm', {}).get('p_value', float('nan')):.3g} | "
-                     f"{fixed.get('p_value', float('nan')):.3g} | {seq.get('p_value', float('nan')):.3g} | "
-                     f"{ro.get('recommendation', '-')} |")
+             "|---|---|---:|---:|---:|---|", _row("1: SFT vs aligned", r["first"])]
+    return "\n".join(lines) + "\n"
+
+
+def _report(r: dict[str, Any], users: int, per_user: int, second_users: int) -> str:
+    before, after = r["dpo_round"].get("before", {}), r["dpo_round"].get("after", {})
+    lines = [_report_first(r, users, per_user).rstrip("\n"), _row("2: SFT vs the new model", r["second"])]
     lines += ["", f"Feedback exported as **{r['pairs']} DPO pairs** (thumbs up vs down on the same question) and "
                   f"{r['kto_rows']} KTO rows; one DPO round on them from the aligned model: held-out implicit-reward "
                   f"accuracy {before.get('val_accuracy', float('nan')):.3f} -> "
