@@ -165,6 +165,24 @@ def test_chunked_prefill_keeps_decoding_and_stays_exact(model):
     assert batch.stats["prefill_tokens"] == 2 + 21
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_forward_exactly(model):
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+    try:
+        batch = Batch(model, slots=4, prefill_chunk=64)
+        jobs = [([12, 13], 7), ([5, 6, 7, 8, 9, 10, 11], 5), ([9, 10, 11], 9), ([16, 17, 18, 19], 6)]
+        ids = {batch.add(p, GenerationConfig(max_new_tokens=n)): (p, n) for p, n in jobs}
+        first = batch.step()
+        assert shapes[0] == (4, 7) and shapes[1] == (4, 1)                # one padded prefill, one decode step
+        assert [seq for seq, _, _ in first] == list(ids)                   # every prompt got its first token
+        while batch.running:
+            batch.step()
+        for seq_id, (prompt, n) in ids.items():
+            assert batch.retire(seq_id).tokens == alone(model, prompt, GenerationConfig(max_new_tokens=n))[0]
+    finally:
+        hook.remove()
+
+
 def test_prefix_cache_reuses_a_shared_prefix_exactly(model):
     system = list(range(3, 3 + 35))                 # 35 shared ids: two whole 16-id blocks are reusable
     batch = Batch(model, slots=2, prefix_cache_tokens=200)

@@ -31,8 +31,9 @@ from that mask (index among the row's real tokens), so a sequence sees exactly w
 
 Chunked prefill (``prefill_chunk=N``): ``add`` only queues the prompt; each ``step`` first runs at most N prompt
 tokens of the waiting prompts (into their own one-row caches), then the decode step of the running rows, so one
-long prompt delays everyone's next token by a chunk, not by the whole prompt. A prompt whose prefill is done
-joins the batch in that step and gets its first token in it.
+long prompt delays everyone's next token by a chunk, not by the whole prompt. Prompts that arrive together and
+fit the budget whole are prefilled in one left-padded forward (a position attends only to its own prompt, as
+alone). A prompt whose prefill is done joins the batch in that step and gets its first token in it.
 
 Prefix caching (``prefix_cache_tokens=N``): the KV of finished prefills is kept (least recently used first out,
 up to N cached positions) under a hash chain of their ``PREFIX_BLOCK``-token blocks, as vLLM's automatic prefix
@@ -214,10 +215,20 @@ class Batch:
         """One new token for every running sequence: ``[(seq_id, token, finished), ...]`` in slot order."""
         with torch.inference_mode(), eval_mode(self.model):
             budget = self.prefill_chunk or 0
+            together = []     # prompts not started whose whole rest fits: one padded forward for all of them
             for r in [r for r in self.rows if r is not None and r.prefill is not None]:   # admission order
                 if budget <= 0:
                     break
-                budget -= self._prefill(r, budget)
+                rest = r.prefill.ids.shape[1] - r.prefill.done
+                if r.prefill.done == 0 and rest <= budget:
+                    together.append(r)
+                    budget -= rest
+                else:
+                    budget -= self._prefill(r, budget)
+            if len(together) == 1:
+                self._prefill(together[0], budget + together[0].prefill.ids.shape[1])
+            elif together:
+                self._prefill_together(together)
             live = [r for r in self.rows if r is not None and not r.seq.finished and r.prefill is None]
             if not live:
                 return []
@@ -264,14 +275,43 @@ class Batch:
         self.stats["prefill_tokens"] += n
         if pf.done < p:
             return n
+        self._place(r, logits[0])
+        return n
+
+    def _prefill_together(self, rows: list[_Row]) -> None:
+        """Prefill several whole prompts in one left-padded forward (prompts that arrive together, as a busy
+        server's do, cost about one forward instead of one each); each row's keys and values then go to its own
+        cache, as if it had run alone (each position attends only to its own prompt's positions)."""
+        lens = [r.prefill.ids.shape[1] for r in rows]
+        t = max(lens)
+        ids = torch.zeros(len(rows), t, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(rows), t, dtype=torch.bool, device=self.device)
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            ids[i, t - n:] = r.prefill.ids[0]
+            mask[i, t - n:] = True
+        tmp = KVCache.for_model(self.model, len(rows), t)
+        logits = self.model(ids, attention_mask=mask, kv_cache=tmp)[:, -1].float()              # (B, V)
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            pf = r.prefill
+            for dst, src in zip(pf.cache.tensors(), tmp.tensors()):
+                dst[0, :, :n] = src[i, :, t - n:t]
+            pf.cache.mask[:, :n] = True
+            pf.cache.pos = pf.done = n
+            self.stats["prefill_tokens"] += n
+            self._place(r, logits[i])
+
+    def _place(self, r: _Row, logits: torch.Tensor) -> None:
+        """The prompt is in: move its keys and values into the batch so they end at the cursor."""
+        pf = r.prefill
+        assert pf is not None
+        p = pf.ids.shape[1]
         if p > self.cache.pos:
             self._pad_left(p - self.cache.pos)
         r.start = self.cache.pos - p
         self.cache.write_row(r.slot, pf.cache, r.start)
-        self.logits[r.slot] = logits[0]
+        self.logits[r.slot] = logits
         r.prefill = None
         self._remember_prefix(pf)
-        return n
 
     def _block_hashes(self, ids: list[int]) -> list[int]:
         """One hash per whole block of ``ids``, each chaining the blocks before it (a prefix's identity)."""

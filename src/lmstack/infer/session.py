@@ -161,13 +161,15 @@ class eval_mode:
         self.models = [m for m in models if m is not None]
 
     def __enter__(self) -> None:
-        self.modes = [m.training for m in self.models]
-        for m in self.models:
+        # a model already in eval mode is left alone: eval()/train() walk every submodule, which costs about a
+        # millisecond per decode step on a server's Batch (measured on an 8-layer model)
+        self.switched = [m for m in self.models if m.training]
+        for m in self.switched:
             m.eval()
 
     def __exit__(self, *exc: object) -> None:
-        for m, mode in zip(self.models, self.modes):
-            m.train(mode)
+        for m in self.switched:
+            m.train(True)
 
 
 # ---------------------------------------------------------------------------------------------------- session

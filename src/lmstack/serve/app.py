@@ -248,7 +248,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
                embedder: Any = None, embedder_name: str | None = None, log_store: Any = None,
                prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096, label: str | None = None,
                candidate: tuple[nn.Module, Any, str] | None = None, candidate_share: float = 0.5,
-               experiment: str = "ab") -> Any:
+               experiment: str = "ab", start_engines: bool = True) -> Any:
     """The FastAPI app serving ``model`` under ``model_name``; its engine thread runs while the app runs.
 
     With ``api_key``, every ``/v1/`` route needs ``Authorization: Bearer <api_key>`` (else 401).
@@ -262,7 +262,9 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     ``candidate``: ``(model, tokenizer, label)`` of a B arm: an A/B test under ``experiment``, where each request
     goes to B with probability ``candidate_share``, sticky per ``user`` (or ``X-Session-Id`` header; a request
     with neither is assigned at random); both arms answer under ``model_name`` and the log records each row's
-    arm (``A``/``B``) and model label, which is what :func:`lmstack.monitor.ab.decide` reads."""
+    arm (``A``/``B``) and model label, which is what :func:`lmstack.monitor.ab.decide` reads.
+    ``start_engines``: the app's lifespan starts each arm's engine in a thread (False: the caller runs them, as
+    ``lmstack serve`` runs arm A's in the main thread; ``app.state.arms[i].engine``)."""
     from lmstack.monitor.store import open_store
     from lmstack.monitor.web import feedback_router
 
@@ -298,12 +300,12 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        for arm in arms:
+        for arm in arms if start_engines else []:
             arm.engine.start()
         try:
             yield
         finally:
-            for arm in arms:
+            for arm in arms if start_engines else []:
                 arm.engine.stop()
             if scratch is not None:
                 log_store.close()

@@ -158,12 +158,46 @@ def _serve(args: argparse.Namespace) -> int:
                      scheduling=args.scheduling, request_timeout=args.request_timeout, embedder=embedder,
                      embedder_name=embedder_name, log_store=log_store, prefill_chunk=args.prefill_chunk or None,
                      prefix_cache_tokens=args.prefix_cache, label=Path(args.run_dir).resolve().name,
-                     candidate=candidate, candidate_share=args.candidate_share, experiment=args.experiment)
+                     candidate=candidate, candidate_share=args.candidate_share, experiment=args.experiment,
+                     start_engines=False)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"queue {args.max_queue}, {args.scheduling} batching); chat page: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run_server(app, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")))
     return 0
+
+
+def run_server(app: object, server: object) -> None:
+    """uvicorn in a thread, arm A's engine in this (the main) thread, where its forwards run fastest (see
+    Engine.run); a B arm's engine in a thread of its own. Ctrl-C (or the server ending) stops everything."""
+    import threading
+
+    arms = app.state.arms
+    for arm in arms[1:]:
+        arm.engine.start()
+    main = arms[0].engine
+
+    def serve() -> None:
+        try:
+            server.run()
+        finally:
+            main.stop()          # the server ended (a bind error, a shutdown): end the engine loop too
+
+    http = threading.Thread(target=serve, name="lmstack-serve-http", daemon=True)
+    http.start()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: main.stop())   # a graceful stop on SIGTERM too (uvicorn's own
+    # handlers are installed only in the main thread, which the engine holds)
+    try:
+        main.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+        for arm in arms[1:]:
+            arm.engine.stop()
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
