@@ -121,7 +121,8 @@ def run_rows(label: str, base: str, model_name: str | None, concurrency: list[in
     from lmstack.serve.loadtest import run_load
 
     for c in concurrency:   # no warm-up request: the first row includes the cold start
-        r = run_load(base, c, args.duration, max_tokens=args.max_tokens, model=model_name, ignore_eos=ignore_eos)
+        r = run_load(base, c, args.duration, max_tokens=args.max_tokens, model=model_name, ignore_eos=ignore_eos,
+                     range_ratio=args.range_ratio)
         s = r.summary()
         s["mode"] = label
         rows.append(s)
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--range-ratio", type=float, default=0.5,
+                    help="output lengths spread over [1-r, 1+r] x max-tokens (vLLM's --random-range-ratio)")
     ap.add_argument("--models", nargs="+", default=["chat", "28m"], choices=["chat", "28m"])
     ap.add_argument("--modes", nargs="+", default=["continuous", "static", "one-at-a-time", "transformers"],
                     choices=["continuous", "static", "one-at-a-time", "transformers"])
@@ -205,8 +208,8 @@ def main() -> None:
     except (OSError, IndexError):
         pass
     print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({flags}), Python {platform.python_version()}, "
-          f"load {os.getloadavg()[0]:.1f}; {args.duration:.0f} s per row, max_tokens {args.max_tokens} (ignore_eos "
-          f"for lmstack), greedy, streaming; servers and clients share the machine.")
+          f"load {os.getloadavg()[0]:.1f}; {args.duration:.0f} s per row, max_tokens {args.max_tokens} x [1 -/+ "
+          f"{args.range_ratio}] (ignore_eos for lmstack), greedy, streaming; servers and clients share the machine.")
     for which, rows in results.items():
         table("speedrun chat model (1.4M parameters)" if which == "chat" else
               "random-weights 28M-parameter model (d_model 512, 8 layers), same tokenizer", rows)

@@ -76,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     b.add_argument("--max-tokens", type=int_at_least(1), default=64)
     b.add_argument("--ignore-eos", action="store_true", help="every request generates --max-tokens tokens")
+    b.add_argument("--range-ratio", type=float, default=0.0,
+                   help="spread max_tokens over [1-r, 1+r] x --max-tokens (vLLM's --random-range-ratio)")
     b.add_argument("--model-name", default=None, help="the model to ask (default: the server's first)")
     b.add_argument("--api-key", default=None)
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -208,6 +210,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     if args.duration <= 0:
         raise LmstackError(f"--duration: must be > 0 seconds, got {args.duration}")
     result = run_load(args.url, args.concurrency, args.duration, max_tokens=args.max_tokens,
-                      model=args.model_name, api_key=args.api_key, ignore_eos=args.ignore_eos)
+                      model=args.model_name, api_key=args.api_key, ignore_eos=args.ignore_eos,
+                      range_ratio=args.range_ratio)
     print(json.dumps(result.summary(), indent=2) if args.json else format_result(result))
     return 0

@@ -9,7 +9,9 @@ so the token count is the server's own), from a rotating list of prompts. Per re
 first content chunk, TPOT the time after it divided by the remaining tokens, ITL the gaps between content
 chunks. A response that is not 200, has an unparsable chunk, lacks a finish reason or a usage chunk counts as
 failed (``failed``), never silently dropped. ``ignore_eos`` (a vLLM extension lmstack serve accepts) makes
-every request produce ``max_tokens`` tokens, so rows compare equal work.
+every request produce its ``max_tokens`` tokens, so rows compare equal work; ``range_ratio`` (vLLM's
+``--random-range-ratio``) spreads ``max_tokens`` over ``[1 - r, 1 + r]`` times the given value, the same sequence in
+every run, so that clients do not all finish, and arrive again, in the same step.
 """
 
 from __future__ import annotations
@@ -125,12 +127,14 @@ async def _one(client: Any, url: str, body: dict[str, Any], result: LoadResult) 
 
 async def drive(base_url: str, concurrency: int, duration: float, max_tokens: int = 64,
                 prompts: Sequence[str] = DEFAULT_PROMPTS, model: str | None = None, api_key: str | None = None,
-                ignore_eos: bool = False, temperature: float = 0.0) -> LoadResult:
+                ignore_eos: bool = False, temperature: float = 0.0, range_ratio: float = 0.0) -> LoadResult:
     """Run the load test in the current event loop (see the module docstring)."""
     import httpx
 
     if concurrency < 1 or duration <= 0 or max_tokens < 1 or not prompts:
         raise LmstackError("load test: concurrency >= 1, duration > 0, max_tokens >= 1 and prompts are needed")
+    if not 0 <= range_ratio < 1:
+        raise LmstackError(f"load test: range_ratio must be in [0, 1), got {range_ratio}")
     base = base_url.rstrip("/").removesuffix("/v1")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -148,8 +152,12 @@ async def drive(base_url: str, concurrency: int, duration: float, max_tokens: in
         async def client_loop(i: int) -> None:
             k = i
             while time.perf_counter() < stop_at:
+                # vLLM's --random-range-ratio: output lengths spread over max_tokens * [1 - r, 1 + r] (a fixed
+                # sequence per request index), so clients do not finish in lockstep
+                n = max_tokens if not range_ratio else max(1, round(max_tokens * (1 - range_ratio + 2 * range_ratio
+                                                                                    * ((k * 0.6180339887) % 1))))
                 body = {"model": model, "messages": [{"role": "user", "content": prompts[k % len(prompts)]}],
-                        "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+                        "max_tokens": n, "temperature": temperature, "stream": True,
                         "stream_options": {"include_usage": True}}
                 if ignore_eos:
                     body["ignore_eos"] = True
