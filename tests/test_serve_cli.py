@@ -61,7 +61,8 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(run), "--port", str(port),
-                             "--device", "cpu", "--api-key", "sekrit", "--log-store", str(tmp_path / "log.db")],
+                             "--device", "cpu", "--api-key", "sekrit", "--log-store", str(tmp_path / "log.db"),
+                             "--candidate", str(run), "--experiment", "same-model"],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sekrit", max_retries=0)
@@ -78,6 +79,9 @@ def test_serve_command_answers_the_openai_client(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
         assert r.usage.prompt_tokens == len(tok.encode("the cat")) and r.usage.completion_tokens <= 5
+        texts = {client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0,
+                                           user=f"u{i}").choices[0].text for i in range(8)}
+        assert texts == {r.choices[0].text}          # both arms serve the same weights: the same greedy text
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -85,7 +89,8 @@ def test_serve_command_answers_the_openai_client(tmp_path):
 
     with open_store(tmp_path / "log.db", create=False) as store:   # --log-store kept the interaction
         row = store.get(r.id)
-        assert row.input == "the cat" and row.output == r.choices[0].text and row.model == "tiny"
+        assert row.input == "the cat" and row.output == r.choices[0].text and row.model in ("tiny", "tiny")
+        assert {x.arm for x in store.rows()} == {"A", "B"}   # 8 users, sticky arms, both engines in the main thread
 
 
 def test_a_chat_template_that_fails_to_render_is_one_line_exit_2(tmp_path, capsys):

@@ -101,3 +101,31 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tok, mo
         assert [t for t, _ in engine.submit(ids, cfg).tokens()] == complete(model, tok, PROMPTS[0], cfg).token_ids
     finally:
         engine.stop()
+
+
+def test_run_many_steps_two_engines_in_one_thread(model, tok):
+    """The A/B arms' engines in one thread (as lmstack serve runs them in its main thread): both answer as
+    complete() does; stopping one ends the loop and releases the other's callers."""
+    import threading
+
+    from lmstack.errors import LmstackError as Err
+
+    cond = threading.Condition()
+    a, b = Engine(model, tok, max_batch=2, cond=cond), Engine(model, tok, max_batch=2, cond=cond)
+    loop = threading.Thread(target=Engine.run_many, args=([a, b],), daemon=True)
+    loop.start()
+    ids, cfg = _ids(model, tok, "the cat", 6)
+    want = complete(model, tok, "the cat", GenerationConfig(max_new_tokens=6)).token_ids
+    ra, rb = a.submit(ids, cfg), b.submit(ids, cfg)
+    assert [t for t, _ in ra.tokens()] == want and [t for t, _ in rb.tokens()] == want
+    b.max_queue = 0                      # nothing more for b; a request left waiting on a is released at the stop
+    late = a.submit(ids, cfg.replace(max_new_tokens=40))
+    a.stop()
+    loop.join(timeout=30)
+    assert not loop.is_alive()
+    try:
+        list(late.tokens())
+    except Err:
+        pass
+    with pytest.raises(Err, match="share one condition"):
+        Engine.run_many([Engine(model, tok), Engine(model, tok)])

@@ -76,11 +76,11 @@ class Server:
     def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, max_batch: int, max_queue: int,
                  scheduling: str = "continuous", request_timeout: float | None = None, embedder: Any = None,
                  embedder_name: str | None = None, log_store: Any = None, prefill_chunk: int | None = 256,
-                 prefix_cache_tokens: int = 4096):
+                 prefix_cache_tokens: int = 4096, engine_cond: Any = None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduling=scheduling,
                              request_timeout=request_timeout, prefill_chunk=prefill_chunk,
-                             prefix_cache_tokens=prefix_cache_tokens)
+                             prefix_cache_tokens=prefix_cache_tokens, cond=engine_cond)
         self.ctx = int(model.config.max_seq_len)
         self.created = int(time.time())
         self.embedder, self.embedder_name = embedder, embedder_name
@@ -272,9 +272,12 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
     if log_store is None:   # no store given: a SQLite file for this server's lifetime, removed when it stops
         scratch = tempfile.mkdtemp(prefix="lmstack-serve-log-")
         log_store = open_store(Path(scratch) / "interactions.db")
+    import threading
+
+    shared = threading.Condition()   # one condition for the arms' engines, so one thread can run them all
     srv = Server(model, tokenizer, model_name, max_batch, max_queue, scheduling, request_timeout, embedder,
                  embedder_name or ("embeddings" if embedder is not None else None), log_store, prefill_chunk,
-                 prefix_cache_tokens)
+                 prefix_cache_tokens, shared)
     srv.label = label or model_name
     arms = [srv]
     shares: dict[str, float] = {}
@@ -286,7 +289,7 @@ def create_app(model: nn.Module, tokenizer: Any, model_name: str, *, max_batch: 
         shares = check_shares({"A": 1 - candidate_share, "B": candidate_share})
         cand_model, cand_tok, cand_label = candidate
         b = Server(cand_model, cand_tok, model_name, max_batch, max_queue, scheduling, request_timeout, None, None,
-                   log_store, prefill_chunk, prefix_cache_tokens)
+                   log_store, prefill_chunk, prefix_cache_tokens, shared)
         srv.arm, b.arm, b.label = "A", "B", cand_label
         arms.append(b)
 

@@ -170,13 +170,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def run_server(app: object, server: object) -> None:
-    """uvicorn in a thread, arm A's engine in this (the main) thread, where its forwards run fastest (see
-    Engine.run); a B arm's engine in a thread of its own. Ctrl-C (or the server ending) stops everything."""
+    """uvicorn in a thread, the arms' engines in this (the main) thread, where their forwards run fastest (see
+    Engine.run; with an A/B candidate both arms step in turn, Engine.run_many, so their latencies compare).
+    Ctrl-C, SIGTERM or the server ending stops everything."""
     import threading
 
+    from lmstack.serve.engine import Engine
+
     arms = app.state.arms
-    for arm in arms[1:]:
-        arm.engine.start()
     main = arms[0].engine
 
     def serve() -> None:
@@ -192,14 +193,12 @@ def run_server(app: object, server: object) -> None:
     signal.signal(signal.SIGTERM, lambda *_: main.stop())   # a graceful stop on SIGTERM too (uvicorn's own
     # handlers are installed only in the main thread, which the engine holds)
     try:
-        main.run()
+        Engine.run_many([a.engine for a in arms])
     except KeyboardInterrupt:
         pass
     finally:
         server.should_exit = True
         http.join(timeout=30)
-        for arm in arms[1:]:
-            arm.engine.stop()
 
 
 def _bench_serve(args: argparse.Namespace) -> int:

@@ -149,7 +149,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 8, max_queue: int = 64,
                  max_len: int | None = None, scheduling: str = "continuous", request_timeout: float | None = None,
-                 prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096):
+                 prefill_chunk: int | None = 256, prefix_cache_tokens: int = 4096,
+                 cond: threading.Condition | None = None):
         if max_queue < 0:
             raise LmstackError(f"max_queue: must be >= 0, got {max_queue}")
         if scheduling not in SCHEDULING:
@@ -167,7 +168,7 @@ class Engine:
         self.metrics = Metrics()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}
-        self._cond = threading.Condition()
+        self._cond = cond or threading.Condition()   # shared between engines that one thread runs (run_many)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.batch: Batch | None = None
@@ -180,6 +181,29 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="lmstack-serve-engine", daemon=True)
         self._thread.start()
         return self
+
+    @staticmethod
+    def run_many(engines: Sequence[Engine]) -> None:
+        """Run several engines' schedulers in the calling thread, one iteration each in turn, until any is
+        stopped (``lmstack serve`` with an A/B candidate: both arms' forwards in the main thread, so their
+        latencies compare). The engines must share one condition (``Engine(..., cond=shared)``)."""
+        cond = engines[0]._cond
+        if any(e._cond is not cond for e in engines):
+            raise LmstackError("Engine.run_many: the engines must share one condition (cond=)")
+        for e in engines:
+            e.batch = e._new_batch()
+        try:
+            while True:
+                done = [e._iterate(block=False) for e in engines]
+                if False in done:
+                    break
+                if all(d is None for d in done):
+                    with cond:
+                        while all(e._idle() for e in engines):
+                            cond.wait()
+        finally:
+            for e in engines:
+                e._release_all()
 
     def run(self) -> None:
         """Run the scheduler in the calling thread until :meth:`stop` (``lmstack serve`` runs it in the main
@@ -216,58 +240,72 @@ class Engine:
     # ----- the engine thread
 
     def _loop(self) -> None:
-        batch = self.batch
-        assert batch is not None
-        while True:
-            with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admit = []
-                self._expire()
-                self._retire_cancelled(batch)
-                may_admit = self.scheduling == "continuous" or not self._running
-                while may_admit and self._waiting and batch.free_slots - len(admit) > 0:
-                    req = self._waiting.popleft()
-                    if req.cancelled:
-                        req._emit(_DONE)
-                    else:
-                        admit.append(req)
-                self.metrics.queue_length = len(self._waiting)
-            for req in admit:
-                self._admit(batch, req)
-            with self._cond:
-                self._retire_cancelled(batch)
-                self.metrics.running = len(self._running)
-            if not self._running:
-                continue
-            try:
-                events = batch.step()
-            except Exception as e:  # noqa: BLE001  (a bug: its callers get it, a 500; the traceback is logged)
-                traceback.print_exc()
-                batch = self._reset(e)
-                continue
-            now = time.monotonic()
-            self.metrics.recent.append((now, len(events)))
-            for seq_id, token, finished in events:
-                req = self._running[seq_id]
-                if req.first_token_at is None:
-                    req.first_token_at = now
-                    self.metrics.ttft.observe(now - req.submitted)
-                else:
-                    self.metrics.itl.observe(now - req.last_token_at)
-                req.last_token_at = now
-                req.token_ids.append(token)
-                self.metrics.tokens_total += 1
-                req._emit((token, finished))
-                if finished:
-                    self._finish(batch, req)
-            with self._cond:
-                self.metrics.running = len(self._running)
+        while self._iterate(block=True):
+            pass
+        self._release_all()
+
+    def _release_all(self) -> None:
         for req in list(self._running.values()) + list(self._waiting):   # shutting down: release every caller
             req.error = LmstackError("the server is shutting down")
             req._emit(_DONE)
+
+    def _idle(self) -> bool:
+        return not self._stopping and not self._waiting and not self._running
+
+    def _iterate(self, block: bool) -> bool | None:
+        """One scheduling iteration: admit, step, deliver. False when stopping; None when there was nothing to do
+        (only with ``block=False``; ``block=True`` waits for work instead)."""
+        batch = self.batch
+        assert batch is not None
+        with self._cond:
+            while block and self._idle():
+                self._cond.wait()
+            if self._stopping:
+                return False
+            if self._idle():
+                return None
+            admit = []
+            self._expire()
+            self._retire_cancelled(batch)
+            may_admit = self.scheduling == "continuous" or not self._running
+            while may_admit and self._waiting and batch.free_slots - len(admit) > 0:
+                req = self._waiting.popleft()
+                if req.cancelled:
+                    req._emit(_DONE)
+                else:
+                    admit.append(req)
+            self.metrics.queue_length = len(self._waiting)
+        for req in admit:
+            self._admit(batch, req)
+        with self._cond:
+            self._retire_cancelled(batch)
+            self.metrics.running = len(self._running)
+        if not self._running:
+            return True
+        try:
+            events = batch.step()
+        except Exception as e:  # noqa: BLE001  (a bug: its callers get it, a 500; the traceback is logged)
+            traceback.print_exc()
+            self._reset(e)
+            return True
+        now = time.monotonic()
+        self.metrics.recent.append((now, len(events)))
+        for seq_id, token, finished in events:
+            req = self._running[seq_id]
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.metrics.ttft.observe(now - req.submitted)
+            else:
+                self.metrics.itl.observe(now - req.last_token_at)
+            req.last_token_at = now
+            req.token_ids.append(token)
+            self.metrics.tokens_total += 1
+            req._emit((token, finished))
+            if finished:
+                self._finish(batch, req)
+        with self._cond:
+            self.metrics.running = len(self._running)
+        return True
 
     def _reset(self, error: Exception) -> Batch:
         """Fail every running request with ``error`` and start a fresh batch (the old one's state is suspect)."""
