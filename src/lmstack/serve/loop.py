@@ -186,9 +186,9 @@ def _row(name: str, ro: dict[str, Any]) -> str:
 
 
 def _report_first(r: dict[str, Any], users: int, per_user: int) -> str:
-    lines = [f"Arm A is the SFT model, arm B the aligned one, behind one served name, sticky per user. {users} "
+    lines = [(f"Arm A is the SFT model, arm B the aligned one, behind one served name, sticky per user. {users} "
              f"simulated users x {per_user} questions; each answer judged by ROUGE-L F1 against the reference "
-             f"answer, thumbs up above {r['threshold']:.3f} (10% of thumbs flipped), posted to `/v1/feedback`.", "",
+             f"answer, thumbs up above {r['threshold']:.3f} (10% of thumbs flipped), posted to `/v1/feedback`."), "",
              "| round | thumbs-up rate per arm | SRM p | fixed-horizon p | mSPRT p | recommendation |",
              "|---|---|---:|---:|---:|---|", _row("1: SFT vs aligned", r["first"])]
     return "\n".join(lines) + "\n"
@@ -197,9 +197,9 @@ def _report_first(r: dict[str, Any], users: int, per_user: int) -> str:
 def _report(r: dict[str, Any], users: int, per_user: int, second_users: int) -> str:
     before, after = r["dpo_round"].get("before", {}), r["dpo_round"].get("after", {})
     lines = [_report_first(r, users, per_user).rstrip("\n"), _row("2: SFT vs the new model", r["second"])]
-    lines += ["", f"Feedback exported as **{r['pairs']} DPO pairs** (thumbs up vs down on the same question) and "
+    lines += ["", (f"Feedback exported as **{r['pairs']} DPO pairs** (thumbs up vs down on the same question) and "
                   f"{r['kto_rows']} KTO rows; one DPO round on them from the aligned model: held-out implicit-reward "
                   f"accuracy {before.get('val_accuracy', float('nan')):.3f} -> "
                   f"{after.get('val_accuracy', float('nan')):.3f}. The new model then served as arm B for "
-                  f"{second_users} more users ({', '.join(r['second_models'])})."]
+                  f"{second_users} more users ({', '.join(r['second_models'])}).")]
     return "\n".join(lines) + "\n"
