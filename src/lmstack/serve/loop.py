@@ -109,7 +109,7 @@ def closed_loop(a_dir: str | Path, b_dir: str | Path, out: str | Path, questions
     from lmstack.monitor.store import open_store
     from lmstack.runs import atomic_write_json
     from lmstack.serve.app import create_app
-    from lmstack.serve.speedrun import BackgroundServer
+    from lmstack.serve.speedrun import serve_in_main
 
     if len(questions) < 2:
         raise LmstackError("closed loop: give at least 2 questions ({'prompt', 'reference'} each)")
@@ -121,12 +121,17 @@ def closed_loop(a_dir: str | Path, b_dir: str | Path, out: str | Path, questions
         a_model, a_tok = load_run(a_dir, prefer=("chat_model", "pretrain"))
         b_model, b_tok = load_run(b_dir, prefer=("chat_model", "pretrain"))
         app = create_app(a_model, a_tok, "served", label="A:" + Path(a_dir).name, log_store=store,
-                         candidate=(b_model, b_tok, "B:" + Path(b_dir).name), experiment=EXPERIMENT, max_batch=8)
-        with BackgroundServer(app) as server:
-            answers = _traffic(server.url, questions, users, per_user, max_tokens, "user-", seed)
+                         candidate=(b_model, b_tok, "B:" + Path(b_dir).name), experiment=EXPERIMENT, max_batch=8,
+                         start_engines=False)
+
+        def first_round(url: str) -> tuple[list[dict[str, Any]], float]:
+            answers = _traffic(url, questions, users, per_user, max_tokens, "user-", seed)
             scores = sorted(judge_fn(a["answer"], a["reference"]) for a in answers)
             threshold = judge_threshold if judge_threshold is not None else scores[len(scores) // 2]
-            _feedback(server.url, answers, threshold, flip, seed, judge_fn)
+            _feedback(url, answers, threshold, flip, seed, judge_fn)
+            return answers, threshold
+
+        _, threshold = serve_in_main(app, first_round)
         first = _readout(store)
         counts = write_alignment_data(store, dpo=out / "pairs.jsonl", kto=out / "kto.jsonl")
         if counts["dpo"] < 2:   # nothing to learn from: say so, and serve nothing new
@@ -148,10 +153,14 @@ def closed_loop(a_dir: str | Path, b_dir: str | Path, out: str | Path, questions
         since = time.time()
         app2 = create_app(a_model, a_tok, "served", label="A:" + Path(a_dir).name, log_store=store,
                           candidate=(n_model, n_tok, "B:" + new_dir.name), experiment=EXPERIMENT + "-2",
-                          max_batch=8)
-        with BackgroundServer(app2) as server:
-            second = _traffic(server.url, questions, second_users, per_user, max_tokens, "next-user-", seed + 1)
-            _feedback(server.url, second, threshold, flip, seed + 1, judge_fn)
+                          max_batch=8, start_engines=False)
+
+        def second_round(url: str) -> list[dict[str, Any]]:
+            second = _traffic(url, questions, second_users, per_user, max_tokens, "next-user-", seed + 1)
+            _feedback(url, second, threshold, flip, seed + 1, judge_fn)
+            return second
+
+        second = serve_in_main(app2, second_round)
         second_rows = store.rows(since=since)
         second_readout = _readout(store, since)
     finally:
