@@ -129,3 +129,12 @@ def test_run_many_steps_two_engines_in_one_thread(model, tok):
         pass
     with pytest.raises(Err, match="share one condition"):
         Engine.run_many([Engine(model, tok), Engine(model, tok)])
+
+
+def test_metrics_keep_only_the_last_window_of_steps():
+    from lmstack.serve.engine import Metrics
+
+    m = Metrics()
+    for i in range(1000):                      # 1000 steps 0.1 s apart: only the last 10 s stay
+        m.record_step(1000.0 + 0.1 * i, 2)
+    assert len(m.recent) <= 102 and m.recent[-1] == (1000.0 + 99.9, 2)

@@ -329,6 +329,21 @@ def _skipgram_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) ->
     return loss, count
 
 
+def _window_batches(ids, start, pos, valid, batch_size: int, vocab: int):
+    """Batches of whole windows: ``(batch index, centres (m,), contexts (m, 2w), context mask (m, 2w))`` for the
+    centres of a chunk with at least one context word; ~4 context words per centre, so a batch holds about as
+    many pairs as a pair batch."""
+    import torch
+
+    rows = np.nonzero(valid.any(axis=1))[0]
+    centre_all = ids[torch.from_numpy(rows + start)]
+    ctx_all = ids[torch.from_numpy(pos[rows])]                                  # (n, 2w)
+    mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
+    step = max(1, batch_pairs(batch_size, vocab) // 4)
+    for i, b in enumerate(range(0, centre_all.numel(), step)):
+        yield i, centre_all[b:b + step], ctx_all[b:b + step], mask_all[b:b + step]
+
+
 def _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tuple[float, int]:
     """Skip-gram with the noise words shared by the context words of one centre (Ji et al. 2016, pWord2Vec): the
     (contexts x targets) scores of a window are one small matrix product, and each output row is gathered once per
@@ -336,16 +351,9 @@ def _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, 
     import torch
     import torch.nn.functional as F
 
-    has = valid.any(axis=1)
-    rows = np.nonzero(has)[0]
-    centre_all = ids[torch.from_numpy(rows + start)]
-    ctx_all = ids[torch.from_numpy(pos[rows])]
-    mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
     loss, count = 0.0, 0
     k = cfg.negative
-    step = max(1, batch_pairs(cfg.batch_size, w_in.shape[0]) // 4)   # ~4 context words per centre: as many pairs
-    for b in range(0, centre_all.numel(), step):
-        cen, ctx, mask = centre_all[b:b + step], ctx_all[b:b + step], mask_all[b:b + step]
+    for b, cen, ctx, mask in _window_batches(ids, start, pos, valid, cfg.batch_size, w_in.shape[0]):
         m, c = ctx.shape
         targets = torch.cat([cen[:, None], _negatives(table, (m, k), gen)], dim=1)       # (m, k+1)
         h = w_in.index_select(0, ctx.reshape(-1)).view(m, c, -1)                        # (m, c, d)
@@ -356,7 +364,7 @@ def _skipgram_window_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, 
         g = (label - torch.sigmoid(score)) * lr
         g *= mask.unsqueeze(2)
         g[:, :, 1:] *= (targets[:, 1:] != cen[:, None]).unsqueeze(1)
-        if (b // step) % LOSS_EVERY == 0:
+        if b % LOSS_EVERY == 0:
             lm = F.softplus(-score[:, :, 0]) + F.softplus(score[:, :, 1:]).sum(2)
             loss += float((lm * mask).sum())
             count += int(mask.sum())
@@ -371,16 +379,9 @@ def _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tup
     import torch
     import torch.nn.functional as F
 
-    has = valid.any(axis=1)
-    rows = np.nonzero(has)[0]
-    centre_all = ids[torch.from_numpy(rows + start)]
-    ctx_all = ids[torch.from_numpy(pos[rows])]                 # (n, 2w)
-    mask_all = torch.from_numpy(valid[rows]).to(torch.float32)
     loss, count = 0.0, 0
     k = cfg.negative
-    step = max(1, batch_pairs(cfg.batch_size, w_in.shape[0]) // 4)   # ~4 context words per centre: as many pairs
-    for b in range(0, centre_all.numel(), step):
-        cen, ctx, mask = centre_all[b:b + step], ctx_all[b:b + step], mask_all[b:b + step]
+    for b, cen, ctx, mask in _window_batches(ids, start, pos, valid, cfg.batch_size, w_in.shape[0]):
         m, c = ctx.shape
         vec = w_in.index_select(0, ctx.reshape(-1)).view(m, c, -1) * mask.unsqueeze(2)
         h = vec.sum(1) / mask.sum(1, keepdim=True)
@@ -391,7 +392,7 @@ def _cbow_chunk(ids, start, pos, valid, w_in, w_out, table, cfg, lr, gen) -> tup
         label[:, 0] = 1.0
         g = (label - torch.sigmoid(score)) * lr
         g[:, 1:] *= targets[:, 1:] != cen[:, None]
-        if (b // step) % LOSS_EVERY == 0:
+        if b % LOSS_EVERY == 0:
             loss += float(F.softplus(-score[:, 0]).sum() + F.softplus(score[:, 1:]).sum())
             count += m
         dh = torch.bmm(g.unsqueeze(1), out).squeeze(1)                       # (m, d)

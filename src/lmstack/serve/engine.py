@@ -136,12 +136,22 @@ class Metrics:
     itl: Histogram = field(default_factory=Histogram)        # gaps between a request's tokens
     recent: collections.deque = field(default_factory=collections.deque)   # (time, tokens) per step, last 10 s
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        """Generated tokens per second over the last ``window`` seconds."""
-        now = time.monotonic()
-        while self.recent and self.recent[0][0] < now - window:
+    WINDOW = 10.0   # seconds of steps kept for tokens/s
+
+    def record_step(self, now: float, tokens: int) -> None:
+        """Note one decode step; steps older than the window are dropped here, so a server nobody scrapes does
+        not keep one entry per step forever."""
+        self.recent.append((now, tokens))
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self.recent and self.recent[0][0] < now - self.WINDOW:
             self.recent.popleft()
-        return sum(n for _, n in self.recent) / window
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last ``WINDOW`` seconds."""
+        self._prune(time.monotonic())
+        return sum(n for _, n in self.recent) / self.WINDOW
 
 
 class Engine:
@@ -289,7 +299,7 @@ class Engine:
             self._reset(e)
             return True
         now = time.monotonic()
-        self.metrics.recent.append((now, len(events)))
+        self.metrics.record_step(now, len(events))
         for seq_id, token, finished in events:
             req = self._running[seq_id]
             if req.first_token_at is None:
