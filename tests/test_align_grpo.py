@@ -291,6 +291,16 @@ def test_speedrun_hook_on_a_tiny_run(tiny_base, tmp_path):
     assert "| exact match, strict (`#### N`) |" in report and "| exact match, lenient (last number) |" in report
     assert "![reward curve](grpo/rl/reward.png)" in report
     assert "rollouts" in report and "updates" in report
+    # GRPO's prompts are train-side problems the warm-up never saw; the paired change is reported
+    warm = {json.loads(line)["messages"][-2]["content"] for line in
+            (run / "grpo" / "warmup_data" / "train.jsonl").read_text().splitlines()}
+    assert results["warmup_chains"] == 300 and results["train_prompts"] == 16
+    from lmstack.align.rl_data import arithmetic_items
+
+    rl = arithmetic_items(316, split="train", seed=1337, max_operand=9, n_terms=3, max_value=9,
+                          heldout_fraction=0.25)[300:]
+    assert not {it["question"] for it in rl} & warm
+    assert results["paired"]["items"] == 4 and "Change on the 4 held-out items" in report
 
 
 def test_gsm8k_end_to_end(shared_data, tmp_path):
@@ -376,3 +386,22 @@ def test_the_shipped_grpo_config_loads_for_both_algorithms():
     for algo in ("grpo", "ppo"):
         cfg = load_online_config(str(path), ["--base", "runs/sft"], algo=algo)
         assert cfg.algo == algo and cfg.rollout.num_samples == 8 and cfg.data.source == "arithmetic"
+
+
+def test_paired_change_counts_flips_and_brackets_the_delta():
+    from lmstack.align.online import paired_change
+
+    items = [{"answer": str(i)} for i in range(10)]
+    before = [f"#### {i}" if i < 5 else "#### 99" for i in range(10)]          # 5 right
+    after = [f"#### {i}" if i != 0 else "#### 99" for i in range(10)]          # 9 right: 5 turned right, 1 wrong
+    after[1] = f"The answer is {1}."                                           # right only when lenient
+    out = paired_change(before, after, items)
+    assert out["items"] == 10
+    assert out["lenient"]["turned_right"] == 5 and out["lenient"]["turned_wrong"] == 1
+    assert out["lenient"]["delta"] == pytest.approx(0.4)
+    assert out["strict"]["turned_right"] == 5 and out["strict"]["turned_wrong"] == 2
+    assert out["strict"]["delta"] == pytest.approx(0.3)
+    lo, hi = out["lenient"]["ci95"]
+    assert lo <= 0.4 <= hi and 0 < out["lenient"]["p_value"] <= 1
+    same = paired_change(before, before, items)
+    assert same["strict"]["delta"] == 0 and same["strict"]["turned_right"] == same["strict"]["turned_wrong"] == 0

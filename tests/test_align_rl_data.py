@@ -49,3 +49,27 @@ def test_config_rejects_a_bad_bound():
 
     with pytest.raises(ConfigError, match="data.arithmetic.max_value"):
         ArithmeticConfig(max_value=0)
+
+
+def test_all_items_extend_every_prefix_so_an_offset_gives_new_questions():
+    kw = dict(split="train", n_terms=3, max_operand=9, max_value=9, heldout_fraction=0.25, seed=1337)
+    every = arithmetic_items(None, **kw)
+    assert [it["question"] for it in arithmetic_items(50, **kw)] == [it["question"] for it in every[:50]]
+    held = arithmetic_items(None, **{**kw, "split": "heldout"})
+    assert len(every) + len(held) == 1210          # the sampler finds the whole space, each side apart
+    assert len({it["question"] for it in every}) == len(every)
+
+
+def test_load_items_offset_skips_the_warmup_share():
+    from lmstack.align.online import load_items
+    from lmstack.align.rl_config import ArithmeticConfig, OnlineConfig, RLDataConfig
+
+    arith = dict(max_operand=9, n_terms=3, max_value=9, heldout_items=5)
+    cfg = OnlineConfig(base="x", data=RLDataConfig(heldout_fraction=0.25, arithmetic=ArithmeticConfig(
+        train_items=40, train_offset=30, **arith)))
+    train, held = load_items(cfg)
+    first = arithmetic_items(70, split="train", seed=cfg.seed, heldout_fraction=0.25, **{
+        k: v for k, v in arith.items() if k != "heldout_items"})
+    assert [it["question"] for it in train] == [it["question"] for it in first[30:]]
+    with pytest.raises(ConfigError, match="data.arithmetic.train_offset"):
+        ArithmeticConfig(train_offset=-1)

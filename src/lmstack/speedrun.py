@@ -144,7 +144,7 @@ class GRPOStageConfig:
     """A supervised warm-up on synthetic arithmetic, then GRPO with verifiable rewards (align.grpo.speedrun_grpo)."""
 
     warmup_steps: int = 300
-    grpo_steps: int = 64
+    grpo_steps: int = 128
 
     def __post_init__(self) -> None:
         _at_least("grpo", warmup_steps=(self.warmup_steps, 1), grpo_steps=(self.grpo_steps, 1))

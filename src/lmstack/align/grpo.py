@@ -147,25 +147,35 @@ def make_grpo_loss_fn(beta: float, epsilon: float, epsilon_high: float | None, l
 
 
 def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, warmup_steps: int = 300,
-                  grpo_steps: int = 64, seed: int = 1337, warmup: dict[str, Any] | None = None,
-                  required_form: float = 0.3,
+                  grpo_steps: int = 128, seed: int = 1337, warmup: dict[str, Any] | None = None,
+                  warmup_chains: int = 300, required_form: float = 1.0,
                   **overrides: Any) -> tuple[dict[str, Any], str]:
     """The speedrun's GRPO stage: supervised warm-up on easy synthetic arithmetic, then GRPO with verifiable
     rewards (strict exact match + the ``<think>`` format), on the pre-trained tiny model.
 
+    The task: 3-term problems over 0..9 whose every running value stays in 0..9, split by a hash of the
+    question (a quarter held out). The warm-up trains on every one-step fact and on the first
+    ``warmup_chains`` train-side problems; GRPO's prompts are the train-side problems *after* those (new to
+    the policy, as the held-out ones are), so a rise in held-out accuracy is a skill learnt by RL and not the
+    recall of answers to prompts it trained on. ``required_form``: the share of worked solutions ending in the
+    required ``#### N`` (the rest say ``The answer is N.``); below 1 the strict extraction has the answer
+    form to learn besides the arithmetic.
+
     ``base`` defaults to the first of ``RUN/pretrain``, ``RUN/train``, ``RUN/model`` holding a model; the
     tokenizer is the base's or ``RUN/tokenizer.json``. Writes ``RUN/grpo/warmup/`` (the fine-tuning run) and
     ``RUN/grpo/rl/`` (the GRPO run: metrics.jsonl, reward.png, summary.json) and ``RUN/grpo/summary.json``.
-    The warm-up's worked solutions end in the required ``#### N`` in a ``required_form`` share of them (the
-    rest say ``The answer is N.``), so the strict extraction has room to rise under GRPO's strict reward while
-    the lenient one measures the arithmetic itself. ``warmup``: :class:`lmstack.finetune.run.FinetuneConfig`
-    fields for the warm-up; ``arithmetic``: the
-    synthetic task (``max_operand``, ``n_terms``, ``ops``); other ``overrides`` are
-    :class:`lmstack.align.rl_config.OnlineConfig` fields (nested dicts). Returns the results (held-out strict
-    and lenient exact match after the warm-up and after GRPO, the time split) and a markdown section.
+    ``warmup``: :class:`lmstack.finetune.run.FinetuneConfig` fields for the warm-up; ``arithmetic``: the
+    synthetic task (``max_operand``, ``n_terms``, ``ops``, ``max_value``, ``heldout_items``); other
+    ``overrides`` are :class:`lmstack.align.rl_config.OnlineConfig` fields (nested dicts). Returns the results
+    (held-out strict and lenient exact match after the warm-up and after GRPO, their paired change with a
+    95% interval, the time split) and a markdown section.
     """
+    import json
+    import random
+
     from lmstack.align.online import run_online
     from lmstack.align.rl_config import OnlineConfig
+    from lmstack.align.rl_data import arithmetic_facts, arithmetic_items, sft_rows
     from lmstack.config import from_dict, merge
     from lmstack.errors import DataError
     from lmstack.finetune.run import FinetuneConfig, finetune
@@ -179,29 +189,29 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
             raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
         base = found[0]
     tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
-    arith = {"max_operand": 9, "n_terms": 3, "ops": ["+", "-"], "max_value": 9, "train_items": 600,
-             "heldout_items": 80, **overrides.pop("arithmetic", {})}
+    arith = {"max_operand": 9, "n_terms": 3, "ops": ["+", "-"], "max_value": 9, "heldout_items": 300,
+             **overrides.pop("arithmetic", {})}
     held_frac = 0.25
+    space = {k: arith[k] for k in ("max_operand", "n_terms", "ops", "max_value")}
+    every_train = arithmetic_items(None, split="train", seed=seed, heldout_fraction=held_frac, **space)
+    n_held = len(arithmetic_items(None, split="heldout", seed=seed, heldout_fraction=held_frac, **space))
+    arith["heldout_items"] = min(int(arith["heldout_items"]), n_held)
+    if not 0 < warmup_chains < len(every_train):
+        raise DataError(f"warmup_chains = {warmup_chains}: the task has {len(every_train)} train-side problems; "
+                        f"keep some for GRPO's prompts (1..{len(every_train) - 1})")
+    arith.setdefault("train_items", len(every_train) - warmup_chains)
+    arith["train_offset"] = warmup_chains
     out = run / "grpo"
     data_dir = out / "warmup_data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    import json
 
-    from lmstack.align.rl_data import arithmetic_facts, arithmetic_items, sft_rows
-
-    # the warm-up trains on every one-step fact and on the train side of the multi-step problems (the GRPO
-    # train prompts); the held-out problems are never trained on, but each of their steps is a known fact, so
-    # answering them takes the procedure (chain the steps), not recall of a memorised answer
-    warm_items = arithmetic_items(arith["train_items"], split="train", seed=seed, max_operand=arith["max_operand"],
-                                  n_terms=arith["n_terms"], ops=arith["ops"], heldout_fraction=held_frac,
-                                  max_value=arith.get("max_value"))
+    # the warm-up: every one-step fact, and the first warmup_chains train-side problems; GRPO's prompts are the
+    # train-side problems after them and the held-out ones are never trained on, but each of their steps is a
+    # known fact, so answering them takes the procedure (chain the steps), not recall of a memorised answer
+    warm_items = [dict(it) for it in every_train[:warmup_chains]]
     if arith["n_terms"] > 2:
         warm_items += arithmetic_facts(max_operand=arith["max_operand"], ops=arith["ops"],
                                        max_value=arith.get("max_value"))
-    # the worked solutions give the answer in the required '#### N' form only part of the time (else 'The
-    # answer is N.'): the warm-up teaches the task, GRPO's strict reward then has the form left to teach
-    import random
-
     rng = random.Random(seed)
     for it in warm_items:
         if rng.random() >= required_form:
@@ -214,23 +224,29 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     t_warm = time.perf_counter()
     finetune(ft)
     warm_s = time.perf_counter() - t_warm
+    # lr 2e-5 over buffers of 16 prompts: at 1e-4 over 8 prompts the rollout reward itself fell within 64 steps
+    # (Adam gives a noisy gradient a full-size step); docs/align.md "Measured" has the sweep
     fields = {
         "algo": "grpo", "run_dir": str(out / "rl"), "base": str(out / "warmup"), "tokenizer": tok, "method": "full",
-        "seed": seed, "steps": grpo_steps, "minibatch_size": 32, "lr": 1e-4, "warmup_steps": 4, "eval_every": 0,
+        "seed": seed, "steps": grpo_steps, "minibatch_size": 32, "lr": 2e-5, "warmup_steps": 4, "log_every": 4,
+        "eval_every": max(grpo_steps // 4, 1),      # the held-out curve: 300 greedy answers take ~0.4 s
         "data": {"source": "arithmetic", "eval_items": arith["heldout_items"], "heldout_fraction": held_frac,
                  "arithmetic": arith},
-        "rollout": {"prompts": 8, "num_samples": 8, "max_new_tokens": 40, "temperature": 0.7},
+        "rollout": {"prompts": 16, "num_samples": 8, "max_new_tokens": 40, "temperature": 0.7},
         "reward": {"correct": 1.0, "format": 0.2}, "grpo": {"beta": 0.02},
     }
     cfg = from_dict(OnlineConfig, merge(fields, overrides))
     results = run_online(cfg)
     results["warmup_seconds"] = round(warm_s, 2)
+    results["warmup_chains"] = warmup_chains
     results["required_form"] = required_form
     results["seconds_total"] = round(time.perf_counter() - t0, 2)
     report = render_speedrun_report(results, cfg)      # links are relative to RUN (the speedrun's report.md)
     atomic_write_json(out / "summary.json", results)
-    print(f"[grpo] held-out exact match (strict) {results['before']['exact_match_strict']:.2f} -> "
-          f"{results['after']['exact_match_strict']:.2f} in {results['seconds_total']:.0f} s", file=sys.stderr)
+    b, a = results["before"], results["after"]
+    print(f"[grpo] held-out exact match strict {b['exact_match_strict']:.3f} -> {a['exact_match_strict']:.3f}, "
+          f"lenient {b['exact_match_lenient']:.3f} -> {a['exact_match_lenient']:.3f} in "
+          f"{results['seconds_total']:.0f} s", file=sys.stderr)
     return results, report
 
 
@@ -239,23 +255,28 @@ def _bound(a_cfg: Any) -> str:
 
 
 def render_speedrun_report(r: dict[str, Any], cfg: Any) -> str:
+    from lmstack.align.online import paired_line
+
     b, a = r["before"], r["after"]
     t = r["timing"]
     a_cfg = cfg.data.arithmetic
     lines = [
         (f"The tiny model never saw arithmetic, so it first gets a short supervised warm-up ({r.get('warmup_seconds', 0):.0f} s, "
         f"full fine-tuning on worked `<think>...</think>` solutions: every one-step fact with operands "
-        f"0..{a_cfg.max_operand}{_bound(a_cfg)} and the train side of the {a_cfg.n_terms}-term problems, "
-        f"{r.get('required_form', 0.3):.0%} of them ending in the required `#### N`, the rest in `The answer is N.`). "
-        f"The held-out problems are never trained on, but each of their steps is a known fact: answering them takes "
-        f"chaining the steps, not recall. Then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G="
-        f"{cfg.rollout.num_samples} samples per rollout, beta {cfg.grpo.beta}, loss `{cfg.grpo.loss_type}`) with a "
-        f"verifiable reward: strict exact match + {cfg.reward.format} x the format reward."), "",
+        f"0..{a_cfg.max_operand}{_bound(a_cfg)} and {r.get('warmup_chains', a_cfg.train_offset)} of the "
+        f"{a_cfg.n_terms}-term problems, {r.get('required_form', 1.0):.0%} of them ending in the required `#### N`). "
+        f"Then **GRPO** ({cfg.steps} steps, {cfg.rollout.prompts} prompts x G={cfg.rollout.num_samples} samples "
+        f"per rollout at temperature {cfg.rollout.temperature}, lr {cfg.lr:g}, beta {cfg.grpo.beta}, loss "
+        f"`{cfg.grpo.loss_type}`) with a verifiable reward: strict exact match + {cfg.reward.format} x the format "
+        f"reward, on {r['train_prompts']} other {a_cfg.n_terms}-term problems the warm-up never saw. The "
+        f"held-out problems are in neither set; each of their steps is a known fact, so answering them takes "
+        f"chaining the steps, not recall."), "",
         (f"| held-out synthetic arithmetic ({r['heldout_items']} items, greedy) | after warm-up (before GRPO) "
         f"| after GRPO |"), "|---|---:|---:|",
         f"| exact match, strict (`#### N`) | {b['exact_match_strict']:.3f} | {a['exact_match_strict']:.3f} |",
         f"| exact match, lenient (last number) | {b['exact_match_lenient']:.3f} | {a['exact_match_lenient']:.3f} |",
         f"| mean reward | {b['reward_mean']:.3f} | {a['reward_mean']:.3f} |", "",
+        paired_line(r["paired"]) if r.get("paired") else "", "",
         (f"Rollout reward (mean over the buffer's samples): {r['reward_first']:.3f} in the first buffer, "
          f"{r['reward_last']:.3f} in the last." if r.get("reward_first") is not None else ""), "",
         (f"Time: rollouts {t['rollout_s']:.1f} s ({t['rollout_fraction']:.0%} of the GRPO loop, "

@@ -47,8 +47,11 @@ class ArithmeticConfig:
     max_value: int | None = None     # keep questions whose every running value is in 0..max_value
     train_items: int = 2000
     heldout_items: int = 64
+    train_offset: int = 0            # skip the first N train questions (a supervised warm-up's share): new prompts
 
     def __post_init__(self) -> None:
+        if self.train_offset < 0:
+            raise _bad("data.arithmetic.train_offset", "must be >= 0", self.train_offset)
         if self.max_operand < 1:
             raise _bad("data.arithmetic.max_operand", "must be >= 1", self.max_operand)
         if self.n_terms < 2:

@@ -80,15 +80,18 @@ def arithmetic_facts(*, max_operand: int = 9, ops: Sequence[str] = ("+", "-"), m
             for b in range(max_operand + 1) if _in_range([a, b], [op], max_value)]
 
 
-def arithmetic_items(n: int, *, split: str = "train", seed: int = 0, max_operand: int = 20, n_terms: int = 2,
-                     ops: Sequence[str] = ("+", "-"), heldout_fraction: float = 0.2, system: str = "",
-                     max_value: int | None = None) -> list[Item]:
+def arithmetic_items(n: int | None, *, split: str = "train", seed: int = 0, max_operand: int = 20,
+                     n_terms: int = 2, ops: Sequence[str] = ("+", "-"), heldout_fraction: float = 0.2,
+                     system: str = "", max_value: int | None = None) -> list[Item]:
     """``n`` distinct synthetic arithmetic items of ``split`` (``train`` or ``heldout``), seeded.
 
     Operands are drawn uniformly from ``0..max_operand``; ``n_terms`` numbers joined by operators drawn from
     ``ops`` (evaluated left to right, each step written out in the ``<think>`` block). ``max_value``: keep only
     questions whose every running value lies in ``0..max_value`` (e.g. 9: every step is a one-digit fact).
-    Raises when the space of distinct questions on that side is too small for ``n``.
+    Raises when the space of distinct questions on that side is too small for ``n``. ``n=None``: every
+    question the sampler finds on that side (it stops after ``50 x`` the space's size in draws), in the same
+    order, so ``arithmetic_items(k)`` is always a prefix of ``arithmetic_items(None)`` and ``[k:]`` of the
+    latter are questions the first ``k`` never include (a warm-up's share and the RL prompts after it).
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -101,9 +104,11 @@ def arithmetic_items(n: int, *, split: str = "train", seed: int = 0, max_operand
     out: list[Item] = []
     space = (max_operand + 1) ** n_terms * len(ops) ** (n_terms - 1)
     tries = 0
-    while len(out) < n:
+    while n is None or len(out) < n:
         tries += 1
         if tries > 50 * space + 1000:
+            if n is None:
+                break
             raise DataError(f"only {len(out)} distinct {split} arithmetic questions exist with max_operand="
                             f"{max_operand}, n_terms={n_terms}, max_value={max_value}; ask for fewer or widen the range")
         terms = [rng.randint(0, max_operand) for _ in range(n_terms)]
