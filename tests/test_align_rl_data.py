@@ -52,7 +52,7 @@ def test_config_rejects_a_bad_bound():
 
 
 def test_all_items_extend_every_prefix_so_an_offset_gives_new_questions():
-    kw = dict(split="train", n_terms=3, max_operand=9, max_value=9, heldout_fraction=0.25, seed=1337)
+    kw = {"split": "train", "n_terms": 3, "max_operand": 9, "max_value": 9, "heldout_fraction": 0.25, "seed": 1337}
     every = arithmetic_items(None, **kw)
     assert [it["question"] for it in arithmetic_items(50, **kw)] == [it["question"] for it in every[:50]]
     held = arithmetic_items(None, **{**kw, "split": "heldout"})
@@ -64,10 +64,11 @@ def test_load_items_offset_skips_the_warmup_share():
     from lmstack.align.online import load_items
     from lmstack.align.rl_config import ArithmeticConfig, OnlineConfig, RLDataConfig
 
-    arith = dict(max_operand=9, n_terms=3, max_value=9, heldout_items=5)
+    arith = {"max_operand": 9, "n_terms": 3, "max_value": 9, "heldout_items": 5}
     cfg = OnlineConfig(base="x", data=RLDataConfig(heldout_fraction=0.25, arithmetic=ArithmeticConfig(
         train_items=40, train_offset=30, **arith)))
     train, held = load_items(cfg)
+    assert len(held) == 5 and not {it["question"] for it in held} & {it["question"] for it in train}
     first = arithmetic_items(70, split="train", seed=cfg.seed, heldout_fraction=0.25, **{
         k: v for k, v in arith.items() if k != "heldout_items"})
     assert [it["question"] for it in train] == [it["question"] for it in first[30:]]
