@@ -199,8 +199,8 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     if not 0 < warmup_chains < len(every_train):
         raise DataError(f"warmup_chains = {warmup_chains}: the task has {len(every_train)} train-side problems; "
                         f"keep some for GRPO's prompts (1..{len(every_train) - 1})")
-    arith.setdefault("train_items", len(every_train) - warmup_chains)
-    arith["train_offset"] = warmup_chains
+    arith.setdefault("train_offset", warmup_chains)      # 0 would give RL the warm-up's own prompts
+    arith.setdefault("train_items", len(every_train) - arith["train_offset"])
     out = run / "grpo"
     data_dir = out / "warmup_data"
     data_dir.mkdir(parents=True, exist_ok=True)
