@@ -11,7 +11,7 @@ permutation p). The seed moves the warm-up, the split and the sampler, so rows d
 - ``same prompts``: RL on the warm-up's own 300 problems (``train_offset = 0``), the design before session 6;
 - ``lr 1e-4, 8 prompts``: the earlier optimiser settings.
 
-    .venv/bin/python bench/grpo_heldout.py --base runs/speedrun/pretrain            # ~6 minutes on 2 cores
+    .venv/bin/python bench/grpo_heldout.py            # runs/speedrun/pretrain; ~6 minutes on 2 cores
     .venv/bin/python bench/grpo_heldout.py --base runs/speedrun/pretrain --seeds 1337 --no-ablations
 
 Not timed against a peer: the figure of merit is the held-out change. The stage's own time is in its report.
@@ -46,12 +46,16 @@ def one_run(base: Path, work: Path, seed: int, overrides: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", required=True, help="a pre-trained speedrun model folder (RUN/pretrain)")
+    ap.add_argument("--base", default=None, help="a pre-trained speedrun model folder (default runs/speedrun/pretrain)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 7, 42])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    base = Path(args.base)
+    base = Path(args.base or Path(__file__).resolve().parents[1] / "runs" / "speedrun" / "pretrain")
+    if args.base is None and not (base / "model_config.json").is_file():
+        print(f"[bench] skipped: no speedrun model at {base}; run `make run` first or pass --base RUN/pretrain",
+              file=sys.stderr)
+        return 0
     if not (base / "model_config.json").is_file():
         print(f"--base: {base} is not an lmstack model folder (no model_config.json); run `lmstack speedrun` "
               f"first and pass RUN/pretrain", file=sys.stderr)
