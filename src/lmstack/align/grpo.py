@@ -178,17 +178,12 @@ def speedrun_grpo(run_dir: str | os.PathLike, base: str | os.PathLike | None = N
     from lmstack.align.rl_data import arithmetic_facts, arithmetic_items, sft_rows
     from lmstack.config import from_dict, merge
     from lmstack.errors import DataError
-    from lmstack.finetune.run import FinetuneConfig, finetune
+    from lmstack.finetune.run import FinetuneConfig, finetune, speedrun_base
     from lmstack.runs import atomic_write_json, atomic_write_text
 
     t0 = time.perf_counter()
     run = Path(run_dir)
-    if base is None:
-        found = [run / n for n in ("pretrain", "train", "model") if (run / n / "model_config.json").is_file()]
-        if not found:
-            raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
-        base = found[0]
-    tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
+    base, tok = speedrun_base(run, base)
     arith = {"max_operand": 9, "n_terms": 3, "ops": ["+", "-"], "max_value": 9, "heldout_items": 300,
              **overrides.pop("arithmetic", {})}
     held_frac = 0.25

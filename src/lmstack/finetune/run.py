@@ -505,6 +505,19 @@ def render_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def speedrun_base(run_dir: str | os.PathLike, base: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """A speedrun stage's starting model and tokenizer: ``base`` (default the first of ``RUN/pretrain``,
+    ``RUN/train``, ``RUN/model`` holding a model) and the base's tokenizer, else ``RUN/tokenizer.json``'s."""
+    run = Path(run_dir)
+    if base is None:
+        found = [run / n for n in ("pretrain", "train", "model") if (run / n / "model_config.json").is_file()]
+        if not found:
+            raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
+        base = found[0]
+    base = Path(base)
+    return base, str(base) if (base / "tokenizer.json").is_file() else str(run)
+
+
 def speedrun_sft(run_dir: str | os.PathLike, base: str | os.PathLike | None = None, steps: int = 150,
                  method: str = "lora", **overrides: Any) -> tuple[dict[str, Any], str]:
     """The speedrun's SFT stage: LoRA on the pre-trained tiny model with the default SFT data.
@@ -514,12 +527,7 @@ def speedrun_sft(run_dir: str | os.PathLike, base: str | os.PathLike | None = No
     a markdown section (held-out loss before/after, sizes, before/after samples).
     """
     run = Path(run_dir)
-    if base is None:
-        found = [run / n for n in ("pretrain", "train", "model") if (run / n / "model_config.json").is_file()]
-        if not found:
-            raise DataError(f"{run}: no pre-trained model (RUN/pretrain/model_config.json); run the pretrain stage")
-        base = found[0]
-    tok = str(base) if (Path(base) / "tokenizer.json").is_file() else str(run)
+    base, tok = speedrun_base(run, base)
     from lmstack.config import merge
 
     fields = {"run_dir": str(run / "sft"), "base": str(base), "tokenizer": tok, "method": method, "steps": steps,
