@@ -282,6 +282,8 @@ def test_reward_model_trains_saves_loads_and_scores(base, tok):
     assert bradley_terry_loss(z + 1, z, margin=1.0).item() == pytest.approx(math.log(2))
     r = train_reward_model(_cfg(RMConfig, base, base / "rm", lr=2e-3, bootstrap=200))
     assert r["after"]["accuracy"] > 0.9 and r["after"]["ci"][0] > 0.5
+    assert r["length_baseline"]["n"] == r["after"]["n"] and 0 <= r["length_baseline"]["accuracy"] <= 1
+    assert "Preferring the longer reply scores" in (base / "rm" / "report.md").read_text()
     model = load_reward_model(base / "rm")
     prompts = ["What sound does the cat number 5 make?"] * 2
     s = score(model, tok, prompts, ["The cat makes a happy sound.", "No idea, go away 5."])
@@ -289,6 +291,21 @@ def test_reward_model_trains_saves_loads_and_scores(base, tok):
     assert json.loads((base / "rm" / "reward_config.json").read_text())["head"] == "scalar"
     with pytest.raises(DataError, match="no reward_config.json"):
         load_reward_model(base / "base")
+
+
+def test_length_baseline_prefers_the_longer_reply_and_halves_ties():
+    from lmstack.align.data import PairExample
+    from lmstack.align.reward import length_baseline
+    from lmstack.finetune.sft import Example
+
+    def ex(n_reply: int) -> Example:
+        return Example([1, 2, 3] + [4] * n_reply, [-100, -100, -100] + [4] * n_reply)
+
+    items = [PairExample(ex(5), ex(2)), PairExample(ex(2), ex(5)), PairExample(ex(3), ex(3)), PairExample(ex(9), ex(1))]
+    out = length_baseline(items, n_resamples=200)
+    assert out["n"] == 4 and out["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert out["ci"][0] <= out["accuracy"] <= out["ci"][1]
+    assert length_baseline([])["n"] == 0
 
 
 @pytest.mark.slow

@@ -112,6 +112,23 @@ def pair_accuracy(pairs: Sequence[tuple[float, float]], n_resamples: int = 1000,
 
 
 @torch.no_grad()
+def length_baseline(items: list, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The held-out accuracy of preferring the longer reply (response tokens; a tie counts half), with its
+    95% bootstrap interval: on human preference data such as HH-RLHF length alone beats chance, so a
+    reward model has to beat this, not 0.5, to show it learnt more than length (Singhal et al. 2023, "A Long
+    Way to Go: Investigating Length Correlations in RLHF")."""
+    from lmstack.eval.metrics.base import MetricResult
+    from lmstack.eval.stats import bootstrap_ci
+
+    if not items:
+        return {"accuracy": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
+    hits = [1.0 if it.chosen.n_target > it.rejected.n_target else 0.5 if it.chosen.n_target == it.rejected.n_target
+            else 0.0 for it in items]
+    result = MetricResult("length_baseline", sum(hits) / len(hits), hits)
+    lo, hi = bootstrap_ci(result, n_resamples=n_resamples, seed=seed)
+    return {"accuracy": result.score, "ci": [lo, hi], "n": len(hits)}
+
+
 def score(model: nn.Module, tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]],
           responses: Sequence[str], *, max_len: int = 512, batch_size: int = 16,
           device: torch.device | str | None = None) -> list[float]:
@@ -249,6 +266,7 @@ def _train(cfg: RMConfig) -> dict[str, Any]:
     save_reward_model(model, run, tok, {"base": str(Path(cfg.base).resolve()), "trained_steps": cfg.steps})
     results = {"method": cfg.method, "base": cfg.base, "steps": cfg.steps, "lr": cfg.learning_rate,
                "margin": cfg.margin, "before": before, "after": after, "heldout": heldout_metrics(held_pairs, cfg),
+               "length_baseline": length_baseline(held, cfg.bootstrap, cfg.seed),
                "data": stats, "added": added, "tokens_per_s": summary.get("tokens_per_s"),
                "train_seconds": round(seconds, 2)}
     finish(run, results, render_report(results))
@@ -267,7 +285,10 @@ def render_report(r: dict[str, Any]) -> str:
         f"| {a['n']} | {a['accuracy']:.3f} | [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] | {r['heldout']['val_margin']:.4f} "
         f"| {r['heldout']['val_loss']:.4f} |", "",
         f"Before training (a random head) the held-out accuracy is {r['before']['accuracy']:.3f} "
-        f"[{r['before']['ci'][0]:.3f}, {r['before']['ci'][1]:.3f}].", ""])
+        f"[{r['before']['ci'][0]:.3f}, {r['before']['ci'][1]:.3f}].", ""]
+        + ([f"Preferring the longer reply scores {lb['accuracy']:.3f} [{lb['ci'][0]:.3f}, {lb['ci'][1]:.3f}] on the "
+            f"same pairs: the bar for a model that learnt more than length.", ""]
+           if (lb := r.get("length_baseline")) and lb["n"] else []))
 
 
 def main_config(path: str | None, overrides: list[str]) -> RMConfig:
@@ -276,5 +297,5 @@ def main_config(path: str | None, overrides: list[str]) -> RMConfig:
     return load_config(RMConfig, path, overrides)
 
 
-__all__ = ["add_scalar_head", "rewards", "bradley_terry_loss", "pair_accuracy", "score", "save_reward_model",
-           "load_reward_model", "train_reward_model"]
+__all__ = ["add_scalar_head", "rewards", "bradley_terry_loss", "pair_accuracy", "length_baseline", "score",
+           "save_reward_model", "load_reward_model", "train_reward_model"]
