@@ -74,3 +74,7 @@ def test_load_items_offset_skips_the_warmup_share():
     assert [it["question"] for it in train] == [it["question"] for it in first[30:]]
     with pytest.raises(ConfigError, match="data.arithmetic.train_offset"):
         ArithmeticConfig(train_offset=-1)
+    too_many = OnlineConfig(base="x", data=RLDataConfig(heldout_fraction=0.25, arithmetic=ArithmeticConfig(
+        train_items=1000, train_offset=300, **arith)))
+    with pytest.raises(DataError, match=r"train_offset 300 \+ train_items 1000 .* set train_items <= \d+"):
+        load_items(too_many)

@@ -205,8 +205,15 @@ def load_items(cfg: OnlineConfig) -> tuple[list[Item], list[Item]]:
         kw = {"seed": cfg.seed, "max_operand": a.max_operand, "n_terms": a.n_terms, "ops": a.ops,
               "max_value": a.max_value, "heldout_fraction": d.heldout_fraction, "system": d.system}
         # train_offset: the first questions of the seeded order went to a warm-up; RL takes the ones after them
-        return (arithmetic_items(a.train_offset + a.train_items, split="train", **kw)[a.train_offset:],
-                arithmetic_items(a.heldout_items, split="heldout", **kw))
+        try:
+            train = arithmetic_items(a.train_offset + a.train_items, split="train", **kw)[a.train_offset:]
+        except DataError:
+            have = len(arithmetic_items(None, split="train", **kw))
+            raise DataError(f"data.arithmetic: train_offset {a.train_offset} + train_items {a.train_items} asks for "
+                            f"{a.train_offset + a.train_items} train-side questions, but only {have} exist with "
+                            f"max_operand={a.max_operand}, n_terms={a.n_terms}, max_value={a.max_value}; set "
+                            f"train_items <= {max(have - a.train_offset, 0)}") from None
+        return train, arithmetic_items(a.heldout_items, split="heldout", **kw)
     reader = gsm8k_items if d.source == "gsm8k" else row_items
     train = reader(d.train, limit=d.max_train, system=d.system)
     if d.valid:
