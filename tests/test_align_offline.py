@@ -154,6 +154,38 @@ def test_dpo_lora_raises_heldout_accuracy_and_margin(base):
     assert "implicit-reward accuracy" in (run / "report.md").read_text()
 
 
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_runs_raise_heldout_accuracy_without_a_reference(base, loss_type, monkeypatch):
+    from lmstack.align import dpo as dpo_mod
+    from lmstack.align import offline
+
+    copies = []
+    real_copy = offline.frozen_copy
+    monkeypatch.setattr(offline, "frozen_copy", lambda m: copies.append(1) or real_copy(m))
+    beta = 2.0 if loss_type == "simpo" else 0.1
+    r = dpo_mod.dpo(_cfg(DPOConfig, base, base / f"free_{loss_type}", loss_type=loss_type, beta=beta, method="full",
+                         lr=2e-3))
+    b, a = r["before"], r["after"]
+    assert not copies                                   # no reference model was built
+    assert a["val_margin"] > b["val_margin"] and a["val_accuracy"] > max(b["val_accuracy"], 0.8)
+    assert a["val_loss"] < b["val_loss"]
+    report = (base / f"free_{loss_type}" / "report.md").read_text()
+    assert f"{loss_type.upper()} (**{loss_type}**" in report and "reference-free" in report
+
+
+def test_orpo_run_loss_is_the_chosen_nll_minus_the_odds_term():
+    from lmstack.align.dpo import orpo_odds_ratio, pair_loss
+
+    cfg = DPOConfig(base="x", loss_type="orpo", beta=0.25)
+    c, r = torch.tensor([-0.5, -1.0]), torch.tensor([-2.0, -0.7])
+    loss, cr, rr = pair_loss(cfg, c, r, None, None)
+    ratio, _, _ = orpo_odds_ratio(c, r, beta=0.25)
+    assert loss.item() == pytest.approx((-c.mean() - ratio.mean()).item())
+    assert torch.equal(cr, 0.25 * c) and torch.equal(rr, 0.25 * r)
+    with pytest.raises(ConfigError, match="simpo_gamma"):
+        DPOConfig(base="x", loss_type="simpo", simpo_gamma=-1)
+
+
 def test_ipo_and_kto_runs(base):
     from lmstack.align.dpo import dpo
     from lmstack.align.kto import kto

@@ -10,6 +10,8 @@ from lmstack.errors import ConfigError
 from lmstack.finetune.lora import LoraConfig
 
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")          # the DPO run's reference-free loss types (no reference model)
+PAIR_LOSSES = DPO_LOSSES + REFERENCE_FREE_LOSSES
 
 
 @dataclass
@@ -88,20 +90,25 @@ class RMConfig(AlignConfig):
 
 @dataclass
 class DPOConfig(AlignConfig):
-    """DPO / IPO / label-smoothed DPO against a frozen reference (see :func:`lmstack.align.dpo.dpo_loss`)."""
+    """DPO / IPO / label-smoothed DPO against a frozen reference (see :func:`lmstack.align.dpo.dpo_loss`), or
+    the reference-free SimPO and ORPO on the same pairs (:func:`~lmstack.align.dpo.simpo_loss`,
+    :func:`~lmstack.align.dpo.orpo_odds_ratio`; ``beta`` is their beta / lambda)."""
 
     run_dir: str = "runs/align/dpo"
     beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "robust", "simpo", "orpo"] = "sigmoid"
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5            # SimPO's target reward margin
     precompute_ref: bool = True         # reference log-probs computed once per example before training
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta <= 0:
             raise ConfigError(f"beta: must be positive, got {self.beta}")
-        if self.loss_type not in DPO_LOSSES:
-            raise ConfigError(f"loss_type: must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
+        if self.loss_type not in PAIR_LOSSES:
+            raise ConfigError(f"loss_type: must be one of {', '.join(PAIR_LOSSES)}, got {self.loss_type!r}")
+        if self.simpo_gamma < 0:
+            raise ConfigError(f"simpo_gamma: must be >= 0, got {self.simpo_gamma}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
 

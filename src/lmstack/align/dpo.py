@@ -1,5 +1,8 @@
 """Direct preference optimisation: the loss, the run (``lmstack align dpo CONFIG``), the speedrun stage.
 
+The same run trains the reference-free SimPO and ORPO (``loss_type = "simpo" | "orpo"``): the pairs, the
+loader, the logging and the report are shared; no reference model is built or cached for them.
+
 A run trains the policy (full or LoRA) on preference pairs through the one trainer (its ``Task`` hook):
 each micro-batch is the chosen rows then the rejected rows, one forward scores both, and the reference's
 log-probs come either from the frozen reference in the same step or from a cache computed once per pair
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.align.config import DPO_LOSSES, DPOConfig
+from lmstack.align.config import DPO_LOSSES, REFERENCE_FREE_LOSSES, DPOConfig
 from lmstack.errors import ConfigError, DataError
 
 
@@ -118,40 +121,76 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
             "accuracy": (chosen_rewards > rejected_rewards).float().mean()}
 
 
+def token_averaged(loss_type: str) -> bool:
+    """IPO, SimPO and ORPO compare per-token mean log-probs; DPO and robust DPO compare sums."""
+    return loss_type in ("ipo", "simpo", "orpo")
+
+
+def pair_loss(cfg: DPOConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+              ref_rejected: torch.Tensor | None, chosen_nll: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The run's scalar loss and the implicit rewards for ``cfg.loss_type``.
+
+    - DPO types: the mean of :func:`dpo_loss`.
+    - SimPO: the mean of :func:`simpo_loss`.
+    - ORPO: the chosen replies' NLL minus the mean odds-ratio term (Hong et al. 2024, eq. 6).
+      ``chosen_nll`` is the token-level mean over the batch, as trl's ``ORPOTrainer`` takes it; by default it
+      is the mean of the per-reply means.
+    """
+    if cfg.loss_type == "simpo":
+        losses, cr, rr = simpo_loss(chosen, rejected, beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                    label_smoothing=cfg.label_smoothing)
+        return losses.mean(), cr, rr
+    if cfg.loss_type == "orpo":
+        ratio, cr, rr = orpo_odds_ratio(chosen, rejected, beta=cfg.beta)
+        nll = chosen_nll if chosen_nll is not None else -chosen.mean()
+        return nll - ratio.mean(), cr, rr
+    assert ref_chosen is not None and ref_rejected is not None
+    losses, cr, rr = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
+                              label_smoothing=cfg.label_smoothing)
+    return losses.mean(), cr, rr
+
+
 def make_loss_fn(cfg: DPOConfig, ref_model: nn.Module | None):
     """The Task's ``loss_fn``: ``x = {"input_ids" (2B, T)[, "ref_logps" (2B,)]}``, ``y = {"labels"}``."""
-    from lmstack.align.logps import sequence_logps
+    from lmstack.align.logps import IGNORE, sequence_logps
     from lmstack.align.offline import reference
 
-    average = cfg.loss_type == "ipo"
+    average = token_averaged(cfg.loss_type)
+    free = cfg.loss_type in REFERENCE_FREE_LOSSES
 
     def loss_fn(model: nn.Module, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], generator: Any):
         ids, labels = x["input_ids"], y["labels"]
         logps = sequence_logps(model, ids, labels, average=average)
-        if "ref_logps" in x:
+        b = ids.shape[0] // 2
+        ref = None
+        if not free and "ref_logps" in x:
             ref = x["ref_logps"].to(logps.device)
-        else:
+        elif not free:
             with reference(model, ref_model) as r:
                 ref = sequence_logps(r, ids, labels, average=average)
-        b = ids.shape[0] // 2
-        losses, cr, rr = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=cfg.beta, loss_type=cfg.loss_type,
-                                  label_smoothing=cfg.label_smoothing)
-        return losses.mean(), pair_metrics(cr, rr)
+        nll = None
+        if cfg.loss_type == "orpo":      # token-level mean over the chosen replies of the batch
+            n = (labels[:b] != IGNORE).sum(-1).to(logps.dtype)
+            nll = -(logps[:b] * n).sum() / n.sum().clamp(min=1)
+        loss, cr, rr = pair_loss(cfg, logps[:b], logps[b:], None if ref is None else ref[:b],
+                                 None if ref is None else ref[b:], nll)
+        return loss, pair_metrics(cr, rr)
 
     return loss_fn
 
 
-def heldout_metrics(policy: list[tuple[float, float]], ref: list[tuple[float, float]], cfg: DPOConfig,
+def heldout_metrics(policy: list[tuple[float, float]], ref: list[tuple[float, float]] | None, cfg: DPOConfig,
                     policy_sums: list[tuple[float, float]] | None = None) -> dict[str, float]:
-    """DPO loss, implicit-reward accuracy and margin on held-out pairs, and how often the policy alone gives
-    the chosen reply the higher log-likelihood (``logp_accuracy``)."""
-    p, r = torch.tensor(policy, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64)
-    losses, cr, rr = dpo_loss(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta=cfg.beta, loss_type=cfg.loss_type,
-                              label_smoothing=cfg.label_smoothing)
+    """The run's loss, implicit-reward accuracy and margin on held-out pairs, and how often the policy alone
+    gives the chosen reply the higher log-likelihood (``logp_accuracy``). ``ref`` is None for SimPO/ORPO."""
+    p = torch.tensor(policy, dtype=torch.float64)
+    r = torch.tensor(ref, dtype=torch.float64) if ref is not None else None
+    loss, cr, rr = pair_loss(cfg, p[:, 0], p[:, 1], None if r is None else r[:, 0], None if r is None else r[:, 1])
     m = {f"val_{k}": float(v) for k, v in pair_metrics(cr, rr).items()}
     sums = torch.tensor(policy_sums if policy_sums is not None else policy, dtype=torch.float64)
     m["val_logp_accuracy"] = float((sums[:, 0] > sums[:, 1]).double().mean())
-    return {"val_loss": float(losses.mean()), **m}
+    return {"val_loss": float(loss), **m}
 
 
 def dpo(cfg: DPOConfig) -> dict[str, Any]:
@@ -174,15 +213,18 @@ def _dpo(cfg: DPOConfig) -> dict[str, Any]:
     run, device, model, tok, train, held, stats, pad = (st.run, st.device, st.model, st.tokenizer, st.train, st.held,
                                                         st.stats, st.pad)
     base_config, fingerprint = to_dict(model.config), base_fingerprint(model)
-    ref_model = frozen_copy(model) if cfg.method == "full" else None
+    free = cfg.loss_type in REFERENCE_FREE_LOSSES
+    ref_model = frozen_copy(model) if cfg.method == "full" and not free else None
     added = apply_method(model, cfg)
     model.to(device)
-    average = cfg.loss_type == "ipo"
-    with reference(model, ref_model) as r:
-        ref_held = cached_logps(r, held, cfg.batch_size, pad, device, average)
-        ref_train = cached_logps(r, train, cfg.batch_size, pad, device, average) if cfg.precompute_ref else None
-    if cfg.precompute_ref:
-        ref_model = None  # the cache is the reference now: no copy held during training
+    average = token_averaged(cfg.loss_type)
+    ref_held, ref_train = None, None
+    if not free:
+        with reference(model, ref_model) as r:
+            ref_held = cached_logps(r, held, cfg.batch_size, pad, device, average)
+            ref_train = cached_logps(r, train, cfg.batch_size, pad, device, average) if cfg.precompute_ref else None
+        if cfg.precompute_ref:
+            ref_model = None  # the cache is the reference now: no copy held during training
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         pol = cached_logps(m, held, cfg.batch_size, pad, device, average)
@@ -211,16 +253,21 @@ def _dpo(cfg: DPOConfig) -> dict[str, Any]:
 def render_report(r: dict[str, Any]) -> str:
     b, a = r["before"], r["after"]
     d = r["data"]
-    lines = [f"DPO (**{r['loss_type']}**, beta {r['beta']:g}, label smoothing {r['label_smoothing']:g}), method "
+    lines = [f"{'DPO' if r['loss_type'] in DPO_LOSSES else r['loss_type'].upper()} (**{r['loss_type']}**, "
+             f"beta {r['beta']:g}, label smoothing {r['label_smoothing']:g}), method "
              f"**{r['method']}**, {r['steps']} steps at lr {r['lr']:g} on {d['train_items']:,} pairs; "
              f"held-out {d['heldout_items']:,} pairs.", "",
              "| held-out | implicit-reward accuracy | margin (chosen - rejected) | reward chosen | reward rejected "
-             "| policy log-prob prefers chosen | DPO loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| policy log-prob prefers chosen | loss |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in (("before", b), ("after", a)):
         lines.append(f"| {name} | {m['val_accuracy']:.3f} | {m['val_margin']:.4f} | {m['val_rewards_chosen']:.4f} "
                      f"| {m['val_rewards_rejected']:.4f} | {m['val_logp_accuracy']:.3f} | {m['val_loss']:.4f} |")
-    lines += ["", "Before training the policy is the reference, so every implicit reward is 0 (accuracy counts "
-              "ties as wrong, as trl does); the log-prob column is the policy's own preference.", ""]
+    if r["loss_type"] in REFERENCE_FREE_LOSSES:
+        lines += ["", f"{r['loss_type'].upper()} is reference-free: the implicit reward is beta times the reply's "
+                  "mean token log-prob under the policy; the log-prob column compares summed log-probs.", ""]
+    else:
+        lines += ["", "Before training the policy is the reference, so every implicit reward is 0 (accuracy counts "
+                  "ties as wrong, as trl does); the log-prob column is the policy's own preference.", ""]
     return "\n".join(lines)
 
 
@@ -322,4 +369,5 @@ def main_config(path: str | None, overrides: list[str]) -> DPOConfig:
     return load_config(DPOConfig, path, overrides)
 
 
-__all__ = ["dpo_loss", "simpo_loss", "orpo_odds_ratio", "dpo", "speedrun_dpo", "speedrun_pairs", "make_loss_fn", "heldout_metrics"]
+__all__ = ["dpo_loss", "simpo_loss", "orpo_odds_ratio", "pair_loss", "dpo", "speedrun_dpo", "speedrun_pairs",
+           "make_loss_fn", "heldout_metrics"]
