@@ -325,6 +325,37 @@ def test_reward_model_trains_saves_loads_and_scores(base, tok):
         load_reward_model(base / "base")
 
 
+def test_encoder_reward_model_trains_ignores_padding_and_round_trips(tok, tmp_path):
+    from lmstack.align.reward import load_reward_model, rewards, score, train_reward_model
+    from lmstack.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    enc = build_model(ModelConfig(arch="encoder", vocab_size=tok.vocab_size, d_model=64, n_layer=2, n_head=4,
+                                  max_seq_len=96, norm_position="post", embed_norm=True, final_norm=False))
+    save(enc, tmp_path / "enc")
+    tok.save(tmp_path / "enc")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    cfg = from_dict(RMConfig, {"run_dir": str(tmp_path / "rm"), "base": str(tmp_path / "enc"), "steps": 30,
+                               "batch_size": 8, "lr": 2e-3, "log_every": 10, "warmup_steps": 1, "device": "cpu",
+                               "dtype": "fp32", "bootstrap": 200,
+                               "data": {"train": [str(tmp_path / "pairs.jsonl")], "max_len": 48}})
+    r = train_reward_model(cfg)
+    # a random head already orders these two reply styles half the time; the learnt one separates them widely
+    assert r["after"]["accuracy"] > 0.9 and r["heldout"]["val_margin"] > 1.0 and r["heldout"]["val_loss"] < 0.1
+    model = load_reward_model(tmp_path / "rm")
+    assert model.classifier.out_features == 1
+    prompts = ["What sound does the cat number 5 make?"] * 2
+    s = score(model, tok, prompts, ["The cat makes a happy sound.", "No idea, go away 5."])
+    assert s[0] > s[1]
+    # the reward reads the conversation only: padding after it does not move it (the encoder is bidirectional)
+    ids = torch.randint(5, tok.vocab_size, (1, 12))
+    labels = torch.full((1, 12), -100)
+    labels[0, 6:10] = ids[0, 7:11]
+    padded_ids = torch.cat([ids, torch.zeros(1, 8, dtype=torch.long)], 1)
+    padded_labels = torch.cat([labels, torch.full((1, 8), -100)], 1)
+    torch.testing.assert_close(rewards(model, ids, labels), rewards(model, padded_ids, padded_labels))
+
+
 def test_length_baseline_prefers_the_longer_reply_and_halves_ties():
     from lmstack.align.data import PairExample
     from lmstack.align.reward import length_baseline

@@ -1,9 +1,14 @@
-"""Reward models: any lmstack decoder with its LM head swapped for a scalar head, trained on preference pairs.
+"""Reward models: any lmstack decoder (or encoder) with a scalar head, trained on preference pairs.
 
-``add_scalar_head(model)`` replaces ``lm_head`` (d_model -> vocab) by a ``Linear(d_model, 1)`` through
-:func:`lmstack.model.swap.set_module`, so the decoder's own forward runs unchanged and returns (B, T, 1):
-one score per position. The reward of a conversation is the score at its last response token (the
-hidden state that has read the whole reply). Training minimises the Bradley-Terry loss on pairs
+For a decoder, ``add_scalar_head(model)`` replaces ``lm_head`` (d_model -> vocab) by a ``Linear(d_model, 1)``
+through :func:`lmstack.model.swap.set_module`. The decoder's own forward then runs unchanged and returns
+(B, T, 1), one score per position. The reward of a conversation is the score at its last response token (the
+hidden state that has read the whole reply).
+
+For an encoder (config ``arch = "encoder"``), the swap is the classification head: ``Linear(d_model, 1)`` over
+the first token, through its pooler where it has one, as in a cross-encoder. The reward is
+``classify(ids, mask)``, with the mask covering the conversation up to that same last response token, so
+padding is never read. Training minimises the Bradley-Terry loss on pairs
 (:func:`bradley_terry_loss`); held-out pairwise accuracy comes with a bootstrap interval
 (:func:`lmstack.eval.stats.bootstrap_ci`). :func:`score` serves RL and judges.
 
@@ -31,22 +36,37 @@ REWARD_CONFIG = "reward_config.json"
 
 
 def add_scalar_head(model: nn.Module) -> nn.Module:
-    """Swap ``model.lm_head`` for a ``Linear(d_model, 1, bias=True)`` (in place; returns the model).
+    """Swap ``model.lm_head`` (an encoder: ``model.classifier``) for a ``Linear(d_model, 1, bias=True)`` (in
+    place; returns the model).
 
     The weight starts at N(0, 1/d_model) (as a sequence-classification head in transformers), the bias at 0,
     so rewards start small and the body gets gradients from the first step. A tied embedding stays with
     the embedding; a vocab-sized LM head bias is dropped with the head."""
-    if not hasattr(model, "lm_head"):
-        raise ConfigError(f"a reward model needs a decoder with an lm_head; got {type(model).__name__}")
-    d = model.lm_head.in_features
-    ref = model.lm_head.weight
+    encoder = is_encoder(model)
+    if not encoder and not hasattr(model, "lm_head"):
+        raise ConfigError(f"a reward model needs a decoder with an lm_head or an encoder; got {type(model).__name__}")
+    d = int(model.config.d_model)
+    ref = next(model.parameters())
     head = nn.Linear(d, 1, bias=True, device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     nn.init.normal_(head.weight, std=d ** -0.5)
     nn.init.zeros_(head.bias)
+    if encoder:
+        set_module(model, "classifier", head)
+        model.config.n_labels = 1              # so the saved config rebuilds a head of this shape
+        return model
     set_module(model, "lm_head", head)
     if getattr(model, "lm_head_bias", None) is not None:
         model.lm_head_bias = None
     return model
+
+
+def is_encoder(model: nn.Module) -> bool:
+    return getattr(model.config, "arch", "decoder") == "encoder" and hasattr(model, "classify")
+
+
+def scalar_head(model: nn.Module) -> nn.Module:
+    """The reward head :func:`add_scalar_head` put in: the decoder's ``lm_head`` or the encoder's ``classifier``."""
+    return model.classifier if is_encoder(model) else model.lm_head
 
 
 def last_response_index(labels: torch.Tensor) -> torch.Tensor:
@@ -60,9 +80,14 @@ def last_response_index(labels: torch.Tensor) -> torch.Tensor:
 
 
 def rewards(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) float32 rewards: the scalar head's output at each row's last response token."""
-    out = model(input_ids)                                                   # (B, T, 1)
+    """(B,) float32 rewards: the scalar head's output at each row's last response token (an encoder: its
+    classification score over the tokens up to it)."""
     idx = last_response_index(labels)
+    if is_encoder(model):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = (pos[None, :] <= idx[:, None]).long()                         # (B, T): the conversation, no padding
+        return model.classify(input_ids, attention_mask=mask)[:, 0].float()
+    out = model(input_ids)                                                   # (B, T, 1)
     return out[torch.arange(out.shape[0], device=out.device), idx, 0].float()
 
 
@@ -239,7 +264,7 @@ def _train(cfg: RMConfig) -> dict[str, Any]:
                                                         st.stats, st.pad)
     add_scalar_head(model)
     added = apply_method(model, cfg)
-    model.lm_head.requires_grad_(True)         # LoRA freezes everything but its adapters: the head trains too
+    scalar_head(model).requires_grad_(True)    # LoRA freezes everything but its adapters: the head trains too
     model.to(device)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -297,5 +322,5 @@ def main_config(path: str | None, overrides: list[str]) -> RMConfig:
     return load_config(RMConfig, path, overrides)
 
 
-__all__ = ["add_scalar_head", "rewards", "bradley_terry_loss", "pair_accuracy", "length_baseline", "score",
+__all__ = ["add_scalar_head", "scalar_head", "is_encoder", "rewards", "bradley_terry_loss", "pair_accuracy", "length_baseline", "score",
            "save_reward_model", "load_reward_model", "train_reward_model"]
