@@ -59,6 +59,29 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert cos.min().item() >= 0.99999, cos.min().item()
 
 
+def test_long_inputs_are_cut_to_the_sentence_transformers_window(minilm):
+    """MiniLM's tokenizer.json truncates at 128 and its model takes 512 positions; sentence-transformers embeds
+    the first 256 tokens (sentence_bert_config.json), keeping the closing [SEP]. So must we."""
+    st = pytest.importorskip("sentence_transformers")
+    folder, model, tokenizer = minilm
+    assert model.sentence_max_length == 256
+    words = " ".join(f"{SUBJECTS[i % len(SUBJECTS)]} {OBJECTS[(i * 3) % len(OBJECTS)]}" for i in range(200))
+    texts = [words, "Short.", words[: len(words) // 3]]
+    before = tokenizer.truncation
+    ours = sentence_embeddings(model, tokenizer, texts)
+    assert tokenizer.truncation == before                 # the caller's tokenizer is left as it was
+    ref = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
+    cos = torch.nn.functional.cosine_similarity(ours, ref.float().cpu(), dim=-1)
+    assert cos.min().item() >= 0.99999, cos.tolist()
+
+
+def test_truncate_ids_keeps_the_closing_token():
+    from lmstack.model.encoder import truncate_ids
+
+    assert truncate_ids([101, 5, 6, 7, 102], 4) == [101, 5, 6, 102]
+    assert truncate_ids([101, 5, 102], 4) == [101, 5, 102]
+
+
 def test_minilm_with_lmstack_tokenizer_gives_the_same_embeddings(minilm):
     tok_mod = pytest.importorskip("lmstack.tokenizer")
     folder, model, tokenizer = minilm

@@ -138,16 +138,31 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
     raise ConfigError(f"pooling: unknown pooling {pooling!r}; use mean, cls or max")
 
 
+def truncate_ids(ids: list[int], max_length: int) -> list[int]:
+    """The first ``max_length - 1`` ids and the closing special token (``[SEP]``), as sentence-transformers
+    truncates an input to its window; ``ids`` unchanged when they fit."""
+    return ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
+
+
 def _token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Ids with the model's special tokens, from a HF ``tokenizers.Tokenizer`` or an lmstack tokenizer.
+    """Whole ids with the model's special tokens, from a HF ``tokenizers.Tokenizer`` or an lmstack tokenizer.
 
     A HF ``Tokenizer`` applies its own template ([CLS] .. [SEP]) and padding, which is stripped here via
-    its attention mask. An lmstack tokenizer returns bare ids; they are wrapped in ``[CLS]`` .. ``[SEP]``
-    (or ``<s>`` .. ``</s>``) when its ``special_tokens`` has them, as BERT-family encoders expect.
+    its attention mask. A truncation setting saved in its ``tokenizer.json`` (MiniLM's says 128) is lifted for
+    the call and put back, so the window is the caller's (:func:`truncate_ids`), not the file's. An lmstack
+    tokenizer returns bare ids; they are wrapped in ``[CLS]`` .. ``[SEP]`` (or ``<s>`` .. ``</s>``) when its
+    ``special_tokens`` has them, as BERT-family encoders expect.
     """
     if not hasattr(tokenizer, "encode_batch"):
         raise ConfigError("tokenizer: expected an object with encode_batch (lmstack or HF tokenizers)")
-    out = tokenizer.encode_batch(list(texts))
+    saved = getattr(tokenizer, "truncation", None) if hasattr(tokenizer, "no_truncation") else None
+    if saved:
+        tokenizer.no_truncation()
+    try:
+        out = tokenizer.encode_batch(list(texts))
+    finally:
+        if saved:
+            tokenizer.enable_truncation(**saved)
     if out and hasattr(out[0], "ids"):
         return [[i for i, m in zip(e.ids, e.attention_mask) if m] for e in out]
     special = getattr(tokenizer, "special_tokens", None) or {}
@@ -163,20 +178,22 @@ def sentence_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
     """Embed ``texts`` with an encoder: tokenize, right-pad, encode, pool, L2-normalise -> (N, C) fp32.
 
     The tokenizer must add the model's special tokens itself (HF tokenizer.json files do, e.g. [CLS] .. [SEP]).
-    Sequences longer than ``max_length`` (default the model's ``max_seq_len``) are truncated.
+    Sequences longer than ``max_length`` are cut as sentence-transformers cuts them (:func:`truncate_ids`).
+    The default is the window of a sentence-transformers folder (``model.sentence_max_length``, from its
+    ``sentence_bert_config.json``), else the model's ``max_seq_len``.
     """
     encode = getattr(model, "encode", None)
     if encode is None:
         raise ConfigError("sentence_embeddings needs an encoder model (config arch 'encoder')")
     cfg = model.config
-    max_length = max_length or cfg.max_seq_len
+    max_length = max_length or getattr(model, "sentence_max_length", None) or cfg.max_seq_len
     pad_id = cfg.pad_token_id or 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     chunks = []
     for start in range(0, len(texts), batch_size):
-        ids = [seq[:max_length] for seq in _token_ids(tokenizer, texts[start:start + batch_size])]
+        ids = [truncate_ids(seq, max_length) for seq in _token_ids(tokenizer, texts[start:start + batch_size])]
         width = max(len(s) for s in ids)
         batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
         mask = torch.zeros(len(ids), width, dtype=torch.long)

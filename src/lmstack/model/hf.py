@@ -456,7 +456,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     """Load a Hugging Face checkpoint folder into our model (config attached as ``model.config``).
 
     Weights keep the checkpoint's dtype unless ``dtype`` is given. A sentence-transformers folder's
-    pooling mode is kept as ``model.pooling`` (``mean``, ``cls`` or ``max``) for :func:`sentence_embeddings`.
+    pooling mode is kept as ``model.pooling`` (``mean``, ``cls`` or ``max``) and its window as
+    ``model.sentence_max_length`` (``sentence_bert_config.json``) for :func:`sentence_embeddings`.
     """
     from lmstack.model import build_model
 
@@ -502,6 +503,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         pool_cfg = json.loads((path / "1_Pooling" / "config.json").read_text())
         model.pooling = ("cls" if pool_cfg.get("pooling_mode_cls_token") else
                          "max" if pool_cfg.get("pooling_mode_max_tokens") else "mean")
+    st_cfg = path / "sentence_bert_config.json"
+    if st_cfg.is_file() and json.loads(st_cfg.read_text()).get("max_seq_length"):
+        model.sentence_max_length = int(json.loads(st_cfg.read_text())["max_seq_length"])
     return model.eval()
 
 

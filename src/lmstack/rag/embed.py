@@ -7,7 +7,8 @@ states over real tokens and L2-normalises them, as sentence-transformers does fo
 
 Truncation: an input longer than the window (``max_length``: ``max_seq_length`` of the folder's
 ``sentence_bert_config.json``, 256 tokens for MiniLM, else the model's ``max_seq_len``) keeps its first
-``max_length - 1`` tokens and the closing ``[SEP]``, exactly as sentence-transformers truncates; only that
+``max_length - 1`` tokens and the closing ``[SEP]`` (:func:`lmstack.model.encoder.truncate_ids`, the one rule
+``sentence_embeddings`` follows too), exactly as sentence-transformers truncates; only that
 prefix of a long query or chunk is seen. :attr:`Embedder.truncated` counts the inputs that were cut (the CLI
 prints a note). Chunk long documents below the window instead.
 
@@ -186,16 +187,14 @@ class Embedder:
     # -- embedding
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with [CLS] .. [SEP], truncated to the window as sentence-transformers does."""
-        from lmstack.model.encoder import _token_ids
+        from lmstack.model.encoder import _token_ids, truncate_ids
 
         self._load()
         limit = self.max_length
         out = []
         for ids in _token_ids(self._tokenizer, list(texts)):
-            if len(ids) > limit:
-                self.truncated += 1
-                ids = ids[:limit - 1] + ids[-1:]
-            out.append(ids)
+            self.truncated += len(ids) > limit
+            out.append(truncate_ids(ids, limit))
         return out
 
     def _encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
