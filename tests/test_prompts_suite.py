@@ -357,3 +357,30 @@ def test_a_base_model_without_chat_template(shared_data):
     assert res.passes == 2 and res.cases[0].runs[0]["output"] != res.cases[0].runs[1]["output"]   # seeds differ
     with pytest.raises(LmstackError, match="this model has no chat template"):
         run_suite(suite, local_generator(model, tok, max_new_tokens=8), tpl)
+
+
+def test_remote_generator_sends_the_conversation_whole_through_the_clients_request():
+    from lmstack.eval.llm import Completion
+    from lmstack.prompts.suite import remote_generator
+
+    class FakeClient:
+        mode, model = "chat", "m"
+
+        def __init__(self):
+            self.bodies = []
+
+        def request(self, body):
+            self.bodies.append(body)
+            return [Completion(f"reply {len(self.bodies)}", None, "stop")]
+
+    client = FakeClient()
+    gen = remote_generator(client, max_tokens=7, seed=10)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
+    assert gen(msgs) == "reply 1" and gen(msgs) == "reply 2"
+    first, second = client.bodies
+    assert first["messages"] == msgs and first["max_tokens"] == 7 and first["model"] == "m"
+    assert (first["seed"], second["seed"]) == (10, 11)
+    client.mode = "completions"
+    with pytest.raises(ConfigError, match="chat"):
+        remote_generator(client)

@@ -217,7 +217,9 @@ class OpenAICompatible:
             raise LmstackError(f"{self.base_url}: reply without choices: {json.dumps(reply)[:200]}")
         return out
 
-    def _one(self, body: dict[str, Any]) -> list[Completion]:
+    def request(self, body: dict[str, Any]) -> list[Completion]:
+        """Send one OpenAI request body as it is (a chat conversation stays a list of messages), through the
+        cache, the retries and the reply parsing :meth:`complete` uses; its choices as completions."""
         if self.cache:
             hit = self.cache.get(body)
             if hit is not None:
@@ -233,9 +235,9 @@ class OpenAICompatible:
                  stop: Sequence[str] = (), top_logprobs: int = 0, seed: int | None = None) -> list[list[Completion]]:
         bodies = [self._body(p, max_tokens, temperature, n, stop, top_logprobs, seed) for p in prompts]
         if self.max_concurrency == 1 or len(bodies) == 1:
-            return [self._one(b) for b in bodies]
+            return [self.request(b) for b in bodies]
         with ThreadPoolExecutor(self.max_concurrency) as pool:
-            return list(pool.map(self._one, bodies))
+            return list(pool.map(self.request, bodies))
 
 
 def load_llm(spec: str, **options: Any) -> LLM:

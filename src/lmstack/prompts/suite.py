@@ -563,9 +563,9 @@ def remote_generator(client: Any, max_tokens: int = 64, temperature: float = 0.8
         calls[0] += 1
         body = RenderedPrompt(messages).openai_request(client.model, max_tokens=max_tokens, temperature=temperature,
                                                        n=1, seed=seed + k)
-        # the client's one request path (cache keyed by the body, retries, reply parsing); its public
-        # complete() takes a prompt string, which would flatten the conversation
-        return client._one(body)[0].text
+        # the client's one request path (cache keyed by the body, retries, reply parsing); complete() takes
+        # a prompt string, which would flatten the conversation
+        return client.request(body)[0].text
 
     return generate
 
