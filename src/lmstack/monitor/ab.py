@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from lmstack.errors import ConfigError, DataError
-from lmstack.monitor.stattests import chi2_sf, normal_two_sided, two_proportion_z
+from lmstack.monitor.stattests import chi2_sf, inverse_tail, normal_two_sided, two_proportion_z
 
 SRM_P = 0.001
 
@@ -116,14 +116,7 @@ def t_two_sided(t: float, df: float) -> float:
 
 def t_quantile(q: float, df: float) -> float:
     """The ``q`` quantile (q > 0.5) of Student's t, by bisection on :func:`t_two_sided`."""
-    target = 2 * (1 - q)
-    lo, hi = 0.0, 1.0
-    while t_two_sided(hi, df) > target:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_two_sided(mid, df) > target else (lo, mid)
-    return (lo + hi) / 2
+    return inverse_tail(lambda x: t_two_sided(x, df), 2 * (1 - q), iterations=100)
 
 
 # ------------------------------------------------------------------------------------------ tests

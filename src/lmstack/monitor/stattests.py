@@ -83,15 +83,21 @@ def chi2_sf(x: float, df: int) -> float:
     return min(1.0, tail + 2 * phi * total)
 
 
+def inverse_tail(tail: Any, p: float, start: float = 1.0, iterations: int = 200) -> float:
+    """The x >= 0 with ``tail(x) = p`` for a tail probability that falls as x grows: double ``start`` until
+    the tail is below ``p``, then bisect ``iterations`` times."""
+    lo, hi = 0.0, start
+    while tail(hi) > p:
+        hi *= 2
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) > p else (lo, mid)
+    return (lo + hi) / 2
+
+
 def chi2_isf(p: float, df: int) -> float:
     """The x with chi2_sf(x, df) = p (bisection)."""
-    lo, hi = 0.0, max(1.0, float(df))
-    while chi2_sf(hi, df) > p:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if chi2_sf(mid, df) > p else (lo, mid)
-    return (lo + hi) / 2
+    return inverse_tail(lambda x: chi2_sf(x, df), p, start=max(1.0, float(df)))
 
 
 def kolmogorov_sf(lam: float) -> float:
