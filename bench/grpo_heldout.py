@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 0
     if not (base / "model_config.json").is_file():
-        print(f"--base: {base} is not an lmstack model folder (no model_config.json); run `lmstack speedrun` "
+        print(f"error: --base: {base} is not an lmstack model folder (no model_config.json); run `lmstack speedrun` "
               f"first and pass RUN/pretrain", file=sys.stderr)
         return 2
     plan = [("default", s, {}) for s in args.seeds]
